@@ -1,0 +1,191 @@
+// CPU kernels of nnrnn_fused::recurrence and recurrence_backward.
+//
+// Each direction is one call that loops over the timesteps in C++: per step one
+// small GEMM on raw pointers (blas.h) with the nonlinearity applied right after
+// it, while the step's rows are still in cache. No tensor is created inside the
+// time loop. The weight gradient is one GEMM over all steps after the loop.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../activation.h"
+#include "../checks.h"
+#include "blas.h"
+
+namespace nnrnn::cpu {
+namespace {
+
+// Rows of a step are independent in the pointwise pass; split them over threads
+// only when there is enough work to pay for it.
+constexpr int64_t kPointwiseGrain = 1 << 15;
+
+template <typename F>
+void for_rows(int64_t B, int64_t N, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, kPointwiseGrain / std::max<int64_t>(N, 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) body(r);
+  });
+}
+
+// Per-sequence lengths as int64 on the CPU, or empty when all sequences run T steps.
+std::vector<int64_t> lengths_vector(const std::optional<at::Tensor>& lengths, int64_t T) {
+  if (!lengths) return {};
+  TORCH_CHECK_VALUE(lengths->is_cpu(), "fused_nnrnn: lengths must be on the CPU for CPU inputs");
+  check_length_values(*lengths, T);
+  auto l = lengths->to(at::kLong).contiguous();
+  return std::vector<int64_t>(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + l.numel());
+}
+
+template <typename scalar_t, Nonlinearity F>
+void forward_loop(int64_t T, int64_t B, int64_t N, const scalar_t* W, const scalar_t* b,
+                  const scalar_t* h0, const std::vector<int64_t>& len, scalar_t* out,
+                  scalar_t* state) {
+  // out holds x on entry. Without lengths the state of step t is out[t]; with
+  // lengths it lives in `state`, because finished rows keep it while their
+  // output is zero.
+  const scalar_t* prev = h0;  // nullptr: zero state, no GEMM needed
+  const int64_t step = B * N;
+  for (int64_t t = 0; t < T; ++t) {
+    scalar_t* cur = out + t * step;
+    if (prev) gemm_rowmajor<scalar_t>(B, N, N, prev, W, /*transpose_b=*/false, /*accumulate=*/true, cur);
+    for_rows(B, N, [&](int64_t r) {
+      scalar_t* z = cur + r * N;
+      if (!len.empty() && t >= len[r]) {
+        std::fill(z, z + N, scalar_t(0));
+        return;
+      }
+      for (int64_t j = 0; j < N; ++j) z[j] = activate<scalar_t>(F, z[j], b ? b[j] : scalar_t(0));
+      if (!len.empty()) std::copy(z, z + N, state + r * N);
+    });
+    prev = len.empty() ? cur : state;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at::Tensor& W,
+                                                  const std::optional<at::Tensor>& b,
+                                                  const std::optional<at::Tensor>& h0,
+                                                  const std::optional<at::Tensor>& lengths,
+                                                  c10::string_view nonlinearity) {
+  const auto f = parse_nonlinearity(nonlinearity);
+  const Sizes s = check_forward_inputs(x, W, b, h0, lengths);
+  const int64_t T = s.T, B = s.B, N = s.N;
+  const auto len = lengths_vector(lengths, T);
+
+  auto out = x.clone(at::MemoryFormat::Contiguous);
+  auto Wc = W.contiguous();
+  auto bc = b ? b->contiguous() : at::Tensor();
+  auto h0c = h0 ? h0->contiguous() : at::Tensor();
+  // With lengths the running state is h_n itself; start it from h0.
+  auto state = len.empty() ? at::Tensor() : (h0 ? h0c.clone() : at::zeros({B, N}, x.options()));
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nnrnn_recurrence_cpu", [&] {
+    auto run = [&](auto fc) {
+      forward_loop<scalar_t, decltype(fc)::value>(
+          T, B, N, Wc.data_ptr<scalar_t>(), b ? bc.data_ptr<scalar_t>() : nullptr,
+          h0 ? h0c.data_ptr<scalar_t>() : nullptr, len, out.data_ptr<scalar_t>(),
+          state.defined() ? state.data_ptr<scalar_t>() : nullptr);
+    };
+    switch (f) {
+      case Nonlinearity::ModReLU: run(std::integral_constant<Nonlinearity, Nonlinearity::ModReLU>{}); break;
+      case Nonlinearity::Tanh: run(std::integral_constant<Nonlinearity, Nonlinearity::Tanh>{}); break;
+      case Nonlinearity::ReLU: run(std::integral_constant<Nonlinearity, Nonlinearity::ReLU>{}); break;
+    }
+  });
+
+  at::Tensor h_n;
+  if (!len.empty()) {
+    h_n = state;
+  } else if (T > 0) {
+    h_n = out[T - 1].clone();
+  } else {
+    h_n = h0 ? h0c.clone() : at::zeros({B, N}, x.options());
+  }
+  return {out, h_n};
+}
+
+template <typename scalar_t, Nonlinearity F>
+void backward_loop(int64_t T, int64_t B, int64_t N, const scalar_t* W, const scalar_t* out,
+                   const scalar_t* grad_out, const std::vector<int64_t>& len, scalar_t* g,
+                   scalar_t* g_next, scalar_t* dx, double* db_rows) {
+  // g holds dL/dh_t for the step being processed (starting from grad_h_n); the
+  // output gradient of step t joins it before the derivative is applied.
+  // db_rows (B, N) accumulates the bias gradient per row, summed after the loop,
+  // so that threads never share an accumulator (deterministic).
+  const int64_t step = B * N;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const scalar_t* h = out + t * step;
+    const scalar_t* go = grad_out + t * step;
+    scalar_t* da = dx + t * step;
+    for_rows(B, N, [&](int64_t r) {
+      const int64_t o = r * N;
+      if (!len.empty() && t >= len[r]) {  // finished: the state, and g, pass through
+        std::fill(da + o, da + o + N, scalar_t(0));
+        return;
+      }
+      for (int64_t j = 0; j < N; ++j) {
+        const scalar_t d = (g[o + j] + go[o + j]) * derivative_from_output<scalar_t>(F, h[o + j]);
+        da[o + j] = d;
+        db_rows[o + j] += static_cast<double>(d * bias_factor_from_output<scalar_t>(F, h[o + j]));
+      }
+    });
+    if (len.empty()) {
+      gemm_rowmajor<scalar_t>(B, N, N, da, W, /*transpose_b=*/true, /*accumulate=*/false, g);
+    } else {
+      gemm_rowmajor<scalar_t>(B, N, N, da, W, /*transpose_b=*/true, /*accumulate=*/false, g_next);
+      for_rows(B, N, [&](int64_t r) {
+        if (t < len[r]) std::copy(g_next + r * N, g_next + (r + 1) * N, g + r * N);
+      });
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
+    const at::Tensor& W, const std::optional<at::Tensor>& h0,
+    const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity) {
+  const auto f = parse_nonlinearity(nonlinearity);
+  const Sizes s = check_backward_inputs(grad_output, grad_h_n, output, W, h0, lengths);
+  const int64_t T = s.T, B = s.B, N = s.N;
+  const auto len = lengths_vector(lengths, T);
+
+  auto out = output.contiguous();
+  auto go = grad_output.contiguous();
+  auto Wc = W.contiguous();
+  auto g = grad_h_n.clone(at::MemoryFormat::Contiguous);
+  auto g_next = len.empty() ? at::Tensor() : at::empty_like(g);
+  auto dx = at::empty_like(out);
+  auto db_rows = at::zeros({B, N}, output.options().dtype(at::kDouble));
+
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "nnrnn_recurrence_backward_cpu", [&] {
+    auto run = [&](auto fc) {
+      backward_loop<scalar_t, decltype(fc)::value>(
+          T, B, N, Wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), len,
+          g.data_ptr<scalar_t>(), g_next.defined() ? g_next.data_ptr<scalar_t>() : nullptr,
+          dx.data_ptr<scalar_t>(), db_rows.data_ptr<double>());
+    };
+    switch (f) {
+      case Nonlinearity::ModReLU: run(std::integral_constant<Nonlinearity, Nonlinearity::ModReLU>{}); break;
+      case Nonlinearity::Tanh: run(std::integral_constant<Nonlinearity, Nonlinearity::Tanh>{}); break;
+      case Nonlinearity::ReLU: run(std::integral_constant<Nonlinearity, Nonlinearity::ReLU>{}); break;
+    }
+  });
+
+  // dW = sum_t h_{t-1}^T da_t as GEMMs over all steps: h_{t-1} is out[t-1] for
+  // t >= 1 and h0 for t = 0 (where a sequence has finished, da_t is zero).
+  auto dW = at::zeros({N, N}, W.options());
+  if (T > 1) at::mm_out(dW, out.narrow(0, 0, T - 1).reshape({-1, N}).t(), dx.narrow(0, 1, T - 1).reshape({-1, N}));
+  if (T > 0 && h0) dW.addmm_(h0->t(), dx[0]);
+  auto db = db_rows.sum(0).to(output.scalar_type());
+  return {dx, dW, db, g};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nnrnn_fused, CPU, m) {
+  m.impl("recurrence", &recurrence_cpu);
+  m.impl("recurrence_backward", &recurrence_backward_cpu);
+}
+
+}  // namespace nnrnn::cpu

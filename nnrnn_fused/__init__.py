@@ -1,0 +1,22 @@
+"""nnrnn_fused: the Non-normal RNN (Kerg et al., NeurIPS 2019) over a fused
+C++/CUDA recurrence.
+
+    fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None)
+    NNRNN(input_size, hidden_size, ...)      the layer
+    reference.nnrnn_recurrence(...)          the same recurrence as a PyTorch loop
+    status()                                 what is built and which path runs
+"""
+from . import recipe, reference
+from ._extension import status
+from .layer import NNRNN, count_free_parameters
+from .ops import fused_nnrnn
+from .parametrization import DenseRecurrence, OrthogonalRecurrence, SchurRecurrence
+from .recipe import delta_penalty, make_optimizers, parameter_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NNRNN", "fused_nnrnn", "reference", "recipe", "status", "count_free_parameters",
+    "SchurRecurrence", "OrthogonalRecurrence", "DenseRecurrence",
+    "parameter_groups", "make_optimizers", "delta_penalty",
+]

@@ -1,0 +1,90 @@
+"""Build of nnrnn_fused and its C++/CUDA extension ``nnrnn_fused._C``.
+
+Environment switches (see README, "Build options"):
+  NNRNN_CUDA=auto|1|0   compile the CUDA kernels: auto (default) when nvcc (CUDA_HOME) and a
+                        CUDA build of torch are present, whether or not a GPU is; 1 requires
+                        them; 0 builds the CPU part only.
+  TORCH_CUDA_ARCH_LIST  GPU architectures; when unset and no GPU is visible: "8.0;9.0".
+  MAX_JOBS              parallel compile jobs (read by torch's build extension).
+"""
+import ctypes
+import glob
+import os
+import sys
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_requested() -> bool:
+    setting = os.environ.get("NNRNN_CUDA", "auto").strip().lower()
+    available = CUDA_HOME is not None and torch.version.cuda is not None
+    if setting in ("0", "off", "false", "no"):
+        return False
+    if setting in ("1", "on", "true", "yes"):
+        if not available:
+            sys.exit(
+                f"NNRNN_CUDA={setting} but the CUDA part cannot be built: CUDA_HOME={CUDA_HOME}, "
+                f"torch {torch.__version__} (torch.version.cuda={torch.version.cuda}). "
+                "Set CUDA_HOME to the toolkit and install a CUDA build of torch."
+            )
+        return True
+    if setting != "auto":
+        sys.exit(f"NNRNN_CUDA must be auto, 1 or 0, got {setting!r}")
+    return available
+
+
+def torch_exports_fortran_blas() -> bool:
+    """Whether torch's CPU library exports sgemm_/dgemm_ (MKL or OpenBLAS inside)."""
+    for lib in glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*")):
+        try:
+            handle = ctypes.CDLL(lib)
+            return hasattr(handle, "sgemm_") and hasattr(handle, "dgemm_")
+        except OSError:
+            continue
+    return False
+
+
+def write_build_info(with_cuda: bool, direct_blas: bool) -> None:
+    # Read at import time: an extension built against another torch is not loaded.
+    with open(os.path.join(HERE, "nnrnn_fused", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\n")
+        f.write(f"DIRECT_BLAS = {direct_blas!r}\n")
+
+
+def extension():
+    with_cuda = cuda_requested()
+    direct_blas = torch_exports_fortran_blas()
+    write_build_info(with_cuda, direct_blas)
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")  # at::parallel_for over the rows of a step
+        link.append("-fopenmp")
+    macros = [("NNRNN_DIRECT_BLAS", None)] if direct_blas else []
+    if not with_cuda:
+        return CppExtension("nnrnn_fused._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link, define_macros=macros)
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    macros.append(("NNRNN_WITH_CUDA", None))
+    return CUDAExtension("nnrnn_fused._C", sources,
+                         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+                         extra_link_args=link, define_macros=macros)
+
+
+setup(
+    packages=find_packages(include=["nnrnn_fused", "nnrnn_fused.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
