@@ -56,7 +56,7 @@ void forward_loop(int64_t T, int64_t B, int64_t N, const scalar_t* W, const scal
         std::fill(z, z + N, scalar_t(0));
         return;
       }
-      for (int64_t j = 0; j < N; ++j) z[j] = activate<scalar_t>(F, z[j], b ? b[j] : scalar_t(0));
+      for (int64_t j = 0; j < N; ++j) z[j] = activate<scalar_t>(F, z[j], b[j]);
       if (!len.empty()) std::copy(z, z + N, state + r * N);
     });
     prev = len.empty() ? cur : state;
@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
 
   auto out = x.clone(at::MemoryFormat::Contiguous);
   auto Wc = W.contiguous();
-  auto bc = b ? b->contiguous() : at::Tensor();
+  auto bc = b ? b->contiguous() : at::zeros({N}, x.options());
   auto h0c = h0 ? h0->contiguous() : at::Tensor();
   // With lengths the running state is h_n itself; start it from h0.
   auto state = len.empty() ? at::Tensor() : (h0 ? h0c.clone() : at::zeros({B, N}, x.options()));
@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nnrnn_recurrence_cpu", [&] {
     auto run = [&](auto fc) {
       forward_loop<scalar_t, decltype(fc)::value>(
-          T, B, N, Wc.data_ptr<scalar_t>(), b ? bc.data_ptr<scalar_t>() : nullptr,
+          T, B, N, Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
           h0 ? h0c.data_ptr<scalar_t>() : nullptr, len, out.data_ptr<scalar_t>(),
           state.defined() ? state.data_ptr<scalar_t>() : nullptr);
     };
