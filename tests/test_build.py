@@ -1,0 +1,26 @@
+"""The extension is built and loaded: tests of the fused op would otherwise be
+skipped silently, so this fails loudly instead."""
+import nnrnn_fused
+
+
+def test_extension_loaded():
+    st = nnrnn_fused.status()
+    assert st["extension_loaded"], st["load_error"]
+    assert st["built_against_torch"] == st["torch"]
+
+
+def test_version_mismatch_message(monkeypatch):
+    """An extension built against another torch is refused with a rebuild hint."""
+    import sys
+    import types
+
+    from nnrnn_fused import _extension
+
+    fake = types.ModuleType("nnrnn_fused._build_info")
+    fake.TORCH_VERSION, fake.TORCH_CUDA_VERSION, fake.WITH_CUDA, fake.DIRECT_BLAS = "0.0.1", None, False, False
+    monkeypatch.setitem(sys.modules, "nnrnn_fused._build_info", fake)
+    monkeypatch.setattr(nnrnn_fused, "_build_info", fake, raising=False)
+    loaded, error, info = _extension._load()
+    assert not loaded
+    assert "built against torch 0.0.1" in error and "--no-build-isolation" in error
+    assert info["TORCH_VERSION"] == "0.0.1"
