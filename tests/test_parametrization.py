@@ -1,0 +1,137 @@
+"""The Schur-form recurrent matrix W = P (Lambda + T*M) P^T and its siblings."""
+import math
+
+import pytest
+import torch
+
+import nnrnn_fused
+from nnrnn_fused.parametrization import (DenseRecurrence, OrthogonalRecurrence, SchurRecurrence, init_log_P,
+                                         schur_mask)
+
+
+def explicit_block_rotations(thetas, gammas):
+    """Lambda built entry by entry (the independent truth for the vectorised build)."""
+    n = 2 * len(thetas)
+    L = torch.zeros(n, n, dtype=thetas.dtype)
+    for i, (th, g) in enumerate(zip(thetas.tolist(), gammas.tolist())):
+        L[2 * i, 2 * i], L[2 * i, 2 * i + 1] = g * math.cos(th), -g * math.sin(th)
+        L[2 * i + 1, 2 * i], L[2 * i + 1, 2 * i + 1] = g * math.sin(th), g * math.cos(th)
+    return L
+
+
+@pytest.mark.parametrize("init", ["cayley", "henaff", "random"])
+@pytest.mark.parametrize("n", [2, 8, 64])
+def test_P_is_orthogonal(init, n):
+    rec = SchurRecurrence(n, init=init, dtype=torch.float64)
+    with torch.no_grad():
+        rec.log_P.add_(0.3 * torch.randn(n, n, dtype=torch.float64))  # away from the init's structure too
+    P = rec.orthogonal()
+    torch.testing.assert_close(P @ P.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert abs(torch.linalg.det(P).item() - 1) < 1e-10
+
+
+@pytest.mark.parametrize("init", ["cayley", "henaff"])
+def test_initial_W_is_block_rotation(init):
+    """With T = 0 and P a block rotation, W = P Lambda P^T = Lambda (2x2 rotations commute)."""
+    rec = SchurRecurrence(16, init=init, dtype=torch.float64)
+    expected = explicit_block_rotations(rec.thetas.detach(), torch.ones(8, dtype=torch.float64))
+    torch.testing.assert_close(rec(), expected, rtol=0, atol=1e-12)
+
+
+def test_random_init_is_a_rotation():
+    log_P = init_log_P(10, "random", torch.Generator().manual_seed(3))
+    assert torch.all(torch.tril(log_P) == 0)
+    P = torch.linalg.matrix_exp(log_P - log_P.T)
+    torch.testing.assert_close(P @ P.T, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert (P - torch.eye(10, dtype=torch.float64)).abs().max() > 0.1  # not a trivial rotation
+
+
+def test_vectorised_lambda_matches_explicit():
+    rec = SchurRecurrence(12, dtype=torch.float64)
+    with torch.no_grad():
+        rec.gammas.uniform_(0.5, 1.5)
+        rec.log_P.zero_()
+    torch.testing.assert_close(rec(), explicit_block_rotations(rec.thetas.detach(), rec.gammas.detach()))
+
+
+def test_exact_spectrum():
+    """With exact_spectrum=True and any T, the eigenvalues of W are gamma_i e^{+-i theta_i};
+    with the default mask, non-zero in-block entries of T move them."""
+    n = 10
+    gen = torch.Generator().manual_seed(1)
+    for exact in (True, False):
+        rec = SchurRecurrence(n, init="random", exact_spectrum=exact, dtype=torch.float64, generator=gen)
+        with torch.no_grad():
+            rec.T.copy_(torch.randn(n, n, dtype=torch.float64, generator=gen))
+            rec.gammas.uniform_(0.5, 1.5, generator=gen)
+        eig = torch.linalg.eigvals(rec().detach())
+        g, th = rec.gammas.detach(), rec.thetas.detach()
+        expected = torch.cat([g * torch.exp(1j * th), g * torch.exp(-1j * th)])
+        # match each expected eigenvalue to its nearest computed one
+        dist = (expected[:, None] - eig[None, :]).abs().min(dim=1).values.max().item()
+        if exact:
+            assert dist < 1e-8
+        else:
+            assert dist > 1e-3
+
+
+def test_mask():
+    m = schur_mask(6, exact_spectrum=False)
+    assert torch.equal(m, torch.ones(6, 6).triu(1))
+    m = schur_mask(6, exact_spectrum=True)
+    assert m[0, 1] == 0 and m[2, 3] == 0 and m[4, 5] == 0 and m[1, 2] == 1 and m.sum() == 15 - 3
+
+
+def test_gradcheck_W_construction():
+    rec = SchurRecurrence(6, init="random", dtype=torch.float64)
+
+    def build(log_P, thetas, gammas, T):
+        P = torch.linalg.matrix_exp(torch.triu(log_P, 1) - torch.triu(log_P, 1).T)
+        return P @ (nnrnn_fused.parametrization.block_rotations(thetas, gammas) + T * rec.mask) @ P.T
+
+    params = [rec.log_P.detach().clone().requires_grad_(), rec.thetas.detach().clone().requires_grad_(),
+              rec.gammas.detach().clone().requires_grad_(), torch.randn(6, 6, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(build, params)
+    # and the module computes that same function
+    with torch.no_grad():
+        rec.T.copy_(params[3])
+    torch.testing.assert_close(rec(), build(*params))
+
+
+def test_only_upper_triangles_are_used():
+    rec = SchurRecurrence(8, dtype=torch.float64)
+    with torch.no_grad():
+        rec.T.normal_()
+    W = rec()
+    W.sum().backward()
+    assert torch.all(torch.tril(rec.log_P.grad) == 0)
+    assert torch.all(torch.tril(rec.T.grad) == 0)
+    assert torch.any(torch.triu(rec.T.grad, 1) != 0)
+
+
+def test_free_parameter_counts_match_paper():
+    """SPEC section 5: log_P and T count N(N-1)/2 each, plus N/2 thetas and N/2 gammas,
+    plus U (no bias), the modReLU bias and the read-out."""
+    def count(n_in, n, n_out, embedding=None):
+        model = torch.nn.ModuleList([nnrnn_fused.NNRNN(n_in, n), torch.nn.Linear(n, n_out)])
+        if embedding:
+            model.append(torch.nn.Embedding(*embedding))
+        return nnrnn_fused.count_free_parameters(model)
+
+    assert count(10, 128, 9) == 18953  # copy task: one-hot input 10, 9 classes
+    assert count(1, 512, 10) == 268298  # psMNIST
+    assert count(200, 1024, 50, embedding=(50, 200)) == 1315650  # PTB characters, 50 symbols
+
+
+def test_orthogonal_and_dense():
+    o = OrthogonalRecurrence(7, init="henaff", dtype=torch.float64)  # odd sizes work for these
+    W = o()
+    torch.testing.assert_close(W @ W.T, torch.eye(7, dtype=torch.float64), rtol=0, atol=1e-12)
+    d = DenseRecurrence(7, init="random", dtype=torch.float64)
+    torch.testing.assert_close(d() @ d().T, torch.eye(7, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert nnrnn_fused.count_free_parameters(o) == 21 and nnrnn_fused.count_free_parameters(d) == 49
+
+
+def test_odd_hidden_size_rejected():
+    with pytest.raises(ValueError, match="even hidden_size"):
+        SchurRecurrence(7)
