@@ -1,0 +1,91 @@
+"""Bad input gets a clear error naming the problem, from the C++ op (fused), the
+Python checks (reference loop, torch.compile's fake implementation) and the layer."""
+import pytest
+import torch
+
+from nnrnn_fused import NNRNN, fused_nnrnn
+from nnrnn_fused.reference import nnrnn_recurrence
+
+T, B, N = 5, 3, 4
+
+
+def good():
+    return dict(x=torch.randn(T, B, N), W=torch.randn(N, N), b=torch.randn(N), h0=torch.randn(B, N))
+
+
+CASES = [
+    ("x rank", dict(x=torch.randn(T, N)), "x must have shape \\(T, B, N\\)"),
+    ("W shape", dict(W=torch.randn(N, N + 1)), "W must have shape \\(N, N\\)"),
+    ("b shape", dict(b=torch.randn(N + 1)), "b must have shape \\(N,\\)"),
+    ("h0 shape", dict(h0=torch.randn(B + 1, N)), "h0 must have shape \\(B, N\\)"),
+    ("W dtype", dict(W=torch.randn(N, N, dtype=torch.float64)), "W has dtype .*Double|W has dtype torch.float64"),
+    ("h0 dtype", dict(h0=torch.randn(B, N, dtype=torch.float64)), "h0 has dtype"),
+    ("x dtype", dict(x=torch.randn(T, B, N).half(), W=torch.randn(N, N).half(), b=None, h0=None), "x has dtype"),
+    ("int x", dict(x=torch.ones(T, B, N, dtype=torch.int64), W=None, b=None, h0=None), "x has dtype"),
+    ("W device", dict(W=torch.randn(N, N, device="meta")), "W is on meta"),
+    ("lengths shape", dict(lengths=torch.tensor([1, 2])), "lengths must have shape \\(B,\\)"),
+    ("lengths dtype", dict(lengths=torch.tensor([1.0, 2.0, 3.0])), "lengths must be int64 or int32"),
+    ("lengths too big", dict(lengths=torch.tensor([1, 2, T + 1])), "lengths must lie in \\[0, T\\]"),
+    ("lengths negative", dict(lengths=torch.tensor([1, -1, 2])), "lengths must lie in \\[0, T\\]"),
+    ("nonlinearity", dict(nonlinearity="sigmoid"), "nonlinearity must be one of"),
+]
+
+
+def call(impl, overrides):
+    args = good()
+    kwargs = {k: overrides.pop(k) for k in ("lengths", "nonlinearity") if k in overrides}
+    args.update(overrides)
+    if args["W"] is None:
+        args["W"] = torch.ones(N, N, dtype=args["x"].dtype)
+    return impl(args["x"], args["W"], args["b"], args["h0"], **kwargs)
+
+
+@pytest.mark.parametrize("impl", [fused_nnrnn, nnrnn_recurrence], ids=["fused", "reference"])
+@pytest.mark.parametrize("name,overrides,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(impl, name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        call(impl, dict(overrides))
+
+
+def test_backward_op_checks_shapes():
+    out = torch.randn(T, B, N)
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        torch.ops.nnrnn_fused.recurrence_backward(torch.randn(T, B, N + 1), torch.randn(B, N), out,
+                                                  torch.randn(N, N), None, None, "tanh")
+    with pytest.raises(ValueError, match="grad_h_n must have shape"):
+        torch.ops.nnrnn_fused.recurrence_backward(torch.randn(T, B, N), torch.randn(B + 1, N), out,
+                                                  torch.randn(N, N), None, None, "tanh")
+
+
+LAYER_CASES = [
+    (dict(input_size=0, hidden_size=4), "input_size must be a positive int"),
+    (dict(input_size=3, hidden_size=7), "even hidden_size"),
+    (dict(input_size=3, hidden_size=4, nonlinearity="gelu"), "nonlinearity must be one of"),
+    (dict(input_size=3, hidden_size=4, init="xavier"), "init must be one of"),
+    (dict(input_size=3, hidden_size=4, recurrent="lstm"), "recurrent must be one of"),
+    (dict(input_size=3, hidden_size=4, backend="cudnn"), "backend must be one of"),
+    (dict(input_size=3, hidden_size=4, dropout=1.5), "dropout must be in"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", LAYER_CASES)
+def test_bad_layer_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NNRNN(**kwargs)
+
+
+def test_bad_layer_inputs():
+    layer = NNRNN(3, 4, num_layers=2)
+    with pytest.raises(ValueError, match="input must have shape \\(T, B, input_size\\) with input_size=3"):
+        layer(torch.randn(5, 2, 4))
+    with pytest.raises(ValueError, match="input must have shape"):
+        layer(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="h0 must have shape \\(num_layers, B, hidden_size\\)"):
+        layer(torch.randn(5, 2, 3), torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match="layer's parameters are"):
+        layer(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        layer(torch.randn(5, 2, 3), lengths=[6, 1])
+    # odd hidden sizes are fine where there are no 2x2 blocks
+    out, _ = NNRNN(3, 5, recurrent="free")(torch.randn(2, 1, 3))
+    assert out.shape == (2, 1, 5)
