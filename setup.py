@@ -10,18 +10,40 @@ Environment switches (see README, "Build options"):
 import ctypes
 import glob
 import os
+import shutil
 import sys
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def is_cuda_toolkit(path) -> bool:
+    return bool(path) and os.path.exists(os.path.join(path, "include", "cuda_runtime.h")) and os.path.exists(
+        os.path.join(path, "bin", "nvcc"))
+
+
+def locate_cuda_home() -> None:
+    """torch guesses CUDA_HOME from the nvcc on PATH; when that nvcc is a wrapper script
+    the guess is wrong (/usr/local). Pick a real toolkit before torch's build tools load."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for path in candidates + ["/usr/local/cuda"]:
+        if is_cuda_toolkit(path):
+            os.environ["CUDA_HOME"] = path
+            return
+
+
+locate_cuda_home()
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
 def cuda_requested() -> bool:
     setting = os.environ.get("NNRNN_CUDA", "auto").strip().lower()
-    available = CUDA_HOME is not None and torch.version.cuda is not None
+    available = is_cuda_toolkit(CUDA_HOME) and torch.version.cuda is not None
     if setting in ("0", "off", "false", "no"):
         return False
     if setting in ("1", "on", "true", "yes"):
