@@ -1,0 +1,25 @@
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--grid", default="targets", choices=("quick", "targets", "full", "gpu"),
+                     help="benchmark sizes (benchmarks/cases.py: GRIDS)")
+    parser.addoption("--rounds", type=int, default=None, help="timed rounds per case")
+
+
+def pytest_generate_tests(metafunc):
+    from benchmarks.cases import cases, memory_cases
+
+    grid = metafunc.config.getoption("--grid")
+    for name, make in (("case", cases), ("memory_case", memory_cases)):
+        if name in metafunc.fixturenames:
+            selected = list(make(grid))
+            metafunc.parametrize(name, selected, ids=[c.id for c in selected])
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["torch"] = torch.__version__
+    machine_info["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        machine_info["cuda_device"] = torch.cuda.get_device_name()
+        machine_info["cuda"] = torch.version.cuda

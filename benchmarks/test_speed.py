@@ -1,0 +1,26 @@
+"""Time per call of each implementation, forward and forward+backward.
+
+    pytest benchmarks/ --benchmark-only [--grid quick|targets|full|gpu] --benchmark-json=out.json
+    python -m benchmarks.report out.json
+"""
+import pytest
+
+from benchmarks.cases import build
+
+
+def default_rounds(case, grid):
+    if grid == "quick":
+        return 3
+    if case.device == "cuda":
+        return 20
+    return 3 if case.impl == "reference" and case.N * case.B >= 512 * 100 else 7
+
+
+def test_speed(benchmark, case, request):
+    grid = request.config.getoption("--grid")
+    run = build(case)
+    benchmark.group = case.group
+    benchmark.extra_info.update(impl=case.impl, mode=case.mode, N=case.N, B=case.B, T=case.T,
+                                dtype=case.dtype, device=case.device)
+    rounds = request.config.getoption("--rounds") or default_rounds(case, grid)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)

@@ -1,0 +1,50 @@
+"""The benchmark suites and the report run (a quick CPU subset: it proves the code
+works; it is not a speed gate), and the fused op keeps only O(T*B*N) for backward."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import nnrnn_fused
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_benchmarks_and_report(tmp_path):
+    results = tmp_path / "quick.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "--grid", "quick", "-q", "-p",
+           "no:cacheprovider", f"--benchmark-json={results}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(results.read_text())
+    impls = {b["extra_info"]["impl"] for b in data["benchmarks"]}
+    assert impls == {"fused", "reference", "torch_rnn", "torch_lstm", "nnrnn_layer"}
+    assert all(b["stats"]["median"] > 0 for b in data["benchmarks"])
+
+    report = subprocess.run([sys.executable, "-m", "benchmarks.report", str(results), "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    md = (tmp_path / "report.md").read_text()
+    assert "| cpu | float32 | fwdbwd | 128 | 10 | 50 |" in md
+    assert "fused vs nn.RNN(tanh)" in md and "Memory of forward+backward" in md
+    assert (tmp_path / "speed_cpu_float32_fwdbwd.png").stat().st_size > 1000
+
+
+def test_fused_op_saves_output_and_weights_only():
+    """Saved for backward: the output (T*B*N), W and h0, nothing else."""
+    from benchmarks.memory import SavedTensorBytes
+
+    T, B, N = 40, 3, 16
+    x = torch.randn(T, B, N, requires_grad=True)
+    W = torch.randn(N, N, requires_grad=True)
+    b = torch.randn(N, requires_grad=True)
+    h0 = torch.randn(B, N, requires_grad=True)
+    with SavedTensorBytes() as saved:
+        out, _ = nnrnn_fused.fused_nnrnn(x, W, b, h0, lengths=torch.full((B,), T))
+    expected = (T * B * N + N * N + B * N) * 4 + B * 8  # output, W, h0 (float32) and lengths (int64)
+    assert saved.total == expected
+    with SavedTensorBytes() as saved_ref:
+        nnrnn_fused.reference.nnrnn_recurrence(x, W, b, h0)
+    assert saved_ref.total > 2 * saved.total  # the autograd loop keeps several tensors per step
