@@ -54,6 +54,10 @@ def _register() -> None:
         ctx.has_b = b is not None
 
     def backward(ctx, grad_output, grad_h_n):
+        if torch.is_grad_enabled():  # create_graph=True: the backward op has no derivative of its own
+            raise RuntimeError("fused_nnrnn: double backward (create_graph=True) is not supported; "
+                               "the reference loop supports it: nnrnn_fused.reference.nnrnn_recurrence "
+                               "or NNRNN(..., backend='reference')")
         out, W, h0, lengths = ctx.saved_tensors
         if grad_output is None:
             grad_output = torch.zeros_like(out)

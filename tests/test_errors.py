@@ -89,3 +89,15 @@ def test_bad_layer_inputs():
     # odd hidden sizes are fine where there are no 2x2 blocks
     out, _ = NNRNN(3, 5, recurrent="free")(torch.randn(2, 1, 3))
     assert out.shape == (2, 1, 5)
+
+
+def test_double_backward_is_refused_clearly():
+    x = torch.randn(T, B, N, requires_grad=True)
+    W = torch.randn(N, N, requires_grad=True)
+    out, _ = fused_nnrnn(x, W, nonlinearity="tanh")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), W, create_graph=True)
+    # plain backward still works after the refusal
+    out, _ = fused_nnrnn(x, W, nonlinearity="tanh")
+    out.sum().backward()
+    assert W.grad is not None
