@@ -5,18 +5,19 @@ C++/CUDA recurrence.
     NNRNN(input_size, hidden_size, ...)      the layer
     reference.nnrnn_recurrence(...)          the same recurrence as a PyTorch loop
     status()                                 what is built and which path runs
+    cuda_path(N, B, dtype, device)           which CUDA path (persistent or fallback) a shape takes
 """
 from . import recipe, reference
 from ._extension import status
 from .layer import NNRNN, count_free_parameters
-from .ops import fused_nnrnn
+from .ops import cuda_path, fused_nnrnn
 from .parametrization import DenseRecurrence, OrthogonalRecurrence, SchurRecurrence
 from .recipe import delta_penalty, make_optimizers, parameter_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "NNRNN", "fused_nnrnn", "reference", "recipe", "status", "count_free_parameters",
+    "NNRNN", "fused_nnrnn", "cuda_path", "reference", "recipe", "status", "count_free_parameters",
     "SchurRecurrence", "OrthogonalRecurrence", "DenseRecurrence",
     "parameter_groups", "make_optimizers", "delta_penalty",
 ]

@@ -11,7 +11,7 @@ import torch
 from . import _extension
 from ._checks import as_lengths, check_inputs
 
-__all__ = ["fused_nnrnn"]
+__all__ = ["fused_nnrnn", "cuda_path"]
 
 
 def fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None):
@@ -33,6 +33,18 @@ def fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None):
     """
     _extension.require()
     return torch.ops.nnrnn_fused.recurrence(x, W, b, h0, as_lengths(lengths), nonlinearity)
+
+
+def cuda_path(N, B, dtype=torch.float32, device="cuda"):
+    """Which path ``fused_nnrnn`` takes on a CUDA device for hidden size N, batch B, dtype.
+
+    Returns "persistent" (one kernel for all steps, W on chip), "fallback: <reason>"
+    (a GEMM per step plus a fused pointwise kernel), "empty: ..." (N or B is 0) or
+    "unavailable: <reason>" (no CUDA kernels built, or no GPU). The fallback can be
+    forced with the environment variable NNRNN_CUDA_FORCE_FALLBACK=1.
+    """
+    _extension.require()
+    return torch.ops.nnrnn_fused.cuda_path(int(N), int(B), dtype, torch.device(device))
 
 
 def _register() -> None:

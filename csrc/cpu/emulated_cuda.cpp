@@ -1,0 +1,76 @@
+// The CUDA kernels (../cuda/kernels.h) and their host driver (../cuda/driver.h),
+// run on CPU tensors with the grid emulated by host threads (host_grid.h): the
+// CPU test of the kernels' logic (tests/test_cuda_emulation.py). Registered as
+// nnrnn_fused::emulated_recurrence / emulated_recurrence_backward (schemas in
+// ../cuda_ops.cpp) with the launch shape as arguments. Slow; for small sizes.
+#include <torch/library.h>
+
+#include "../cuda/driver.h"
+#include "host_grid.h"
+
+namespace nnrnn::kern {
+namespace {
+
+struct HostLauncher {
+  Plan p;
+
+  Plan plan(int64_t, int64_t, at::ScalarType) const { return p; }
+
+  at::Tensor lengths(const at::Tensor& l, int64_t T) const {
+    TORCH_CHECK_VALUE(l.is_cpu(), "emulated_recurrence: lengths must be on the CPU");
+    check_length_values(l, T);
+    return l.to(at::kInt).contiguous();
+  }
+
+  template <class Body>
+  void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+    host_launch(L.grid, threads, bytes, body);
+  }
+
+  template <class Body>
+  void pointwise(const Body& body, int64_t) const {
+    host_launch(p.grid, p.threads, 0, body);  // the body strides over all elements
+  }
+};
+
+HostLauncher make_launcher(const at::Tensor& x, int64_t grid, int64_t threads, int64_t rows_per_tile,
+                           bool persistent) {
+  TORCH_CHECK_VALUE(x.is_cpu(), "emulated_recurrence: runs on CPU tensors, got ", x.device());
+  TORCH_CHECK_VALUE(grid >= 1 && threads >= 1 && rows_per_tile >= 1,
+                    "emulated_recurrence: grid, threads and rows_per_tile must be >= 1, got ", grid, ", ",
+                    threads, ", ", rows_per_tile);
+  TORCH_CHECK_VALUE(grid * threads <= 1024, "emulated_recurrence: at most 1024 host threads (grid x threads), got ",
+                    grid * threads);
+  Plan p;
+  p.persistent = persistent;
+  p.grid = static_cast<int>(grid);
+  p.threads = static_cast<int>(threads);
+  p.rows_per_tile = static_cast<int>(rows_per_tile);
+  return {p};
+}
+
+std::tuple<at::Tensor, at::Tensor> emulated_forward(const at::Tensor& x, const at::Tensor& W,
+                                                    const std::optional<at::Tensor>& b,
+                                                    const std::optional<at::Tensor>& h0,
+                                                    const std::optional<at::Tensor>& lengths,
+                                                    c10::string_view nonlinearity, int64_t grid, int64_t threads,
+                                                    int64_t rows_per_tile, bool persistent) {
+  auto launcher = make_launcher(x, grid, threads, rows_per_tile, persistent);
+  return run_forward(launcher, x, W, b, h0, lengths, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output, const at::Tensor& W,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity,
+    int64_t grid, int64_t threads, int64_t rows_per_tile, bool persistent) {
+  auto launcher = make_launcher(output, grid, threads, rows_per_tile, persistent);
+  return run_backward(launcher, grad_output, grad_h_n, output, W, h0, lengths, nonlinearity);
+}
+
+}  // namespace
+}  // namespace nnrnn::kern
+
+TORCH_LIBRARY_IMPL(nnrnn_fused, CPU, m) {
+  m.impl("emulated_recurrence", &nnrnn::kern::emulated_forward);
+  m.impl("emulated_recurrence_backward", &nnrnn::kern::emulated_backward);
+}

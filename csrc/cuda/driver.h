@@ -1,0 +1,145 @@
+// Host side of the CUDA recurrence, shared by the CUDA op (recurrence_cuda.cu)
+// and its host emulation (../cpu/emulated_cuda.cpp): argument checks, buffers,
+// the persistent launch or the fallback loop, and the reductions after the
+// backward's time loop. Only `Launcher` differs between the two:
+//   Plan plan(int64_t B, int64_t N, at::ScalarType)       which path, which layout
+//   at::Tensor lengths(const at::Tensor&, int64_t T)     validated int32 lengths on x's device
+//   void persistent(const Body&, const Layout&, int threads, size_t shared_bytes)
+//   void pointwise(const Body&, int64_t elements)
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <string>
+#include <tuple>
+
+#include "../checks.h"
+#include "kernels.h"
+
+namespace nnrnn::kern {
+
+struct Plan {
+  bool persistent = false;
+  int grid = 1, threads = 1, rows_per_tile = 1;
+  std::string reason;  // why the fallback, when it is taken
+};
+
+inline int64_t shared_bytes(const Layout& L, size_t acc_size) { return L.shared_elems() * static_cast<int64_t>(acc_size); }
+
+template <class Launcher>
+std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Tensor& x, const at::Tensor& W,
+                                               const std::optional<at::Tensor>& b,
+                                               const std::optional<at::Tensor>& h0,
+                                               const std::optional<at::Tensor>& lengths,
+                                               c10::string_view nonlinearity) {
+  const Nonlinearity f = parse_nonlinearity(nonlinearity);
+  const Sizes s = check_forward_inputs(x, W, b, h0, lengths);
+  const int64_t T = s.T, B = s.B, N = s.N;
+  TORCH_CHECK_VALUE(T < (int64_t{1} << 31), "fused_nnrnn: CUDA kernels support T < 2^31, got T = ", T);
+  const at::Tensor len = lengths ? launcher.lengths(*lengths, T) : at::Tensor();
+  auto out = at::empty({T, B, N}, x.options());
+  if (T == 0 || B == 0 || N == 0) return {out, h0 ? h0->clone() : at::zeros({B, N}, x.options())};  // out is empty
+  const Plan plan = launcher.plan(B, N, x.scalar_type());
+  at::Tensor h_n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nnrnn_recurrence_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    auto xc = x.contiguous(), Wc = W.contiguous();
+    auto bc = b ? b->contiguous() : at::Tensor();
+    auto h0c = h0 ? h0->contiguous() : at::Tensor();
+    auto state = at::empty({2, B, N}, acc);
+    ForwardArgs<scalar_t, acc_t> a{xc.data_ptr<scalar_t>(),
+                                   Wc.data_ptr<scalar_t>(),
+                                   b ? bc.data_ptr<scalar_t>() : nullptr,
+                                   h0 ? h0c.data_ptr<scalar_t>() : nullptr,
+                                   len.defined() ? len.data_ptr<int32_t>() : nullptr,
+                                   out.data_ptr<scalar_t>(),
+                                   state.data_ptr<acc_t>(),
+                                   Layout{T, B, N, 1, 0, 0, 1},
+                                   f};
+    if (plan.persistent) {
+      a.L = make_layout(T, B, N, plan.grid, plan.threads, plan.rows_per_tile);
+      auto counter = at::zeros({1}, x.options().dtype(at::kLong));
+      PersistentForward<scalar_t, acc_t> body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
+      launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, sizeof(acc_t)));
+    } else {
+      // A GEMM per step into `dots`, then the pointwise finish.
+      auto W_acc = Wc.to(acc.dtype());
+      auto h0_acc = h0 ? h0c.to(acc.dtype()) : at::Tensor();
+      auto dots = at::empty({B, N}, acc);
+      for (int64_t t = 0; t < T; ++t) {
+        if (!a.zero_prev(t)) at::mm_out(dots, t == 0 ? h0_acc : state[(t - 1) & 1], W_acc);
+        launcher.pointwise(PointwiseStep<ForwardArgs<scalar_t, acc_t>, acc_t>{
+                               a, a.zero_prev(t) ? nullptr : dots.data_ptr<acc_t>(), t},
+                           B * N);
+      }
+    }
+    h_n = state[(T - 1) & 1].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  });
+  return {out, h_n};
+}
+
+template <class Launcher>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+    Launcher& launcher, const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
+    const at::Tensor& W, const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths,
+    c10::string_view nonlinearity) {
+  const Nonlinearity f = parse_nonlinearity(nonlinearity);
+  const Sizes s = check_backward_inputs(grad_output, grad_h_n, output, W, h0, lengths);
+  const int64_t T = s.T, B = s.B, N = s.N;
+  TORCH_CHECK_VALUE(T < (int64_t{1} << 31), "fused_nnrnn: CUDA kernels support T < 2^31, got T = ", T);
+  const at::Tensor len = lengths ? launcher.lengths(*lengths, T) : at::Tensor();
+  auto dW = at::zeros({N, N}, W.options());
+  if (T == 0 || B == 0 || N == 0)
+    return {at::zeros_like(output), dW, at::zeros({N}, W.options()), grad_h_n.clone()};
+
+  const Plan plan = launcher.plan(B, N, output.scalar_type());
+  auto out = output.contiguous();
+  auto dx = at::empty_like(out);
+  auto grad_h0 = at::empty({B, N}, output.options());
+  at::Tensor db_rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "nnrnn_recurrence_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = output.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    auto go = grad_output.contiguous(), Wc = W.contiguous();
+    auto g = grad_h_n.to(acc.dtype(), /*non_blocking=*/false, /*copy=*/true).contiguous();
+    auto da = at::empty({2, B, N}, acc);
+    db_rows = at::zeros({B, N}, acc);
+    BackwardArgs<scalar_t, acc_t> a{go.data_ptr<scalar_t>(),
+                                    out.data_ptr<scalar_t>(),
+                                    Wc.data_ptr<scalar_t>(),
+                                    len.defined() ? len.data_ptr<int32_t>() : nullptr,
+                                    g.data_ptr<acc_t>(),
+                                    da.data_ptr<acc_t>(),
+                                    dx.data_ptr<scalar_t>(),
+                                    db_rows.data_ptr<acc_t>(),
+                                    grad_h0.data_ptr<scalar_t>(),
+                                    Layout{T, B, N, 1, 0, 0, 1},
+                                    f};
+    if (plan.persistent) {
+      a.L = make_layout(T, B, N, plan.grid, plan.threads, plan.rows_per_tile);
+      auto counter = at::zeros({1}, output.options().dtype(at::kLong));
+      PersistentBackward<scalar_t, acc_t> body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
+      launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, sizeof(acc_t)));
+    } else {
+      using Step = PointwiseStep<BackwardArgs<scalar_t, acc_t>, acc_t>;
+      auto W_acc = Wc.to(acc.dtype());
+      auto dots = at::empty({B, N}, acc);
+      launcher.pointwise(Step{a, nullptr, T}, B * N);  // da_{T-1} from grad_h_n
+      for (int64_t t = T - 1; t >= 0; --t) {
+        at::mm_out(dots, da[t & 1], W_acc.t());
+        launcher.pointwise(Step{a, dots.data_ptr<acc_t>(), t}, B * N);
+      }
+    }
+  });
+
+  // dW = sum_t h_{t-1}^T da_t as GEMMs over all steps: h_{t-1} is out[t-1] for
+  // t >= 1 and h0 for t = 0 (where a sequence has finished, da_t is zero).
+  if (T > 1) at::mm_out(dW, out.narrow(0, 0, T - 1).reshape({-1, N}).t(), dx.narrow(0, 1, T - 1).reshape({-1, N}));
+  if (h0) dW.addmm_(h0->t(), dx[0]);
+  auto db = db_rows.sum(0).to(output.scalar_type());
+  return {dx, dW, db, grad_h0};
+}
+
+}  // namespace nnrnn::kern

@@ -1,0 +1,203 @@
+// CUDA kernels of nnrnn_fused::recurrence and recurrence_backward, and
+// nnrnn_fused::cuda_path. The kernel bodies are in kernels.h and the host logic
+// in driver.h (both also run by the CPU emulation); this file adds the CUDA
+// launches, the choice of path, and the registration. Design: docs/cuda.md.
+//
+// Launches go to the current stream; nothing here creates streams or events or
+// waits on the host, so a call can be captured in a CUDA graph (lengths then
+// have to be on the device: see CudaLauncher::lengths).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "driver.h"
+#include "path.h"
+
+namespace nnrnn::kern {
+namespace {
+
+constexpr int kThreads = 256;         // per block of the persistent kernels
+constexpr int kMaxRowsPerTile = 64;   // rows of A staged per tile
+constexpr int kPointwiseThreads = 256;
+
+template <class Body>
+__global__ void __launch_bounds__(kThreads) persistent_kernel(Body body) {
+  DeviceEnv env(body.barrier);
+  body(env);
+}
+
+template <class Body>
+__global__ void pointwise_kernel(Body body) {
+  DeviceEnv env(nullptr);
+  body(env);
+}
+
+template <typename scalar_t>
+using Forward = PersistentForward<scalar_t, at::opmath_type<scalar_t>>;
+template <typename scalar_t>
+using Backward = PersistentBackward<scalar_t, at::opmath_type<scalar_t>>;
+
+bool fallback_forced() {
+  const char* v = std::getenv("NNRNN_CUDA_FORCE_FALLBACK");
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+// The persistent layout for (N, B, dtype) on `device`, or the reason for the fallback.
+Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  Plan p;
+  p.threads = kThreads;
+  if (!prop->cooperativeLaunch) {
+    p.reason = "the device does not support cooperative launches";
+    return p;
+  }
+  const int64_t acc = dtype == at::kDouble ? 8 : 4;
+  const int sms = prop->multiProcessorCount;
+  const int grid = static_cast<int>(std::min<int64_t>(sms, N));
+  const int64_t cols = (N + grid - 1) / grid;
+  const int64_t budget = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  const int64_t fixed = (N * cols + kThreads) * acc, per_row = (N + 1 + cols) * acc;
+  if (fixed + per_row > budget) {
+    p.reason = "W does not fit on chip: a block's slice of W (" + std::to_string(N) + " x " +
+               std::to_string(cols) + ") and one row of h need " + std::to_string(fixed + per_row) +
+               " bytes of shared memory, the device allows " + std::to_string(budget);
+    return p;
+  }
+  const int rows = static_cast<int>(std::min<int64_t>({B, kMaxRowsPerTile, (budget - fixed) / per_row}));
+  const int64_t bytes = shared_bytes(make_layout(1, B, N, grid, kThreads, rows), acc);
+
+  // Every block of the grid must be resident at once (the grid barrier would
+  // otherwise wait forever; the cooperative launch would refuse it).
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  int per_sm = 1 << 30;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nnrnn_cuda_plan", [&] {
+    for (const void* kernel : {reinterpret_cast<const void*>(&persistent_kernel<Forward<scalar_t>>),
+                               reinterpret_cast<const void*>(&persistent_kernel<Backward<scalar_t>>)}) {
+      // Allow the device's maximum once; a launch passes its own size.
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(budget)));
+      int n = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, bytes));
+      per_sm = std::min(per_sm, n);
+    }
+  });
+  if (static_cast<int64_t>(per_sm) * sms < grid) {
+    p.reason = "only " + std::to_string(per_sm) + " block(s) per SM x " + std::to_string(sms) +
+               " SMs can be co-resident with " + std::to_string(bytes) + " bytes of shared memory, the grid needs " +
+               std::to_string(grid);
+    return p;
+  }
+  p.persistent = true;
+  p.grid = grid;
+  p.rows_per_tile = rows;
+  return p;
+}
+
+Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
+  if (fallback_forced()) {
+    Plan p;
+    p.reason = "forced by NNRNN_CUDA_FORCE_FALLBACK";
+    return p;
+  }
+  // The plan depends on B only through the tile height; cache it (the occupancy
+  // queries cost microseconds).
+  using Key = std::tuple<int, int64_t, int64_t, int>;
+  static std::mutex mutex;
+  static std::map<Key, Plan> cache;
+  const Key key{device, N, std::min<int64_t>(B, kMaxRowsPerTile), static_cast<int>(dtype)};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, compute_plan(N, B, dtype, device)).first;
+  return it->second;
+}
+
+struct CudaLauncher {
+  c10::DeviceIndex device;
+  cudaStream_t stream;
+
+  Plan plan(int64_t B, int64_t N, at::ScalarType dtype) const { return cuda_plan(N, B, dtype, device); }
+
+  at::Tensor lengths(const at::Tensor& l, int64_t T) const {
+    if (l.is_cpu()) {
+      // Validated here; copied from pinned memory without a host sync. A capture
+      // would bake the copy's source, a temporary, into the graph: refuse it.
+      TORCH_CHECK_VALUE(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                        "fused_nnrnn: lengths on the CPU cannot be used while capturing a CUDA graph; "
+                        "pass lengths on x's device");
+      check_length_values(l, T);
+      return l.to(at::kInt).pin_memory().to(at::Device(at::kCUDA, device), at::kInt, /*non_blocking=*/true);
+    }
+    // On the device: checked on the device (no host sync, capture-safe); a value
+    // outside [0, T] fails a device-side assertion with this message.
+    at::_assert_async(at::logical_and(l.ge(0), l.le(T)).all(), "fused_nnrnn: lengths must lie in [0, T]");
+    return l.to(at::kInt).contiguous();
+  }
+
+  template <class Body>
+  void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+    void* args[] = {const_cast<Body*>(&body)};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>), dim3(L.grid),
+                                               dim3(threads), args, bytes, stream));
+  }
+
+  template <class Body>
+  void pointwise(const Body& body, int64_t elements) const {
+    const int64_t blocks = std::min<int64_t>((elements + kPointwiseThreads - 1) / kPointwiseThreads, 65535);
+    pointwise_kernel<Body><<<static_cast<unsigned>(blocks), kPointwiseThreads, 0, stream>>>(body);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+CudaLauncher launcher_for(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "fused_nnrnn: the CUDA kernel got a tensor on ", x.device());
+  return {x.device().index(), at::cuda::getCurrentCUDAStream(x.device().index()).stream()};
+}
+
+std::tuple<at::Tensor, at::Tensor> recurrence_cuda(const at::Tensor& x, const at::Tensor& W,
+                                                   const std::optional<at::Tensor>& b,
+                                                   const std::optional<at::Tensor>& h0,
+                                                   const std::optional<at::Tensor>& lengths,
+                                                   c10::string_view nonlinearity) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto launcher = launcher_for(x);
+  return run_forward(launcher, x, W, b, h0, lengths, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output, const at::Tensor& W,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity) {
+  const c10::cuda::CUDAGuard guard(output.device());
+  auto launcher = launcher_for(output);
+  return run_backward(launcher, grad_output, grad_h_n, output, W, h0, lengths, nonlinearity);
+}
+
+}  // namespace
+}  // namespace nnrnn::kern
+
+namespace nnrnn::cuda {
+
+std::string describe_path(int64_t N, int64_t B, c10::ScalarType dtype, int device) {
+  const int count = c10::cuda::device_count();
+  if (count == 0) return "unavailable: no CUDA device is visible";
+  if (device < 0) device = c10::cuda::current_device();
+  TORCH_CHECK_VALUE(device < count, "cuda_path: no CUDA device ", device, " (", count, " visible)");
+  if (N == 0 || B == 0) return "empty: no kernel runs";
+  const kern::Plan p = kern::cuda_plan(N, B, dtype, device);
+  return p.persistent ? std::string("persistent") : "fallback: " + p.reason;
+}
+
+}  // namespace nnrnn::cuda
+
+TORCH_LIBRARY_IMPL(nnrnn_fused, CUDA, m) {
+  m.impl("recurrence", &nnrnn::kern::recurrence_cuda);
+  m.impl("recurrence_backward", &nnrnn::kern::recurrence_backward_cuda);
+}

@@ -1,0 +1,157 @@
+"""CPU test of the CUDA kernels' logic.
+
+The kernel bodies of csrc/cuda/kernels.h and the host driver of csrc/cuda/driver.h
+are compiled a second time against a host emulation of the grid (csrc/cpu/host_grid.h:
+every GPU thread a host thread, real block and grid barriers, per-block shared
+memory poisoned with NaN) and registered as nnrnn_fused::emulated_recurrence[_backward].
+Here they are compared with the reference loop (nnrnn_fused.reference) and its
+autograd gradients, for several launch shapes, including blocks that own uneven
+column slices, blocks that own none, dot products split over threads, and
+several row tiles per step. What only a GPU can show: docs/cuda.md.
+"""
+import pytest
+import torch
+
+import nnrnn_fused
+from nnrnn_fused import _extension
+from nnrnn_fused.reference import nnrnn_recurrence
+
+pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"extension not loaded: {_extension.LOAD_ERROR}")
+
+NONLINEARITIES = ("modrelu", "tanh", "relu")
+
+# (grid, threads, rows_per_tile, persistent) for N = 7, B = 3:
+LAUNCHES = [
+    pytest.param((3, 8, 2, True), id="persistent-uneven-cols-2tiles"),  # columns 2,2,3; tiles of 2+1 rows
+    pytest.param((2, 32, 3, True), id="persistent-ksplit"),  # 12 outputs per tile, 2 threads per dot product
+    pytest.param((1, 5, 1, True), id="persistent-one-block"),  # one block owns everything; 3 tiles
+    pytest.param((9, 4, 3, True), id="persistent-idle-blocks"),  # more blocks than columns
+    pytest.param((2, 7, 1, False), id="fallback"),  # GEMM per step + pointwise kernel
+]
+
+
+def emulated(x, W, b, h0, lengths, nl, launch):
+    return torch.ops.nnrnn_fused.emulated_recurrence(x, W, b, h0, lengths, nl, *launch)
+
+
+def emulated_backward(go, ghn, out, W, h0, lengths, nl, launch):
+    return torch.ops.nnrnn_fused.emulated_recurrence_backward(go, ghn, out, W, h0, lengths, nl, *launch)
+
+
+def make_case(T, B, N, with_h0, with_lengths, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, N, generator=g, dtype=dtype)
+    W = torch.randn(N, N, generator=g, dtype=dtype) / N**0.5
+    b = 0.3 * torch.randn(N, generator=g, dtype=dtype)
+    h0 = torch.randn(B, N, generator=g, dtype=dtype) if with_h0 else None
+    # one sequence of full length, one empty, the others in between
+    lengths = torch.tensor([T, 0] + [(T * (i + 1)) // (B - 1) for i in range(B - 2)], dtype=torch.int64)[:B]
+    go = torch.randn(T, B, N, generator=g, dtype=dtype)
+    ghn = torch.randn(B, N, generator=g, dtype=dtype)
+    return x, W, b, h0, (lengths if with_lengths else None), go, ghn
+
+
+def reference_grads(x, W, b, h0, lengths, nl, go, ghn):
+    leaves = [t.clone().requires_grad_() for t in (x, W, b)] + ([h0.clone().requires_grad_()] if h0 is not None else [])
+    out, h_n = nnrnn_recurrence(*leaves[:3], leaves[3] if h0 is not None else None, nonlinearity=nl, lengths=lengths)
+    grads = torch.autograd.grad((out * go).sum() + (h_n * ghn).sum(), leaves)
+    return out.detach(), h_n.detach(), grads
+
+
+def check_against_reference(T, B, N, nl, with_h0, with_lengths, launch, dtype=torch.float64, atol=1e-10, rtol=1e-9):
+    x, W, b, h0, lengths, go, ghn = make_case(T, B, N, with_h0, with_lengths, dtype)
+    ref_out, ref_hn, ref_grads = reference_grads(x, W, b, h0, lengths, nl, go, ghn)
+    out, h_n = emulated(x, W, b, h0, lengths, nl, launch)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(h_n, ref_hn, atol=atol, rtol=rtol)
+    dx, dW, db, dh0 = emulated_backward(go, ghn, out, W, h0, lengths, nl, launch)
+    names = ["grad_x", "grad_W", "grad_b"] + (["grad_h0"] if with_h0 else [])
+    for name, got, want in zip(names, (dx, dW, db, dh0), ref_grads):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    if not with_h0:  # dL/dh0 of a zero initial state is still defined: compare with the reference's
+        h0z = torch.zeros(B, N, dtype=dtype, requires_grad=True)
+        o, hn = nnrnn_recurrence(x, W, b, h0z, nonlinearity=nl, lengths=lengths)
+        (want,) = torch.autograd.grad((o * go).sum() + (hn * ghn).sum(), [h0z])
+        torch.testing.assert_close(dh0, want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("nl", NONLINEARITIES)
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zero-h0", "h0"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_matches_reference_float64(launch, nl, with_h0, with_lengths):
+    check_against_reference(5, 3, 7, nl, with_h0, with_lengths, launch)
+
+
+@pytest.mark.parametrize("nl", NONLINEARITIES)
+def test_matches_reference_float32(nl):
+    # float32 state and accumulation, as for float16/bfloat16 on the GPU
+    check_against_reference(6, 4, 9, nl, True, True, (2, 16, 3, True), torch.float32, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T,B,N,launch", [
+    (1, 1, 1, (1, 1, 1, True)),      # smallest case: a prologue and nothing else
+    (3, 5, 2, (2, 3, 2, True)),      # B not a multiple of the tile
+    (4, 2, 13, (5, 16, 2, True)),    # columns 2,3,2,3,3
+    (2, 4, 3, (3, 6, 4, False)),     # fallback, grid x threads > B x N
+])
+def test_odd_shapes(T, B, N, launch):
+    check_against_reference(T, B, N, "tanh", True, True, launch)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_empty_sizes(persistent):
+    launch = (2, 4, 2, persistent)
+    W = torch.randn(3, 3, dtype=torch.float64)
+    h0 = torch.randn(2, 3, dtype=torch.float64)
+    out, h_n = emulated(torch.zeros(0, 2, 3, dtype=torch.float64), W, None, h0, None, "tanh", launch)
+    assert out.shape == (0, 2, 3) and torch.equal(h_n, h0)
+    dx, dW, db, dh0 = emulated_backward(out, h0, out, W, h0, None, "tanh", launch)
+    assert dx.shape == (0, 2, 3) and torch.equal(dh0, h0) and not dW.any() and not db.any()
+    out, h_n = emulated(torch.zeros(4, 0, 3, dtype=torch.float64), W, None, None, None, "relu", launch)
+    assert out.shape == (4, 0, 3) and h_n.shape == (0, 3)
+
+
+def test_backward_is_deterministic():
+    x, W, b, h0, lengths, go, ghn = make_case(6, 3, 7, True, True, torch.float32, seed=3)
+    launch = (3, 32, 2, True)
+    out, _ = emulated(x, W, b, h0, lengths, "modrelu", launch)
+    first = emulated_backward(go, ghn, out, W, h0, lengths, "modrelu", launch)
+    for _ in range(2):
+        again = emulated_backward(go, ghn, out, W, h0, lengths, "modrelu", launch)
+        for a, b_ in zip(first, again):
+            assert torch.equal(a, b_)
+
+
+def test_persistent_and_fallback_agree():
+    x, W, b, h0, lengths, go, ghn = make_case(5, 4, 6, True, True, torch.float32, seed=5)
+    p = emulated(x, W, b, h0, lengths, "modrelu", (3, 8, 2, True))
+    f = emulated(x, W, b, h0, lengths, "modrelu", (2, 8, 1, False))
+    for a, b_ in zip(p, f):
+        torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_arguments_raise_value_errors():
+    x, W, b, h0, lengths, go, ghn = make_case(4, 3, 5, True, True)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        emulated(x, W, b, h0, lengths, "sigmoid", (2, 4, 2, True))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\]"):
+        emulated(x, W, b, h0, torch.tensor([1, 5, 2]), "tanh", (2, 4, 2, True))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        emulated(x, W, b, h0, None, "tanh", (0, 4, 2, True))
+    with pytest.raises(ValueError, match="W must have shape"):
+        emulated(x, W[:4], b, h0, None, "tanh", (2, 4, 2, True))
+
+
+def test_cuda_path_reports_a_string():
+    path = nnrnn_fused.cuda_path(128, 10, torch.float32)
+    if not _extension.WITH_CUDA:
+        assert path.startswith("unavailable: the extension was built without")
+    elif not torch.cuda.is_available():
+        assert path == "unavailable: no CUDA device is visible"
+    else:
+        assert path == "persistent" or path.startswith("fallback: ")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        nnrnn_fused.cuda_path(128, 10, torch.int32)
+    with pytest.raises(ValueError, match="must be a CUDA device"):
+        nnrnn_fused.cuda_path(128, 10, torch.float32, "cpu")
