@@ -71,7 +71,7 @@ struct ForwardArgs {
     if (t == 0) return h0 ? static_cast<acc_t>(h0[i]) : acc_t(0);
     return state[((t - 1) & 1) * L.B * L.N + i];
   }
-  NNRNN_DEV bool zero_prev(int64_t t) const { return t == 0 && h0 == nullptr; }
+  NNRNN_HD bool zero_prev(int64_t t) const { return t == 0 && h0 == nullptr; }
 
   NNRNN_DEV void finish(int64_t t, int64_t b, int64_t j, acc_t dot) const {
     const int64_t i = b * L.N + j, o = t * L.B * L.N + i;

@@ -6,11 +6,14 @@
 // Launches go to the current stream; nothing here creates streams or events or
 // waits on the host, so a call can be captured in a CUDA graph (lengths then
 // have to be on the device: see CudaLauncher::lengths).
+// ATen/cuda/CUDAContext.h is not included: it needs the cuBLAS/cuSPARSE headers,
+// which some toolkits (pip-installed torch beside a bare nvcc) do not have.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -52,19 +55,24 @@ bool fallback_forced() {
 }
 
 // The persistent layout for (N, B, dtype) on `device`, or the reason for the fallback.
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
 Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   Plan p;
   p.threads = kThreads;
-  if (!prop->cooperativeLaunch) {
+  if (!device_attribute(cudaDevAttrCooperativeLaunch, device)) {
     p.reason = "the device does not support cooperative launches";
     return p;
   }
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
-  const int sms = prop->multiProcessorCount;
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const int grid = static_cast<int>(std::min<int64_t>(sms, N));
   const int64_t cols = (N + grid - 1) / grid;
-  const int64_t budget = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  const int64_t budget = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t fixed = (N * cols + kThreads) * acc, per_row = (N + 1 + cols) * acc;
   if (fixed + per_row > budget) {
     p.reason = "W does not fit on chip: a block's slice of W (" + std::to_string(N) + " x " +
@@ -159,7 +167,7 @@ struct CudaLauncher {
 
 CudaLauncher launcher_for(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), "fused_nnrnn: the CUDA kernel got a tensor on ", x.device());
-  return {x.device().index(), at::cuda::getCurrentCUDAStream(x.device().index()).stream()};
+  return {x.device().index(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream()};
 }
 
 std::tuple<at::Tensor, at::Tensor> recurrence_cuda(const at::Tensor& x, const at::Tensor& W,

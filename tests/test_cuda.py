@@ -1,0 +1,238 @@
+"""The CUDA kernels on a GPU, against the float64 reference loop.
+
+Skipped without a GPU or without the CUDA kernels; benchmarks/gpu_check.sh runs
+them on a lent GPU. Both paths are covered: the persistent kernel (chosen by
+default where W fits on chip) and the fallback (forced by NNRNN_CUDA_FORCE_FALLBACK).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import nnrnn_fused
+from nnrnn_fused import _extension, fused_nnrnn
+from nnrnn_fused.reference import nnrnn_recurrence
+
+if not _extension.WITH_CUDA:
+    pytestmark = pytest.mark.skip(reason="the CUDA kernels are not built (no CUDA toolkit or CPU-only torch)")
+elif not torch.cuda.is_available():
+    pytestmark = pytest.mark.skip(reason="no GPU: the CUDA kernels' logic is tested on the CPU by test_cuda_emulation.py")
+
+NONLINEARITIES = ("modrelu", "tanh", "relu")
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Largest error allowed, relative to the largest reference value (at least 1):
+# float16/bfloat16 inputs and outputs with float32 state, rounded once per value.
+FORWARD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@pytest.fixture(params=["persistent", "fallback"])
+def path(request, monkeypatch):
+    if request.param == "fallback":
+        monkeypatch.setenv("NNRNN_CUDA_FORCE_FALLBACK", "1")
+    else:
+        monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    return request.param
+
+
+def assert_scaled_close(got, want, tol, name=""):
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def make_case(T, B, N, dtype, with_h0, with_lengths, lengths_device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, N, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
+    W = 0.95 * q  # stable over long sequences
+    b = 0.1 * torch.randn(N, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, N, generator=g, dtype=torch.float64) if with_h0 else None
+    lengths = torch.randint(0, T + 1, (B,), generator=g) if with_lengths else None
+    if lengths is not None and B >= 2:
+        lengths[0], lengths[1] = T, 0
+    cast = lambda t: None if t is None else t.to("cuda", dtype)  # noqa: E731
+    return cast(x), cast(W), cast(b), cast(h0), (None if lengths is None else lengths.to(lengths_device))
+
+
+def check(T, B, N, dtype, nl, with_h0, with_lengths, lengths_device="cpu"):
+    x, W, b, h0, lengths = make_case(T, B, N, dtype, with_h0, with_lengths, lengths_device)
+    leaves = [t.requires_grad_() for t in (x, W, b) + ((h0,) if h0 is not None else ())]
+    out, h_n = fused_nnrnn(x, W, b, h0, nonlinearity=nl, lengths=lengths)
+    assert out.dtype == dtype and h_n.dtype == dtype
+    go, ghn = torch.randn_like(out, dtype=torch.float64), torch.randn_like(h_n, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * go).sum() + (h_n.double() * ghn).sum(), leaves)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_h0 = ref_leaves[3] if h0 is not None else None
+    ref_out, ref_hn = nnrnn_recurrence(*ref_leaves[:3], ref_h0, nonlinearity=nl, lengths=lengths)
+    ref_grads = torch.autograd.grad((ref_out * go).sum() + (ref_hn * ghn).sum(), ref_leaves)
+
+    assert_scaled_close(out, ref_out, FORWARD_TOL[dtype], "output")
+    assert_scaled_close(h_n, ref_hn, FORWARD_TOL[dtype], "h_n")
+    for name, got, want in zip(["grad_x", "grad_W", "grad_b", "grad_h0"], grads, ref_grads):
+        assert_scaled_close(got, want, GRAD_TOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("nl", NONLINEARITIES)
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zero-h0", "h0"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_matches_reference(path, dtype, nl, with_h0, with_lengths):
+    # N = 300 on an H100 (132 SMs): blocks own 2 or 3 columns
+    check(17, 5, 300, dtype, nl, with_h0, with_lengths)
+
+
+@pytest.mark.parametrize("T,B,N", [(1, 1, 1), (3, 7, 33), (5, 70, 129), (9, 3, 1024), (4, 130, 260)])
+def test_odd_and_large_shapes(path, T, B, N):
+    check(T, B, N, torch.float32, "modrelu", True, True)
+
+
+def test_lengths_on_device_match_lengths_on_cpu(path):
+    x, W, b, h0, lengths = make_case(11, 6, 64, torch.float32, True, True)
+    cpu = fused_nnrnn(x, W, b, h0, nonlinearity="tanh", lengths=lengths)
+    dev = fused_nnrnn(x, W, b, h0, nonlinearity="tanh", lengths=lengths.cuda())
+    for a, c in zip(cpu, dev):
+        assert torch.equal(a, c)
+
+
+def test_cuda_path_reports_both_paths(monkeypatch):
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    assert nnrnn_fused.cuda_path(1024, 128, torch.float32) == "persistent"  # the issue's minimum
+    assert nnrnn_fused.cuda_path(512, 100, torch.bfloat16) == "persistent"
+    big = nnrnn_fused.cuda_path(1 << 15, 8, torch.float32)
+    assert big.startswith("fallback: W does not fit on chip"), big
+    assert nnrnn_fused.cuda_path(3, 0, torch.float32).startswith("empty")
+    monkeypatch.setenv("NNRNN_CUDA_FORCE_FALLBACK", "1")
+    assert nnrnn_fused.cuda_path(128, 10, torch.float32) == "fallback: forced by NNRNN_CUDA_FORCE_FALLBACK"
+
+
+def test_fallback_when_w_does_not_fit(monkeypatch):
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    N = 1 << 14
+    assert nnrnn_fused.cuda_path(N, 2, torch.float32).startswith("fallback")
+    check(3, 2, N, torch.float32, "tanh", True, False)
+
+
+@pytest.mark.parametrize("nl", NONLINEARITIES)
+def test_gradcheck_float64(path, nl):
+    x, W, b, h0, lengths = make_case(4, 3, 6, torch.float64, True, True)
+    x = x + 0.1 * torch.sign(x)  # keep modReLU/ReLU kinks away from the finite differences
+    inputs = tuple(t.requires_grad_() for t in (x, W, b, h0))
+    assert torch.autograd.gradcheck(lambda *a: fused_nnrnn(*a, nonlinearity=nl, lengths=lengths), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_is_bitwise_deterministic(path, dtype):
+    x, W, b, h0, lengths = make_case(25, 33, 200, dtype, True, True)
+    out, h_n = fused_nnrnn(x, W, b, h0, nonlinearity="modrelu", lengths=lengths)
+    go, ghn = torch.randn_like(out), torch.randn_like(h_n)
+    first = torch.ops.nnrnn_fused.recurrence_backward(go, ghn, out, W, h0, lengths, "modrelu")
+    for _ in range(3):
+        again = torch.ops.nnrnn_fused.recurrence_backward(go, ghn, out, W, h0, lengths, "modrelu")
+        for a, c in zip(first, again):
+            assert torch.equal(a, c)
+
+
+def test_cuda_graph_capture(path):
+    T, B, N, nl = 12, 4, 96, "modrelu"
+    x, W, b, h0, lengths = make_case(T, B, N, torch.float32, True, True, lengths_device="cuda")
+    go, ghn = torch.randn(T, B, N, device="cuda"), torch.randn(B, N, device="cuda")
+
+    def run():
+        out, h_n = torch.ops.nnrnn_fused.recurrence(x, W, b, h0, lengths, nl)
+        return (out, h_n) + tuple(torch.ops.nnrnn_fused.recurrence_backward(go, ghn, out, W, h0, lengths, nl))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    # new data into the captured inputs, then replay
+    x.copy_(torch.randn_like(x))
+    lengths.copy_(torch.tensor([T, 0, 5, 9], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, run()):
+        assert torch.equal(got, want)
+
+
+def test_cpu_lengths_refused_during_capture():
+    x, W, b, h0, lengths = make_case(5, 2, 16, torch.float32, True, True)
+    fused_nnrnn(x, W, b, h0, lengths=lengths)  # warm-up: plan, allocator
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:
+            with pytest.raises(ValueError, match="while capturing a CUDA graph"):
+                torch.ops.nnrnn_fused.recurrence(x, W, b, h0, lengths, "tanh")
+        finally:
+            graph.capture_end()
+
+
+def test_empty_sizes(path):
+    W = torch.randn(4, 4, device="cuda")
+    h0 = torch.randn(3, 4, device="cuda")
+    out, h_n = fused_nnrnn(torch.zeros(0, 3, 4, device="cuda"), W, None, h0)
+    assert out.shape == (0, 3, 4) and torch.equal(h_n, h0)
+    out, h_n = fused_nnrnn(torch.zeros(5, 0, 4, device="cuda"), W)
+    assert out.shape == (5, 0, 4) and h_n.shape == (0, 4)
+
+
+def test_noncontiguous_inputs(path):
+    x, W, b, h0, _ = make_case(6, 4, 40, torch.float32, True, False)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    ref = fused_nnrnn(x, W.t().contiguous().t(), b, h0, nonlinearity="relu")
+    got = fused_nnrnn(xt, W, b, h0, nonlinearity="relu")
+    for a, c in zip(ref, got):
+        assert torch.equal(a, c)
+
+
+SANITIZER_SCRIPT = textwrap.dedent("""
+    import os, torch
+    import nnrnn_fused
+    torch.manual_seed(0)
+    for fallback in ("0", "1"):
+        os.environ["NNRNN_CUDA_FORCE_FALLBACK"] = fallback
+        T, B, N = 4, 3, 40
+        x = torch.randn(T, B, N, device="cuda", requires_grad=True)
+        W = (0.3 * torch.randn(N, N, device="cuda")).requires_grad_()
+        b = torch.zeros(N, device="cuda", requires_grad=True)
+        h0 = torch.randn(B, N, device="cuda", requires_grad=True)
+        out, h_n = nnrnn_fused.fused_nnrnn(x, W, b, h0, lengths=torch.tensor([4, 0, 2]))
+        (out.sum() + h_n.sum()).backward()
+    torch.cuda.synchronize()
+    print("sanitizer case done")
+""")
+
+
+def compute_sanitizer():
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidate = os.path.join(home, "bin", "compute-sanitizer")
+    return candidate if os.path.exists(candidate) else None
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer(tool):
+    sanitizer = compute_sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found (CUDA_HOME/bin or PATH)")
+    # every kernel of the small case is checked (torch's too: a filter would be one more thing to get wrong)
+    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, "-c", SANITIZER_SCRIPT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    report = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, report
+    assert "sanitizer case done" in proc.stdout, report
+    assert "ERROR SUMMARY: 0 errors" in report or "0 hazards" in report, report
