@@ -158,7 +158,7 @@ def report(out_dir: str) -> None:
     for k, v in steps.items():
         lines.append(f"| {k} | {v} |")
     if not tests.get("missing"):
-        lines.append(f"| GPU tests | {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
+        lines.append(f"| GPU test counts | {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
                      f"{tests['skipped']} skipped |")
         for name in tests["failed_tests"]:
             lines.append(f"| failed | {name} |")

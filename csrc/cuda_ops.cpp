@@ -4,8 +4,8 @@
 //       which path recurrence takes on that device: "persistent", or
 //       "fallback: <reason>", or "unavailable: <reason>"; no tensor arguments,
 //       so one implementation serves every backend.
-//   emulated_recurrence(..., grid, threads, rows_per_tile, persistent)
-//   emulated_recurrence_backward(..., grid, threads, rows_per_tile, persistent)
+//   emulated_recurrence(..., col_groups, row_groups, threads, rows_per_tile, persistent)
+//   emulated_recurrence_backward(..., col_groups, row_groups, threads, rows_per_tile, persistent)
 //       the CUDA kernels' source run on CPU tensors by a host emulation of the
 //       grid (cpu/emulated_cuda.cpp), with the given launch shape: a test of the
 //       kernels' logic on machines without a GPU.
@@ -38,9 +38,10 @@ TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
   m.def("cuda_path(int N, int B, ScalarType dtype, Device device) -> str", &nnrnn::cuda_path);
   m.def(
       "emulated_recurrence(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"
-      " int grid, int threads, int rows_per_tile, bool persistent) -> (Tensor output, Tensor h_n)");
+      " int col_groups, int row_groups, int threads, int rows_per_tile, bool persistent)"
+      " -> (Tensor output, Tensor h_n)");
   m.def(
       "emulated_recurrence_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor W,"
-      " Tensor? h0, Tensor? lengths, str nonlinearity, int grid, int threads, int rows_per_tile,"
-      " bool persistent) -> (Tensor grad_x, Tensor grad_W, Tensor grad_b, Tensor grad_h0)");
+      " Tensor? h0, Tensor? lengths, str nonlinearity, int col_groups, int row_groups, int threads,"
+      " int rows_per_tile, bool persistent) -> (Tensor grad_x, Tensor grad_W, Tensor grad_b, Tensor grad_h0)");
 }

@@ -115,7 +115,7 @@ def test_cuda_path_reports_both_paths(monkeypatch):
 
 def test_fallback_when_w_does_not_fit(monkeypatch):
     monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
-    N = 1 << 14
+    N = 3000  # a block's 23 columns of W take 276 KB; H100/H200 blocks get at most 227 KB
     assert nnrnn_fused.cuda_path(N, 2, torch.float32).startswith("fallback")
     check(3, 2, N, torch.float32, "tanh", True, False)
 
@@ -162,8 +162,8 @@ def test_cuda_graph_capture(path):
     lengths.copy_(torch.tensor([T, 0, 5, 9], device="cuda"))
     graph.replay()
     torch.cuda.synchronize()
-    for got, want in zip(captured, run()):
-        assert torch.equal(got, want)
+    for got, want in zip(captured, run()):  # cuBLAS may pick another algorithm inside a capture
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_lengths_refused_during_capture():
@@ -231,7 +231,8 @@ def test_compute_sanitizer(tool):
         pytest.skip("compute-sanitizer not found (CUDA_HOME/bin or PATH)")
     # every kernel of the small case is checked (torch's too: a filter would be one more thing to get wrong)
     cmd = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, "-c", SANITIZER_SCRIPT]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
     report = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, report
     assert "sanitizer case done" in proc.stdout, report

@@ -7,7 +7,7 @@ memory poisoned with NaN) and registered as nnrnn_fused::emulated_recurrence[_ba
 Here they are compared with the reference loop (nnrnn_fused.reference) and its
 autograd gradients, for several launch shapes, including blocks that own uneven
 column slices, blocks that own none, dot products split over threads, and
-several row tiles per step. What only a GPU can show: docs/cuda.md.
+several row tiles per step, row groups (blocks owning a part of the batch). What only a GPU can show: docs/cuda.md.
 """
 import pytest
 import torch
@@ -20,13 +20,16 @@ pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"extension not lo
 
 NONLINEARITIES = ("modrelu", "tanh", "relu")
 
-# (grid, threads, rows_per_tile, persistent) for N = 7, B = 3:
+# (col_groups, row_groups, threads, rows_per_tile, persistent) for N = 7, B = 3:
 LAUNCHES = [
-    pytest.param((3, 8, 2, True), id="persistent-uneven-cols-2tiles"),  # columns 2,2,3; tiles of 2+1 rows
-    pytest.param((2, 32, 3, True), id="persistent-ksplit"),  # 12 outputs per tile, 2 threads per dot product
-    pytest.param((1, 5, 1, True), id="persistent-one-block"),  # one block owns everything; 3 tiles
-    pytest.param((9, 4, 3, True), id="persistent-idle-blocks"),  # more blocks than columns
-    pytest.param((2, 7, 1, False), id="fallback"),  # GEMM per step + pointwise kernel
+    pytest.param((3, 1, 8, 2, True), id="persistent-uneven-cols-2tiles"),  # columns 2,2,3; tiles of 2+1 rows
+    pytest.param((2, 1, 32, 3, True), id="persistent-ksplit"),  # 12 outputs per tile, 2 threads per dot product
+    pytest.param((1, 1, 5, 1, True), id="persistent-one-block"),  # one block owns everything; 3 tiles
+    pytest.param((9, 1, 4, 3, True), id="persistent-idle-cols"),  # more column groups than columns
+    pytest.param((2, 2, 8, 1, True), id="persistent-row-groups"),  # rows 1,2 x columns 3,4
+    pytest.param((1, 3, 16, 1, True), id="persistent-row-per-block"),  # all of W in each block, one row each
+    pytest.param((3, 4, 4, 2, True), id="persistent-idle-rows"),  # more row groups than rows
+    pytest.param((2, 1, 7, 1, False), id="fallback"),  # GEMM per step + pointwise kernel
 ]
 
 
@@ -86,14 +89,15 @@ def test_matches_reference_float64(launch, nl, with_h0, with_lengths):
 @pytest.mark.parametrize("nl", NONLINEARITIES)
 def test_matches_reference_float32(nl):
     # float32 state and accumulation, as for float16/bfloat16 on the GPU
-    check_against_reference(6, 4, 9, nl, True, True, (2, 16, 3, True), torch.float32, atol=1e-5, rtol=1e-4)
+    check_against_reference(6, 4, 9, nl, True, True, (2, 2, 16, 3, True), torch.float32, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("T,B,N,launch", [
-    (1, 1, 1, (1, 1, 1, True)),      # smallest case: a prologue and nothing else
-    (3, 5, 2, (2, 3, 2, True)),      # B not a multiple of the tile
-    (4, 2, 13, (5, 16, 2, True)),    # columns 2,3,2,3,3
-    (2, 4, 3, (3, 6, 4, False)),     # fallback, grid x threads > B x N
+    (1, 1, 1, (1, 1, 1, 1, True)),     # smallest case: a prologue and nothing else
+    (3, 5, 2, (2, 2, 3, 2, True)),     # row groups of 2 and 3 rows, tiles of 2
+    (4, 2, 13, (5, 1, 16, 2, True)),   # columns 2,3,2,3,3
+    (6, 7, 5, (2, 3, 8, 2, True)),     # rows 2,2,3 x columns 2,3
+    (2, 4, 3, (3, 1, 6, 4, False)),    # fallback, grid x threads > B x N
 ])
 def test_odd_shapes(T, B, N, launch):
     check_against_reference(T, B, N, "tanh", True, True, launch)
@@ -101,7 +105,7 @@ def test_odd_shapes(T, B, N, launch):
 
 @pytest.mark.parametrize("persistent", [True, False])
 def test_empty_sizes(persistent):
-    launch = (2, 4, 2, persistent)
+    launch = (2, 1, 4, 2, persistent)
     W = torch.randn(3, 3, dtype=torch.float64)
     h0 = torch.randn(2, 3, dtype=torch.float64)
     out, h_n = emulated(torch.zeros(0, 2, 3, dtype=torch.float64), W, None, h0, None, "tanh", launch)
@@ -114,7 +118,7 @@ def test_empty_sizes(persistent):
 
 def test_backward_is_deterministic():
     x, W, b, h0, lengths, go, ghn = make_case(6, 3, 7, True, True, torch.float32, seed=3)
-    launch = (3, 32, 2, True)
+    launch = (3, 2, 32, 2, True)
     out, _ = emulated(x, W, b, h0, lengths, "modrelu", launch)
     first = emulated_backward(go, ghn, out, W, h0, lengths, "modrelu", launch)
     for _ in range(2):
@@ -125,8 +129,8 @@ def test_backward_is_deterministic():
 
 def test_persistent_and_fallback_agree():
     x, W, b, h0, lengths, go, ghn = make_case(5, 4, 6, True, True, torch.float32, seed=5)
-    p = emulated(x, W, b, h0, lengths, "modrelu", (3, 8, 2, True))
-    f = emulated(x, W, b, h0, lengths, "modrelu", (2, 8, 1, False))
+    p = emulated(x, W, b, h0, lengths, "modrelu", (3, 2, 8, 2, True))
+    f = emulated(x, W, b, h0, lengths, "modrelu", (2, 1, 8, 1, False))
     for a, b_ in zip(p, f):
         torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-5)
 
@@ -134,13 +138,13 @@ def test_persistent_and_fallback_agree():
 def test_bad_arguments_raise_value_errors():
     x, W, b, h0, lengths, go, ghn = make_case(4, 3, 5, True, True)
     with pytest.raises(ValueError, match="nonlinearity"):
-        emulated(x, W, b, h0, lengths, "sigmoid", (2, 4, 2, True))
+        emulated(x, W, b, h0, lengths, "sigmoid", (2, 1, 4, 2, True))
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\]"):
-        emulated(x, W, b, h0, torch.tensor([1, 5, 2]), "tanh", (2, 4, 2, True))
+        emulated(x, W, b, h0, torch.tensor([1, 5, 2]), "tanh", (2, 1, 4, 2, True))
     with pytest.raises(ValueError, match="must be >= 1"):
-        emulated(x, W, b, h0, None, "tanh", (0, 4, 2, True))
+        emulated(x, W, b, h0, None, "tanh", (2, 0, 4, 2, True))
     with pytest.raises(ValueError, match="W must have shape"):
-        emulated(x, W[:4], b, h0, None, "tanh", (2, 4, 2, True))
+        emulated(x, W[:4], b, h0, None, "tanh", (2, 1, 4, 2, True))
 
 
 def test_cuda_path_reports_a_string():

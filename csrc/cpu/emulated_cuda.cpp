@@ -24,26 +24,28 @@ struct HostLauncher {
 
   template <class Body>
   void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
-    host_launch(L.grid, threads, bytes, body);
+    host_launch(L.grid(), threads, bytes, body);
   }
 
   template <class Body>
   void pointwise(const Body& body, int64_t) const {
-    host_launch(p.grid, p.threads, 0, body);  // the body strides over all elements
+    host_launch(p.col_groups * p.row_groups, p.threads, 0, body);  // the body strides over all elements
   }
 };
 
-HostLauncher make_launcher(const at::Tensor& x, int64_t grid, int64_t threads, int64_t rows_per_tile,
-                           bool persistent) {
+HostLauncher make_launcher(const at::Tensor& x, int64_t col_groups, int64_t row_groups, int64_t threads,
+                           int64_t rows_per_tile, bool persistent) {
   TORCH_CHECK_VALUE(x.is_cpu(), "emulated_recurrence: runs on CPU tensors, got ", x.device());
-  TORCH_CHECK_VALUE(grid >= 1 && threads >= 1 && rows_per_tile >= 1,
-                    "emulated_recurrence: grid, threads and rows_per_tile must be >= 1, got ", grid, ", ",
-                    threads, ", ", rows_per_tile);
-  TORCH_CHECK_VALUE(grid * threads <= 1024, "emulated_recurrence: at most 1024 host threads (grid x threads), got ",
-                    grid * threads);
+  TORCH_CHECK_VALUE(col_groups >= 1 && row_groups >= 1 && threads >= 1 && rows_per_tile >= 1,
+                    "emulated_recurrence: col_groups, row_groups, threads and rows_per_tile must be >= 1, got ",
+                    col_groups, ", ", row_groups, ", ", threads, ", ", rows_per_tile);
+  TORCH_CHECK_VALUE(col_groups * row_groups * threads <= 1024,
+                    "emulated_recurrence: at most 1024 host threads (col_groups x row_groups x threads), got ",
+                    col_groups * row_groups * threads);
   Plan p;
   p.persistent = persistent;
-  p.grid = static_cast<int>(grid);
+  p.col_groups = static_cast<int>(col_groups);
+  p.row_groups = static_cast<int>(row_groups);
   p.threads = static_cast<int>(threads);
   p.rows_per_tile = static_cast<int>(rows_per_tile);
   return {p};
@@ -53,17 +55,18 @@ std::tuple<at::Tensor, at::Tensor> emulated_forward(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& b,
                                                     const std::optional<at::Tensor>& h0,
                                                     const std::optional<at::Tensor>& lengths,
-                                                    c10::string_view nonlinearity, int64_t grid, int64_t threads,
-                                                    int64_t rows_per_tile, bool persistent) {
-  auto launcher = make_launcher(x, grid, threads, rows_per_tile, persistent);
+                                                    c10::string_view nonlinearity, int64_t col_groups,
+                                                    int64_t row_groups, int64_t threads, int64_t rows_per_tile,
+                                                    bool persistent) {
+  auto launcher = make_launcher(x, col_groups, row_groups, threads, rows_per_tile, persistent);
   return run_forward(launcher, x, W, b, h0, lengths, nonlinearity);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output, const at::Tensor& W,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity,
-    int64_t grid, int64_t threads, int64_t rows_per_tile, bool persistent) {
-  auto launcher = make_launcher(output, grid, threads, rows_per_tile, persistent);
+    int64_t col_groups, int64_t row_groups, int64_t threads, int64_t rows_per_tile, bool persistent) {
+  auto launcher = make_launcher(output, col_groups, row_groups, threads, rows_per_tile, persistent);
   return run_backward(launcher, grad_output, grad_h_n, output, W, h0, lengths, nonlinearity);
 }
 

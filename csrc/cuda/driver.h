@@ -21,7 +21,8 @@ namespace nnrnn::kern {
 
 struct Plan {
   bool persistent = false;
-  int grid = 1, threads = 1, rows_per_tile = 1;
+  int col_groups = 1, row_groups = 1;  // the grid (the fallback's pointwise kernel: any)
+  int threads = 1, rows_per_tile = 1;
   std::string reason;  // why the fallback, when it is taken
 };
 
@@ -56,10 +57,10 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                    len.defined() ? len.data_ptr<int32_t>() : nullptr,
                                    out.data_ptr<scalar_t>(),
                                    state.data_ptr<acc_t>(),
-                                   Layout{T, B, N, 1, 0, 0, 1},
+                                   Layout{T, B, N, 1, 1, 0, 0, 1},
                                    f};
     if (plan.persistent) {
-      a.L = make_layout(T, B, N, plan.grid, plan.threads, plan.rows_per_tile);
+      a.L = make_layout(T, B, N, plan.col_groups, plan.row_groups, plan.threads, plan.rows_per_tile);
       auto counter = at::zeros({1}, x.options().dtype(at::kLong));
       PersistentForward<scalar_t, acc_t> body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
       launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, sizeof(acc_t)));
@@ -115,10 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
                                     dx.data_ptr<scalar_t>(),
                                     db_rows.data_ptr<acc_t>(),
                                     grad_h0.data_ptr<scalar_t>(),
-                                    Layout{T, B, N, 1, 0, 0, 1},
+                                    Layout{T, B, N, 1, 1, 0, 0, 1},
                                     f};
     if (plan.persistent) {
-      a.L = make_layout(T, B, N, plan.grid, plan.threads, plan.rows_per_tile);
+      a.L = make_layout(T, B, N, plan.col_groups, plan.row_groups, plan.threads, plan.rows_per_tile);
       auto counter = at::zeros({1}, output.options().dtype(at::kLong));
       PersistentBackward<scalar_t, acc_t> body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
       launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, sizeof(acc_t)));

@@ -42,6 +42,7 @@ struct DeviceEnv {
     __syncthreads();  // the block's writes happen before thread 0's release
     ++passed;
     if (threadIdx.x == 0) {
+      __threadfence();  // as cooperative_groups does: the block's writes visible device-wide
       ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device> c(*counter);
       c.fetch_add(1, ::cuda::memory_order_release);
       const unsigned long long target = passed * gridDim.x;

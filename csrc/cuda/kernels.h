@@ -3,15 +3,17 @@
 // (HostEnv in ../cpu/host_grid.h). No CUDA-only construct appears here.
 //
 // Persistent kernels (design note in docs/cuda.md):
-//   - block g owns the columns [col_begin(g), col_begin(g+1)) of the product
-//     A @ Wslice, where A (B, N) is h_{t-1} in the forward and da_t in the
-//     backward, and Wslice is those columns of W (forward) or of W^T (backward);
-//     it keeps Wslice in shared memory, in the accumulation type, for all steps;
-//   - per step it stages A a tile of rows at a time into shared memory, computes
-//     the tile's dot products (each split over `splits` threads along k, summed in
-//     a fixed order: deterministic), and finishes its own columns pointwise;
-//   - one grid barrier per step: what a block writes in step t (its columns of
-//     h_t, or of da_{t-1}) is exactly what every block reads in step t + 1.
+//   - the grid is col_groups x row_groups blocks; block (cg, rg) owns columns
+//     [col_begin(cg), col_begin(cg+1)) and rows [row_begin(rg), row_begin(rg+1))
+//     of the product A @ W (A (B, N) = h_{t-1}) in the forward, A @ W^T (A = da_t)
+//     in the backward. It keeps its column slice of W (or W^T) in shared memory,
+//     in the accumulation type, for all steps. Few column groups and many row
+//     groups: each block reads only its rows of A from L2 each step;
+//   - per step it stages its rows of A a tile at a time into shared memory,
+//     computes the tile's dot products (each split over `splits` threads along k,
+//     summed in a fixed order: deterministic), and finishes its elements pointwise;
+//   - one grid barrier per step: what a block writes in step t (its part of h_t,
+//     or of da_{t-1}) is what the blocks read in step t + 1.
 // The fallback path runs the same pointwise `finish` after a GEMM per step.
 #pragma once
 
@@ -25,12 +27,14 @@ namespace nnrnn::kern {
 // How the work is split; computed on the host (driver.h), read by every thread.
 struct Layout {
   int64_t T, B, N;
-  int grid;           // blocks
-  int max_cols;       // ceil(N / grid): the widest column slice
+  int col_groups, row_groups;  // the grid: block = rg * col_groups + cg
+  int max_cols;       // ceil(N / col_groups): the widest column slice
   int rows_per_tile;  // rows of A staged at a time
   int splits;         // threads sharing one dot product (along k)
 
-  NNRNN_HD int64_t col_begin(int g) const { return static_cast<int64_t>(g) * N / grid; }
+  NNRNN_HD int grid() const { return col_groups * row_groups; }
+  NNRNN_HD int64_t col_begin(int cg) const { return static_cast<int64_t>(cg) * N / col_groups; }
+  NNRNN_HD int64_t row_begin(int rg) const { return static_cast<int64_t>(rg) * B / row_groups; }
   // Shared memory in elements of the accumulation type: Wslice (N x max_cols),
   // the A tile (rows_per_tile x (N + 1), padded against bank conflicts), partial sums.
   NNRNN_HD int64_t w_elems() const { return N * max_cols; }
@@ -40,9 +44,10 @@ struct Layout {
   NNRNN_HD int64_t shared_elems() const { return w_elems() + a_elems() + splits * tile_items(); }
 };
 
-inline Layout make_layout(int64_t T, int64_t B, int64_t N, int grid, int threads, int rows_per_tile) {
-  Layout L{T, B, N, grid, 0, rows_per_tile, 1};
-  L.max_cols = static_cast<int>((N + grid - 1) / grid);
+inline Layout make_layout(int64_t T, int64_t B, int64_t N, int col_groups, int row_groups, int threads,
+                          int rows_per_tile) {
+  Layout L{T, B, N, col_groups, row_groups, 0, rows_per_tile, 1};
+  L.max_cols = static_cast<int>((N + col_groups - 1) / col_groups);
   const int64_t items = L.tile_items();
   int64_t splits = items > 0 ? threads / items : 1;
   splits = splits < 1 ? 1 : (splits > N ? N : splits);
@@ -145,6 +150,7 @@ NNRNN_DEV void tile_product(const Env& env, const Layout& L, const acc_t* Ws, co
     const int k1 = static_cast<int>(static_cast<int64_t>(s + 1) * N / L.splits);
     const acc_t* a = As + r * lda;
     acc_t sum = acc_t(0);
+#pragma unroll 4
     for (int k = k0; k < k1; ++k) sum += a[k] * Ws[k * mc + c];
     P[i] = sum;
   }
@@ -160,14 +166,28 @@ NNRNN_DEV acc_t tile_dot(const Layout& L, const acc_t* P, int r, int c) {
 
 // One time step of a persistent kernel for this block's columns: for each tile
 // of rows, stage A (when `load` is non-null), multiply, then finish(t, b, j, dot).
+// The part of the grid a block owns: rows [row0, row1), columns [c0, c0 + ncols).
+struct BlockPart {
+  int64_t row0, row1, c0;
+  int ncols;
+};
+
+template <class Env>
+NNRNN_DEV BlockPart block_part(const Env& env, const Layout& L) {
+  const int cg = env.block() % L.col_groups, rg = env.block() / L.col_groups;
+  const int64_t c0 = L.col_begin(cg);
+  return {L.row_begin(rg), L.row_begin(rg + 1), c0, static_cast<int>(L.col_begin(cg + 1) - c0)};
+}
+
 template <class Env, typename acc_t, class Load, class Finish>
-NNRNN_DEV void persistent_step(const Env& env, const Layout& L, acc_t* Ws, int64_t c0, int ncols, bool zero_a,
+NNRNN_DEV void persistent_step(const Env& env, const Layout& L, acc_t* Ws, const BlockPart& part, bool zero_a,
                                const Load& load, const Finish& finish) {
   acc_t* As = Ws + L.w_elems();
   acc_t* P = As + L.a_elems();
-  const int N = static_cast<int>(L.N);
-  for (int64_t r0 = 0; r0 < L.B; r0 += L.rows_per_tile) {
-    const int rows = static_cast<int>(L.B - r0 < L.rows_per_tile ? L.B - r0 : L.rows_per_tile);
+  const int N = static_cast<int>(L.N), ncols = part.ncols;
+  const int64_t c0 = part.c0;
+  for (int64_t r0 = part.row0; r0 < part.row1; r0 += L.rows_per_tile) {
+    const int rows = static_cast<int>(part.row1 - r0 < L.rows_per_tile ? part.row1 - r0 : L.rows_per_tile);
     if (!zero_a) {
       for (int i = env.thread(); i < rows * N; i += env.threads()) {
         const int r = i / N, k = i - r * N;
@@ -208,13 +228,12 @@ struct PersistentForward {
   template <class Env>
   NNRNN_DEV void operator()(Env& env) const {
     const Layout& L = a.L;
-    const int64_t c0 = L.col_begin(env.block());
-    const int ncols = static_cast<int>(L.col_begin(env.block() + 1) - c0);
+    const BlockPart part = block_part(env, L);
     acc_t* Ws = env.template shared<acc_t>();
-    load_w_slice(env, L, a.W, /*transpose=*/false, Ws, c0, ncols);
+    load_w_slice(env, L, a.W, /*transpose=*/false, Ws, part.c0, part.ncols);
     for (int64_t t = 0; t < L.T; ++t) {
       persistent_step(
-          env, L, Ws, c0, ncols, a.zero_prev(t), [&](int64_t i) { return a.prev(t, i); },
+          env, L, Ws, part, a.zero_prev(t), [&](int64_t i) { return a.prev(t, i); },
           [&](int64_t b, int64_t j, acc_t dot) { a.finish(t, b, j, dot); });
       if (t + 1 < L.T) env.sync_grid();  // h_t complete before any block reads it
     }
@@ -229,18 +248,18 @@ struct PersistentBackward {
   template <class Env>
   NNRNN_DEV void operator()(Env& env) const {
     const Layout& L = a.L;
-    const int64_t c0 = L.col_begin(env.block());
-    const int ncols = static_cast<int>(L.col_begin(env.block() + 1) - c0);
+    const BlockPart part = block_part(env, L);
     acc_t* Ws = env.template shared<acc_t>();
-    load_w_slice(env, L, a.W, /*transpose=*/true, Ws, c0, ncols);
-    // Prologue: da_{T-1} of the block's columns, from grad_h_n.
-    for (int64_t item = env.thread(); item < L.B * ncols; item += env.threads())
-      a.finish(L.T, item / ncols, c0 + item % ncols, acc_t(0));
+    load_w_slice(env, L, a.W, /*transpose=*/true, Ws, part.c0, part.ncols);
+    // Prologue: da_{T-1} of the block's elements, from grad_h_n.
+    if (part.ncols > 0)
+      for (int64_t item = env.thread(); item < (part.row1 - part.row0) * part.ncols; item += env.threads())
+        a.finish(L.T, part.row0 + item / part.ncols, part.c0 + item % part.ncols, acc_t(0));
     for (int64_t t = L.T - 1; t >= 0; --t) {
       env.sync_grid();  // da_t complete before any block reads it
       const acc_t* da_t = a.da_of(t);
       persistent_step(
-          env, L, Ws, c0, ncols, /*zero_a=*/false, [&](int64_t i) { return da_t[i]; },
+          env, L, Ws, part, /*zero_a=*/false, [&](int64_t i) { return da_t[i]; },
           [&](int64_t b, int64_t j, acc_t dot) { a.finish(t, b, j, dot); });
     }
   }

@@ -28,8 +28,9 @@
 namespace nnrnn::kern {
 namespace {
 
-constexpr int kThreads = 256;         // per block of the persistent kernels
+constexpr int kThreads = 512;         // per block of the persistent kernels
 constexpr int kMaxRowsPerTile = 64;   // rows of A staged per tile
+constexpr int kMinRowsPerTile = 8;    // wanted beside W's slice (fewer: more block barriers per step)
 constexpr int kPointwiseThreads = 256;
 
 template <class Body>
@@ -54,13 +55,16 @@ bool fallback_forced() {
   return v != nullptr && *v != '\0' && std::string(v) != "0";
 }
 
-// The persistent layout for (N, B, dtype) on `device`, or the reason for the fallback.
 int device_attribute(cudaDeviceAttr attr, int device) {
   int value = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
   return value;
 }
 
+// The persistent layout for (N, B, dtype) on `device`, or the reason for the fallback.
+// One block per SM at most. The fewest column groups whose slice of W fits in
+// shared memory beside a tile of rows (L2 traffic per step is col_groups x B x N),
+// then as many row groups as the SMs allow (work per block shrinks with them).
 Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   Plan p;
   p.threads = kThreads;
@@ -70,18 +74,32 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   }
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int grid = static_cast<int>(std::min<int64_t>(sms, N));
-  const int64_t cols = (N + grid - 1) / grid;
   const int64_t budget = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int64_t fixed = (N * cols + kThreads) * acc, per_row = (N + 1 + cols) * acc;
-  if (fixed + per_row > budget) {
-    p.reason = "W does not fit on chip: a block's slice of W (" + std::to_string(N) + " x " +
-               std::to_string(cols) + ") and one row of h need " + std::to_string(fixed + per_row) +
-               " bytes of shared memory, the device allows " + std::to_string(budget);
+  auto bytes_for = [&](int64_t cols, int64_t rows) { return (N * cols + kThreads + rows * (N + 1 + cols)) * acc; };
+  int col_groups = 0, row_groups = 0;
+  for (int64_t c = 1; c <= std::min<int64_t>(N, sms); ++c) {
+    const int64_t r = std::min<int64_t>(B, sms / c);
+    const int64_t rows_wanted = std::min<int64_t>((B + r - 1) / r, kMinRowsPerTile);
+    if (bytes_for((N + c - 1) / c, rows_wanted) <= budget) {
+      col_groups = static_cast<int>(c);
+      row_groups = static_cast<int>(r);
+      break;
+    }
+  }
+  if (col_groups == 0) {
+    const int64_t cols = (N + sms - 1) / sms;
+    p.reason = "W does not fit on chip: with " + std::to_string(sms) + " blocks a block's slice of W (" +
+               std::to_string(N) + " x " + std::to_string(cols) + ") and a tile of rows need " +
+               std::to_string(bytes_for(cols, 1)) + " bytes of shared memory or more, the device allows " +
+               std::to_string(budget);
     return p;
   }
-  const int rows = static_cast<int>(std::min<int64_t>({B, kMaxRowsPerTile, (budget - fixed) / per_row}));
-  const int64_t bytes = shared_bytes(make_layout(1, B, N, grid, kThreads, rows), acc);
+  const int64_t cols = (N + col_groups - 1) / col_groups;
+  const int64_t rows_per_block = (B + row_groups - 1) / row_groups;
+  const int64_t fit = (budget - bytes_for(cols, 0)) / ((N + 1 + cols) * acc);
+  const int rows = static_cast<int>(std::min<int64_t>({rows_per_block, kMaxRowsPerTile, fit}));
+  const int grid = col_groups * row_groups;
+  const int64_t bytes = shared_bytes(make_layout(1, B, N, col_groups, row_groups, kThreads, rows), acc);
 
   // Every block of the grid must be resident at once (the grid barrier would
   // otherwise wait forever; the cooperative launch would refuse it).
@@ -105,7 +123,8 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
     return p;
   }
   p.persistent = true;
-  p.grid = grid;
+  p.col_groups = col_groups;
+  p.row_groups = row_groups;
   p.rows_per_tile = rows;
   return p;
 }
@@ -116,12 +135,11 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
     p.reason = "forced by NNRNN_CUDA_FORCE_FALLBACK";
     return p;
   }
-  // The plan depends on B only through the tile height; cache it (the occupancy
-  // queries cost microseconds).
+  // Cached: the occupancy queries cost microseconds.
   using Key = std::tuple<int, int64_t, int64_t, int>;
   static std::mutex mutex;
   static std::map<Key, Plan> cache;
-  const Key key{device, N, std::min<int64_t>(B, kMaxRowsPerTile), static_cast<int>(dtype)};
+  const Key key{device, N, B, static_cast<int>(dtype)};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) it = cache.emplace(key, compute_plan(N, B, dtype, device)).first;
@@ -153,7 +171,7 @@ struct CudaLauncher {
   template <class Body>
   void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
     void* args[] = {const_cast<Body*>(&body)};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>), dim3(L.grid),
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>), dim3(L.grid()),
                                                dim3(threads), args, bytes, stream));
   }
 
