@@ -9,11 +9,18 @@
 //       the CUDA kernels' source run on CPU tensors by a host emulation of the
 //       grid (cpu/emulated_cuda.cpp), with the given launch shape: a test of the
 //       kernels' logic on machines without a GPU.
+//   emulated_plan(N, B, dtype, sms, smem_bytes, threads) -> int[]
+//       the persistent layout that the CUDA side would choose on a device with
+//       that many SMs and that much shared memory per block, before its occupancy
+//       check: [col_groups, row_groups, rows_per_tile, shared_bytes], or [] when W
+//       does not fit (the fallback).
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "checks.h"
+#include "cuda/driver.h"
 #include "cuda/path.h"
 
 namespace nnrnn {
@@ -31,11 +38,25 @@ std::string cuda_path(int64_t N, int64_t B, c10::ScalarType dtype, c10::Device d
 #endif
 }
 
+std::vector<int64_t> emulated_plan(int64_t N, int64_t B, c10::ScalarType dtype, int64_t sms, int64_t smem_bytes,
+                                   int64_t threads) {
+  TORCH_CHECK_VALUE(N >= 1 && B >= 1 && sms >= 1 && smem_bytes >= 1 && threads >= 1,
+                    "emulated_plan: N, B, sms, smem_bytes and threads must be >= 1");
+  const int64_t acc = dtype == at::kDouble ? 8 : 4;
+  const kern::Plan p = kern::choose_persistent_plan(N, B, acc, static_cast<int>(sms), smem_bytes,
+                                                    static_cast<int>(threads));
+  if (!p.persistent) return {};
+  const auto L = kern::make_layout(1, B, N, p.col_groups, p.row_groups, p.threads, p.rows_per_tile);
+  return {p.col_groups, p.row_groups, p.rows_per_tile, kern::shared_bytes(L, acc)};
+}
+
 }  // namespace
 }  // namespace nnrnn
 
 TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
   m.def("cuda_path(int N, int B, ScalarType dtype, Device device) -> str", &nnrnn::cuda_path);
+  m.def("emulated_plan(int N, int B, ScalarType dtype, int sms, int smem_bytes, int threads) -> int[]",
+        &nnrnn::emulated_plan);
   m.def(
       "emulated_recurrence(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"
       " int col_groups, int row_groups, int threads, int rows_per_tile, bool persistent)"

@@ -159,3 +159,53 @@ def test_cuda_path_reports_a_string():
         nnrnn_fused.cuda_path(128, 10, torch.int32)
     with pytest.raises(ValueError, match="must be a CUDA device"):
         nnrnn_fused.cuda_path(128, 10, torch.float32, "cpu")
+
+
+# ------------------------------------------------------------------ the choice of layout
+
+H100 = dict(sms=132, smem_bytes=232448, threads=512)  # per-block shared memory limit (opt-in) of an H100
+
+
+def plan(N, B, dtype=torch.float32, sms=132, smem_bytes=232448, threads=512):
+    return list(torch.ops.nnrnn_fused.emulated_plan(N, B, dtype, sms, smem_bytes, threads))
+
+
+@pytest.mark.parametrize("N,B,dtype,expected", [
+    (128, 10, torch.float32, [1, 10, 1]),     # copy task: all of W in each block, a row per block
+    (512, 100, torch.float32, [5, 26, 4]),    # psMNIST
+    (1024, 128, torch.float32, [22, 6, 8]),   # PTB: the N = 1024 in float32 fits
+    (768, 16, torch.float16, [11, 12, 2]),    # float16 carries float32 W and state
+    (1024, 128, torch.float64, [54, 2, 8]),
+])
+def test_plan_on_an_h100(N, B, dtype, expected):
+    p = plan(N, B, dtype, **H100)
+    assert p[:3] == expected
+    assert p[3] <= H100["smem_bytes"]
+
+
+def test_plan_falls_back_when_w_does_not_fit():
+    assert plan(3000, 4, torch.float32, **H100) == []  # a block's 23 columns of W: 276 KB
+    assert plan(2000, 4, torch.float64, **H100) == []
+    assert plan(2048, 4, torch.float32, **H100) != []
+
+
+@pytest.mark.parametrize("N", [1, 5, 64, 300, 1000, 2500])
+@pytest.mark.parametrize("B", [1, 3, 64, 1000])
+def test_plan_invariants(N, B):
+    p = plan(N, B, torch.float32, **H100)
+    if not p:
+        return
+    col_groups, row_groups, rows, shared = p
+    assert 1 <= col_groups <= N and 1 <= row_groups <= B
+    assert col_groups * row_groups <= H100["sms"]  # one block per SM: co-residency is possible
+    assert 1 <= rows <= 64 and shared <= H100["smem_bytes"]
+
+
+@pytest.mark.parametrize("sms,smem_bytes", [(6, 1200), (4, 2500), (3, 1300), (8, 100000)])
+def test_planned_layouts_compute_the_reference(sms, smem_bytes):
+    # small simulated devices: the planned shapes (several column and row groups) run correctly
+    T, B, N = 4, 5, 12
+    p = plan(N, B, torch.float64, sms=sms, smem_bytes=smem_bytes, threads=16)
+    assert p, "expected W to fit"
+    col_groups, row_groups, rows, _ = p
+    check_against_reference(T, B, N, "tanh", True, True, (col_groups, row_groups, 16, rows, True))

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -27,6 +28,39 @@ struct Plan {
 };
 
 inline int64_t shared_bytes(const Layout& L, size_t acc_size) { return L.shared_elems() * static_cast<int64_t>(acc_size); }
+
+constexpr int kMaxRowsPerTile = 64;  // rows of A staged per tile
+constexpr int kMinRowsPerTile = 8;   // wanted beside W's slice (fewer: more block barriers per step)
+
+// The persistent layout on a device with `sms` multiprocessors and `budget` bytes
+// of shared memory per block (one block per SM at most), or persistent = false
+// and the reason. The fewest column groups whose slice of W fits beside a tile of
+// rows (each block reads its rows of A from L2 every step: col_groups x B x N in
+// all), then as many row groups as the SMs allow (less work per block). The CUDA
+// side then checks occupancy (recurrence_cuda.cu).
+inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
+  Plan p;
+  p.threads = threads;
+  auto bytes_for = [&](int64_t cols, int64_t rows) { return (N * cols + threads + rows * (N + 1 + cols)) * acc; };
+  for (int64_t c = 1; c <= std::min<int64_t>(N, sms); ++c) {
+    const int64_t r = std::max<int64_t>(1, std::min<int64_t>(B, sms / c));
+    const int64_t rows_per_block = (B + r - 1) / r;
+    const int64_t cols = (N + c - 1) / c;
+    if (bytes_for(cols, std::min<int64_t>(rows_per_block, kMinRowsPerTile)) > budget) continue;
+    const int64_t fit = (budget - bytes_for(cols, 0)) / ((N + 1 + cols) * acc);
+    p.persistent = true;
+    p.col_groups = static_cast<int>(c);
+    p.row_groups = static_cast<int>(r);
+    p.rows_per_tile = static_cast<int>(std::min<int64_t>({rows_per_block, kMaxRowsPerTile, fit}));
+    return p;
+  }
+  const int64_t cols = (N + sms - 1) / sms;
+  p.reason = "W does not fit on chip: with " + std::to_string(sms) + " blocks a block's slice of W (" +
+             std::to_string(N) + " x " + std::to_string(cols) + ") and a tile of rows need " +
+             std::to_string(bytes_for(cols, 1)) + " bytes of shared memory or more, the device allows " +
+             std::to_string(budget);
+  return p;
+}
 
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Tensor& x, const at::Tensor& W,

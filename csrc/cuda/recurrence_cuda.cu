@@ -28,9 +28,7 @@
 namespace nnrnn::kern {
 namespace {
 
-constexpr int kThreads = 512;         // per block of the persistent kernels
-constexpr int kMaxRowsPerTile = 64;   // rows of A staged per tile
-constexpr int kMinRowsPerTile = 8;    // wanted beside W's slice (fewer: more block barriers per step)
+constexpr int kThreads = 512;  // per block of the persistent kernels
 constexpr int kPointwiseThreads = 256;
 
 template <class Body>
@@ -61,45 +59,21 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
-// The persistent layout for (N, B, dtype) on `device`, or the reason for the fallback.
-// One block per SM at most. The fewest column groups whose slice of W fits in
-// shared memory beside a tile of rows (L2 traffic per step is col_groups x B x N),
-// then as many row groups as the SMs allow (work per block shrinks with them).
+// The persistent plan for (N, B, dtype) on `device`, or the reason for the fallback.
 Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
-  Plan p;
-  p.threads = kThreads;
   if (!device_attribute(cudaDevAttrCooperativeLaunch, device)) {
+    Plan p;
     p.reason = "the device does not support cooperative launches";
     return p;
   }
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const int64_t budget = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  auto bytes_for = [&](int64_t cols, int64_t rows) { return (N * cols + kThreads + rows * (N + 1 + cols)) * acc; };
-  int col_groups = 0, row_groups = 0;
-  for (int64_t c = 1; c <= std::min<int64_t>(N, sms); ++c) {
-    const int64_t r = std::min<int64_t>(B, sms / c);
-    const int64_t rows_wanted = std::min<int64_t>((B + r - 1) / r, kMinRowsPerTile);
-    if (bytes_for((N + c - 1) / c, rows_wanted) <= budget) {
-      col_groups = static_cast<int>(c);
-      row_groups = static_cast<int>(r);
-      break;
-    }
-  }
-  if (col_groups == 0) {
-    const int64_t cols = (N + sms - 1) / sms;
-    p.reason = "W does not fit on chip: with " + std::to_string(sms) + " blocks a block's slice of W (" +
-               std::to_string(N) + " x " + std::to_string(cols) + ") and a tile of rows need " +
-               std::to_string(bytes_for(cols, 1)) + " bytes of shared memory or more, the device allows " +
-               std::to_string(budget);
-    return p;
-  }
-  const int64_t cols = (N + col_groups - 1) / col_groups;
-  const int64_t rows_per_block = (B + row_groups - 1) / row_groups;
-  const int64_t fit = (budget - bytes_for(cols, 0)) / ((N + 1 + cols) * acc);
-  const int rows = static_cast<int>(std::min<int64_t>({rows_per_block, kMaxRowsPerTile, fit}));
-  const int grid = col_groups * row_groups;
-  const int64_t bytes = shared_bytes(make_layout(1, B, N, col_groups, row_groups, kThreads, rows), acc);
+  Plan p = choose_persistent_plan(N, B, acc, sms, budget, kThreads);
+  if (!p.persistent) return p;
+  const int grid = p.col_groups * p.row_groups;
+  const int64_t bytes =
+      shared_bytes(make_layout(1, B, N, p.col_groups, p.row_groups, kThreads, p.rows_per_tile), acc);
 
   // Every block of the grid must be resident at once (the grid barrier would
   // otherwise wait forever; the cooperative launch would refuse it).
@@ -117,15 +91,11 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
     }
   });
   if (static_cast<int64_t>(per_sm) * sms < grid) {
+    p.persistent = false;
     p.reason = "only " + std::to_string(per_sm) + " block(s) per SM x " + std::to_string(sms) +
                " SMs can be co-resident with " + std::to_string(bytes) + " bytes of shared memory, the grid needs " +
                std::to_string(grid);
-    return p;
   }
-  p.persistent = true;
-  p.col_groups = col_groups;
-  p.row_groups = row_groups;
-  p.rows_per_tile = rows;
   return p;
 }
 
