@@ -147,7 +147,9 @@ def report(out_dir: str) -> None:
     bench_rows = []
     if bench:
         for b in bench.get("benchmarks", []):
-            bench_rows.append({"name": b["fullname"], "median_ms": 1e3 * b["stats"]["median"]})
+            bench_rows.append({"name": b["fullname"], "group": b.get("group") or b["fullname"],
+                               "impl": b.get("extra_info", {}).get("impl", b["name"]),
+                               "median_ms": 1e3 * b["stats"]["median"]})
     results = {"env": env, "steps": steps, "tests": tests, "timings": timing, "benchmarks": bench_rows}
     json.dump(results, open(os.path.join(out_dir, "results.json"), "w"), indent=1)
 
@@ -173,9 +175,15 @@ def report(out_dir: str) -> None:
             else:
                 lines.append(f"| {r['case']} | {r['T']} | {r['B']} | {r['N']} | {r['dtype']} | {r['impl']} | "
                              f"{r['path']} | {r['fwd_us_per_step']:.2f} | {r['fwd_bwd_us_per_step']:.2f} |")
-    if bench_rows:
-        lines += ["", "| benchmark | median ms |", "| --- | --- |"]
-        lines += [f"| {b['name']} | {b['median_ms']:.3f} |" for b in bench_rows]
+    if bench_rows:  # one row per group (size, dtype, mode), one column per implementation
+        impls = list(dict.fromkeys(b["impl"] for b in bench_rows))
+        groups = {}
+        for b in bench_rows:
+            groups.setdefault(b["group"], {})[b["impl"]] = b["median_ms"]
+        lines += ["", f"Benchmark suites (median ms per call) on {env['card']}:", "",
+                  "| group | " + " | ".join(impls) + " |", "| --- |" + " --- |" * len(impls)]
+        for g, row in groups.items():
+            lines.append(f"| {g} | " + " | ".join(f"{row[i]:.3f}" if i in row else "" for i in impls) + " |")
     text = "\n".join(lines) + "\n"
     open(os.path.join(out_dir, "summary.md"), "w").write(text)
     print(text)

@@ -10,6 +10,7 @@
 #   PYTHON=python3          the interpreter
 #   MAX_JOBS, TORCH_CUDA_ARCH_LIST   build settings (default 16 and 9.0)
 #   GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_TIMINGS_S, GPU_CHECK_BENCH_S   time caps per phase
+#   GPU_CHECK_BENCH_ARGS    options of the benchmark suites (default: --grid targets)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_check_out}"
@@ -77,14 +78,15 @@ fi
 if [ "$has_gpu" != 1 ]; then
   note "benchmarks" "skipped (no GPU)"
 else
-  timeout "${GPU_CHECK_BENCH_S:-120}" "$PYTHON" -m pytest benchmarks/ --benchmark-only -k cuda -q -p no:cacheprovider \
-    --benchmark-json="$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
+  # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of options
+  timeout "${GPU_CHECK_BENCH_S:-150}" "$PYTHON" -m pytest benchmarks/ --benchmark-only -k cuda -q -p no:cacheprovider \
+    ${GPU_CHECK_BENCH_ARGS:---grid targets} --benchmark-json="$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
   rc=$?
   case $rc in
     0) note "benchmarks" "ok" ;;
     5) note "benchmarks" "none: no CUDA benchmarks in benchmarks/ yet" ;;
     4) note "benchmarks" "not run: pytest usage error (pytest-benchmark missing?); see benchmarks.log" ;;
-    124) note "benchmarks" "TIMED OUT after ${GPU_CHECK_BENCH_S:-120} s" ;;
+    124) note "benchmarks" "TIMED OUT after ${GPU_CHECK_BENCH_S:-150} s" ;;
     *) note "benchmarks" "FAILED (pytest exit $rc; see benchmarks.log)"; tail -5 "$OUT/benchmarks.log" ;;
   esac
 fi
