@@ -9,6 +9,7 @@
 #   NNRNN_SKIP_BUILD=1      use the extension already built in the source tree
 #   PYTHON=python3          the interpreter
 #   MAX_JOBS, TORCH_CUDA_ARCH_LIST   build settings (default 16 and 9.0)
+#   GPU_CHECK_TOTAL_S       deadline for the whole script (default 450 s): a phase gets at most what is left
 #   GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_TIMINGS_S, GPU_CHECK_BENCH_S   time caps per phase
 #   GPU_CHECK_BENCH_ARGS    options of the benchmark suites (default: --grid targets)
 set -uo pipefail
@@ -18,6 +19,13 @@ mkdir -p "$OUT"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 steps="$OUT/steps.json"
 echo "{}" > "$steps"
+deadline=$(( $(date +%s) + ${GPU_CHECK_TOTAL_S:-450} ))
+
+cap() {  # cap SECONDS: the phase's cap, or what is left before the deadline (keeping 20 s for the report)
+  local left=$(( deadline - $(date +%s) - 20 ))
+  [ "$left" -lt 5 ] && left=5
+  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
 
 note() {  # note STEP RESULT: record one line of the summary
   echo "== $1: $2"
@@ -41,7 +49,7 @@ if [ "${NNRNN_SKIP_BUILD:-0}" = 1 ]; then
 else
   start=$(date +%s)
   if MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-     timeout "${GPU_CHECK_BUILD_S:-240}" "$PYTHON" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+     timeout "$(cap "${GPU_CHECK_BUILD_S:-240}")" "$PYTHON" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
     note "build" "ok in $(( $(date +%s) - start )) s"
   else
     note "build" "FAILED after $(( $(date +%s) - start )) s (see build.log)"
@@ -52,19 +60,20 @@ note "extension" "$("$PYTHON" -c "import nnrnn_fused as n; s = n.status(); print
 
 # 2. GPU tests (on a CPU machine they are collected and skipped, which checks they import)
 start=$(date +%s)
-timeout "${GPU_CHECK_TESTS_S:-200}" "$PYTHON" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
+tests_cap=$(cap "${GPU_CHECK_TESTS_S:-270}")
+PYTHONUNBUFFERED=1 timeout "$tests_cap" "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 rc=$?
 tail -15 "$OUT/tests.log"
 case $rc in
   0) note "GPU tests" "passed in $(( $(date +%s) - start )) s$([ "$has_gpu" = 1 ] || echo ' (all skipped: no GPU)')" ;;
-  124) note "GPU tests" "TIMED OUT after ${GPU_CHECK_TESTS_S:-200} s" ;;
+  124) note "GPU tests" "TIMED OUT after $tests_cap s (a hang? see tests.log)" ;;
   *) note "GPU tests" "FAILED (pytest exit $rc; see tests.log)" ;;
 esac
 
 # 3. timings of the fused op and cuDNN
 if [ "$has_gpu" = 1 ]; then
-  if timeout "${GPU_CHECK_TIMINGS_S:-90}" "$PYTHON" benchmarks/gpu_check.py timings "$OUT/timings.json" > "$OUT/timings.log" 2>&1; then
+  if timeout "$(cap "${GPU_CHECK_TIMINGS_S:-90}")" "$PYTHON" benchmarks/gpu_check.py timings "$OUT/timings.json" > "$OUT/timings.log" 2>&1; then
     note "timings" "ok"
   else
     note "timings" "FAILED or timed out (see timings.log)"
@@ -79,14 +88,15 @@ if [ "$has_gpu" != 1 ]; then
   note "benchmarks" "skipped (no GPU)"
 else
   # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of options
-  timeout "${GPU_CHECK_BENCH_S:-150}" "$PYTHON" -m pytest benchmarks/ --benchmark-only -k cuda -q -p no:cacheprovider \
+  bench_cap=$(cap "${GPU_CHECK_BENCH_S:-150}")
+  timeout "$bench_cap" "$PYTHON" -m pytest benchmarks/ --benchmark-only -k cuda -q -p no:cacheprovider \
     ${GPU_CHECK_BENCH_ARGS:---grid targets} --benchmark-json="$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
   rc=$?
   case $rc in
     0) note "benchmarks" "ok" ;;
     5) note "benchmarks" "none: no CUDA benchmarks in benchmarks/ yet" ;;
     4) note "benchmarks" "not run: pytest usage error (pytest-benchmark missing?); see benchmarks.log" ;;
-    124) note "benchmarks" "TIMED OUT after ${GPU_CHECK_BENCH_S:-150} s" ;;
+    124) note "benchmarks" "TIMED OUT after $bench_cap s (partial results lost)" ;;
     *) note "benchmarks" "FAILED (pytest exit $rc; see benchmarks.log)"; tail -5 "$OUT/benchmarks.log" ;;
   esac
 fi
