@@ -150,7 +150,9 @@ NNRNN_DEV void tile_product(const Env& env, const Layout& L, const acc_t* Ws, co
     const int k1 = static_cast<int>(static_cast<int64_t>(s + 1) * N / L.splits);
     const acc_t* a = As + r * lda;
     acc_t sum = acc_t(0);
+#if defined(__CUDACC__)
 #pragma unroll 4
+#endif
     for (int k = k0; k < k1; ++k) sum += a[k] * Ws[k * mc + c];
     P[i] = sum;
   }
