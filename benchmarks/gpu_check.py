@@ -143,14 +143,14 @@ def report(out_dir: str) -> None:
     steps = load("steps.json") or {}
     tests = _junit_counts(os.path.join(out_dir, "tests.xml"))
     timing = load("timings.json") or {}
-    bench = load("benchmarks.json")
-    bench_rows = []
-    if bench:
-        for b in bench.get("benchmarks", []):
-            bench_rows.append({"name": b["fullname"], "group": b.get("group") or b["fullname"],
-                               "impl": b.get("extra_info", {}).get("impl", b["name"]),
-                               "median_ms": 1e3 * b["stats"]["median"]})
-    results = {"env": env, "steps": steps, "tests": tests, "timings": timing, "benchmarks": bench_rows}
+    bench_json = os.path.join(out_dir, "benchmarks.json")
+    speed, memory = {}, {}
+    if os.path.exists(bench_json):
+        from benchmarks import report as bench_report
+
+        _, speed, memory = bench_report.load(bench_json)
+    results = {"env": env, "steps": steps, "tests": tests, "timings": timing,
+               "benchmarks": "benchmarks.json" if speed or memory else None}
     json.dump(results, open(os.path.join(out_dir, "results.json"), "w"), indent=1)
 
     lines = [f"## GPU check: {env['card']}", "",
@@ -175,15 +175,12 @@ def report(out_dir: str) -> None:
             else:
                 lines.append(f"| {r['case']} | {r['T']} | {r['B']} | {r['N']} | {r['dtype']} | {r['impl']} | "
                              f"{r['path']} | {r['fwd_us_per_step']:.2f} | {r['fwd_bwd_us_per_step']:.2f} |")
-    if bench_rows:  # one row per group (size, dtype, mode), one column per implementation
-        impls = list(dict.fromkeys(b["impl"] for b in bench_rows))
-        groups = {}
-        for b in bench_rows:
-            groups.setdefault(b["group"], {})[b["impl"]] = b["median_ms"]
-        lines += ["", f"Benchmark suites (median ms per call) on {env['card']}:", "",
-                  "| group | " + " | ".join(impls) + " |", "| --- |" + " --- |" * len(impls)]
-        for g, row in groups.items():
-            lines.append(f"| {g} | " + " | ".join(f"{row[i]:.3f}" if i in row else "" for i in impls) + " |")
+    if speed:  # the benchmark suites' own report: µs per step and ratios, plus PNGs beside it
+        lines += ["", f"Benchmark suites on {env['card']} (median µs per timestep; ratios in the same run):", "",
+                  bench_report.speed_table(speed)]
+        bench_report.plot(speed, out_dir)
+    if memory:
+        lines += ["", "Memory of forward+backward:", "", bench_report.memory_table(memory)]
     text = "\n".join(lines) + "\n"
     open(os.path.join(out_dir, "summary.md"), "w").write(text)
     print(text)

@@ -31,3 +31,19 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     tests = results["tests"]
     assert tests["tests"] > 0 and tests["skipped"] == tests["tests"]  # collected, and skipped for want of a GPU
     assert "| GPU tests |" in summary
+
+
+def test_gpu_check_report_includes_benchmark_tables(tmp_path):
+    """The summary's benchmark part, fed with a quick CPU run of the suites (on a GPU
+    the same code reads the CUDA cases)."""
+    bench = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_speed.py", "--benchmark-only", "--grid",
+                            "quick", "-q", "-p", "no:cacheprovider", "-k", "N64",
+                            f"--benchmark-json={tmp_path / 'benchmarks.json'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stdout[-2000:]
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "report", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| cpu | float32 | fwdbwd | 64 | 10 | 50 |" in summary
+    assert (tmp_path / "speed_cpu_float32_fwd.png").exists()
