@@ -1,8 +1,8 @@
 """Helpers of benchmarks/gpu_check.sh.
 
-    python benchmarks/gpu_check.py timings OUT_JSON   per-step times of the fused op (both CUDA
+    python -m benchmarks.gpu_check timings OUT_JSON   per-step times of the fused op (both CUDA
                                                      paths) and of cuDNN's nn.RNN, CUDA events
-    python benchmarks/gpu_check.py report OUT_DIR     gathers what the script wrote under OUT_DIR
+    python -m benchmarks.gpu_check report OUT_DIR     gathers what the script wrote under OUT_DIR
                                                      into results.json and summary.md; prints the table
 
 Every figure names the card it was measured on; compare figures only within one run.

@@ -73,7 +73,7 @@ esac
 
 # 3. timings of the fused op and cuDNN
 if [ "$has_gpu" = 1 ]; then
-  if timeout "$(cap "${GPU_CHECK_TIMINGS_S:-90}")" "$PYTHON" benchmarks/gpu_check.py timings "$OUT/timings.json" > "$OUT/timings.log" 2>&1; then
+  if timeout "$(cap "${GPU_CHECK_TIMINGS_S:-90}")" "$PYTHON" -m benchmarks.gpu_check timings "$OUT/timings.json" > "$OUT/timings.log" 2>&1; then
     note "timings" "ok"
   else
     note "timings" "FAILED or timed out (see timings.log)"
@@ -102,4 +102,4 @@ else
 fi
 
 # 5. results.json and summary.md; the table last
-"$PYTHON" benchmarks/gpu_check.py report "$OUT"
+"$PYTHON" -m benchmarks.gpu_check report "$OUT"

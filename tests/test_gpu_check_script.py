@@ -41,7 +41,7 @@ def test_gpu_check_report_includes_benchmark_tables(tmp_path):
                             f"--benchmark-json={tmp_path / 'benchmarks.json'}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bench.returncode == 0, bench.stdout[-2000:]
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "report", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "report", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
