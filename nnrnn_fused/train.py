@@ -307,6 +307,17 @@ def gather(t, dim, world):
     return torch.cat(parts, dim)
 
 
+def halve_lr_on_plateau(optimizers, best_valid, valid_loss) -> bool:
+    """PTB schedule: halve every learning rate after an epoch whose validation loss
+    did not improve on the best so far. Returns whether it did."""
+    if best_valid is None or valid_loss < best_valid:
+        return False
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] /= 2
+    return True
+
+
 def eigenvalues(model):
     with torch.no_grad():
         W = model.recurrent_matrix()
@@ -370,6 +381,8 @@ def plot_curves(runs: dict, path: str, baseline: float | None = None, title: str
     if baseline is not None:
         axes[0].axhline(baseline, color="k", ls="--", lw=1, label=f"memoryless baseline {baseline:.4f}")
     axes[0].set(xlabel="step", ylabel="loss", title=title)
+    if all(v > 0 for line in axes[0].get_lines() for v in line.get_ydata()):
+        axes[0].set_yscale("log")
     axes[1].set(xlabel="step", ylabel="accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -423,7 +436,10 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
             json.dump(cfg, f, indent=1)
 
     torch.manual_seed(cfg["seed"])
-    data = DATA[cfg["task"]](cfg)
+    try:
+        data = DATA[cfg["task"]](cfg)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"nnrnn-train: {e}") from None
     model = build_model(cfg, data).to(device)
     main_opt, orth_opt = make_optimizers(
         model, lr=cfg["lr"], lr_orth=cfg["lr"] if cfg["model"] == "orthrnn" else cfg["lr_orth"],
@@ -519,10 +535,8 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
                 result = data.evaluate(model, "valid", device)
                 rows.append({"step": step, "epoch": epoch, "split": "valid", "lr": lr_now,
                              "elapsed_s": round(elapsed + time.perf_counter() - start, 3), **result})
-                if cfg["task"] == "ptb" and best_valid is not None and result["loss"] >= best_valid:
-                    for opt in optimizers:  # halve the learning rates after an epoch without improvement
-                        for group in opt.param_groups:
-                            group["lr"] /= 2
+                if cfg["task"] == "ptb":
+                    halve_lr_on_plateau(optimizers, best_valid, result["loss"])
                 best_valid = result["loss"] if best_valid is None else min(best_valid, result["loss"])
                 if progress is not None:
                     progress.write(f"epoch {epoch + 1}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))

@@ -17,6 +17,7 @@ import importlib
 import inspect
 import os
 import string
+import warnings
 
 import torch
 
@@ -80,14 +81,17 @@ def stdlib_docstrings(modules=STDLIB_MODULES) -> str:
         module = importlib.import_module(name)
         objects = [module]
         for attr, obj in sorted(vars(module).items()):
-            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
                 continue
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                objects.append(obj)
+            if obj.__module__ != name:
+                continue
+            objects.append(obj)
             if inspect.isclass(obj):
                 objects += [m for a, m in sorted(vars(obj).items()) if not a.startswith("_") and inspect.isfunction(m)]
         for obj in objects:
-            doc = inspect.getdoc(obj)
+            with warnings.catch_warnings():  # e.g. the deprecated typing.io namespace
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj)
             if doc:
                 docs.append(doc)
     return "".join(c if c in _PRINTABLE else "?" for c in "\n\n".join(docs))
