@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnrnn-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
-    p.add_argument("task", nargs="?", choices=TASKS, help="task (not needed with --resume)")
+    p.add_argument("task", nargs="?", choices=TASKS, default=None, help="task (not needed with --resume)")
     p.add_argument("--model", choices=MODELS, help="model (default nnrnn)")
     p.add_argument("--hidden", type=int, help="hidden size N")
     p.add_argument("--emb", type=int, help="embedding size (ptb)")
@@ -531,13 +531,15 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc_v:.3f}", refresh=False)
 
-            if spe and (step % spe == 0 or step == total_steps):
+            epoch_end = bool(spe) and step % spe == 0
+            if epoch_end or (spe and step == total_steps):
                 result = data.evaluate(model, "valid", device)
                 rows.append({"step": step, "epoch": epoch, "split": "valid", "lr": lr_now,
                              "elapsed_s": round(elapsed + time.perf_counter() - start, 3), **result})
-                if cfg["task"] == "ptb":
-                    halve_lr_on_plateau(optimizers, best_valid, result["loss"])
-                best_valid = result["loss"] if best_valid is None else min(best_valid, result["loss"])
+                if epoch_end:  # the schedule looks at whole epochs only
+                    if cfg["task"] == "ptb":
+                        halve_lr_on_plateau(optimizers, best_valid, result["loss"])
+                    best_valid = result["loss"] if best_valid is None else min(best_valid, result["loss"])
                 if progress is not None:
                     progress.write(f"epoch {epoch + 1}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
@@ -607,7 +609,7 @@ def report(summary) -> str:
 
 def main(argv=None) -> int:
     """The command line; writes its results under --out-dir (see the module docstring)."""
-    args = vars(build_parser().parse_args(argv))
+    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     resume = None
     if "resume" in args:
         resume = torch.load(args["resume"], map_location="cpu", weights_only=True)
