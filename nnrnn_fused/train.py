@@ -63,7 +63,7 @@ MODEL_PRESETS = {
 }
 MODEL_DEFAULTS = {"rnn": dict(nonlinearity="tanh", init="random"), "orthrnn": dict(init="random")}
 COMMON = dict(model="nnrnn", optimizer="rmsprop", betas=(0.9, 0.999), nonlinearity="modrelu", clip=0.0,
-              exact_spectrum=False, backend="fused", seed=0, threads=0, data_dir=None, out_dir=None,
+              exact_spectrum=False, backend="fused", dtype="float32", seed=0, threads=0, data_dir=None, out_dir=None,
               metrics_format="csv", progress=True, distributed=False, emb=None, bptt=None, T=None)
 RESUMABLE = {"steps", "epochs", "out_dir", "device", "threads", "checkpoint_every", "log_every", "progress",
              "metrics_format", "distributed"}
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonlinearity", choices=("modrelu", "tanh", "relu"))
     p.add_argument("--exact-spectrum", dest="exact_spectrum", action="store_true")
     p.add_argument("--backend", choices=("fused", "reference"))
+    p.add_argument("--dtype", choices=("float32", "float64"), help="parameters and inputs (default float32)")
     p.add_argument("--data-dir", dest="data_dir", help="MNIST IDX files (psmnist) or ptb.char.*.txt (ptb)")
     p.add_argument("--max-chars", dest="max_chars", type=int, help="cut the offline text corpus (ptb)")
     p.add_argument("--eval-batch", dest="eval_batch", type=int)
@@ -154,6 +155,10 @@ class Data:
 
     def evaluate(self, model, split, device):
         return {}
+
+    def prepare(self, x, device):
+        """Inputs on the device, floats in the model's dtype (cfg["dtype"])."""
+        return x.to(device, getattr(torch, self.cfg["dtype"])) if x.is_floating_point() else x.to(device)
 
 
 class CopyData(Data):
@@ -214,7 +219,8 @@ class MnistData(Data):
         X, y = self.splits[split]
         total = correct = 0.0
         for s in range(0, len(y), self.cfg["eval_batch"]):
-            xb, yb = tasks.as_sequence(X[s:s + self.cfg["eval_batch"]], self.perm).to(device), y[s:s + self.cfg["eval_batch"]].to(device)
+            stop = s + self.cfg["eval_batch"]
+            xb, yb = self.prepare(tasks.as_sequence(X[s:stop], self.perm), device), y[s:stop].to(device)
             logits, _ = model(xb)
             total += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
             correct += (logits.argmax(-1) == yb).sum().item()
@@ -386,7 +392,8 @@ def plot_curves(runs: dict, path: str, baseline: float | None = None, title: str
     axes[1].set(xlabel="step", ylabel="accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -416,12 +423,13 @@ def plot_eigenvalues(before, after, path: str, title: str = ""):
 
 def run(cfg: dict, resume: dict | None = None) -> dict:
     """Train with a resolved configuration (optionally from a checkpoint); returns the summary."""
-    rank, world = 0, 1
+    rank, world, own_group = 0, 1, False
     if cfg["distributed"]:
         import torch.distributed as dist
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") else "gloo"
             dist.init_process_group(backend)
+            own_group = True
         rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device(cfg)
     if cfg["threads"]:
@@ -440,7 +448,7 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
         data = DATA[cfg["task"]](cfg)
     except (OSError, ValueError) as e:
         raise SystemExit(f"nnrnn-train: {e}") from None
-    model = build_model(cfg, data).to(device)
+    model = build_model(cfg, data).to(device, getattr(torch, cfg["dtype"]))
     main_opt, orth_opt = make_optimizers(
         model, lr=cfg["lr"], lr_orth=cfg["lr"] if cfg["model"] == "orthrnn" else cfg["lr_orth"],
         t_decay=cfg["t_decay"], optimizer=cfg["optimizer"], alpha=cfg["alpha"], betas=cfg["betas"])
@@ -497,7 +505,7 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
             if data.carries_state and i == 0:
                 state = None
             x, y = data.train_batch(step)
-            x, y = shard(x, 1, rank, world).to(device), shard(y, y.dim() - 1, rank, world).to(device)
+            x, y = data.prepare(shard(x, 1, rank, world), device), data.prepare(shard(y, y.dim() - 1, rank, world), device)
             net.train()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -589,6 +597,8 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
             plot_eigenvalues(eig_before, eig_after, os.path.join(out_dir, "eigenvalues.png"), f"W of {label}")
         if not interrupted:
             print(report(summary), flush=True)
+    if own_group:
+        torch.distributed.destroy_process_group()
     return summary
 
 
@@ -599,7 +609,7 @@ def threading_main() -> bool:
 
 def report(summary) -> str:
     lines = [f"done: {summary['step']} steps in {summary['train_seconds']:.1f} s"]
-    if "baseline" in summary:
+    if "baseline" in summary and summary.get("final_train_loss") is not None:
         lines.append(f"final loss {summary['final_train_loss']:.4f} (mean of the last 10 logged steps "
                      f"{summary['final_train_loss_mean10']:.4f}); memoryless baseline {summary['baseline']:.4f}")
     if "test" in summary:
