@@ -35,10 +35,10 @@ TASKS = ("copy", "adding", "psmnist", "ptb")
 # SPEC section 3; "offline" replaces entries when no --data-dir is given (psmnist, ptb).
 PRESETS = {
     "copy": dict(hidden=128, batch=10, lr=5e-4, lr_orth=1e-6, alpha=0.99, delta=1e-4, t_decay=1e-6,
-                 init="henaff", input_init="xavier", T=200, steps=1500, device="cpu", log_every=1,
+                 init="henaff", input_init="xavier", T=200, steps=1500, device="cpu", threads=1, log_every=1,
                  checkpoint_every=500),
     "adding": dict(hidden=128, batch=50, lr=1e-3, lr_orth=1e-4, alpha=0.99, delta=1e-4, t_decay=1e-6,
-                   init="cayley", input_init="xavier", T=200, steps=2000, device="cpu", log_every=1,
+                   init="cayley", input_init="xavier", T=200, steps=2000, device="cpu", threads=1, log_every=1,
                    checkpoint_every=500),
     "psmnist": dict(hidden=512, batch=100, lr=1.5e-4, lr_orth=1.5e-5, alpha=0.99, delta=0.15, t_decay=1e-4,
                     init="cayley", input_init="xavier", epochs=100, device="auto", log_every=10,
