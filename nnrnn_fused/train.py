@@ -370,7 +370,7 @@ def plot_curves(runs: dict, path: str, baseline: float | None = None, title: str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, rows in runs.items():
+    for index, (label, rows) in enumerate(runs.items()):
         for split, style in (("train", "-"), ("valid", "o-"), ("test", "s")):
             sel = [r for r in rows if r["split"] == split and r["loss"] is not None]
             if not sel:
@@ -383,7 +383,7 @@ def plot_curves(runs: dict, path: str, baseline: float | None = None, title: str
                 if split == "train" and len(vals) > smooth:
                     k = smooth
                     vals = [sum(vals[max(0, i - k + 1):i + 1]) / len(vals[max(0, i - k + 1):i + 1]) for i in range(len(vals))]
-                ax.plot(steps, vals, style, label=f"{label} {split}", markersize=3)
+                ax.plot(steps, vals, style, color=f"C{index}", label=f"{label} {split}", markersize=3)
     if baseline is not None:
         axes[0].axhline(baseline, color="k", ls="--", lw=1, label=f"memoryless baseline {baseline:.4f}")
     axes[0].set(xlabel="step", ylabel="loss", title=title)
@@ -630,6 +630,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"nnrnn-train: --resume continues with the checkpoint's configuration; "
                              f"these options cannot change: {', '.join(changed) or 'task'} "
                              f"(allowed: {', '.join(sorted(RESUMABLE))})")
+        if "epochs" in args and not cfg["task"] in OFFLINE:
+            raise SystemExit(f"nnrnn-train: the {cfg['task']} task draws a fresh batch every step; give --steps")
         cfg.update({k: v for k, v in args.items() if k in RESUMABLE})
         if "steps" in args:
             cfg.pop("epochs", None)
