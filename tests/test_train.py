@@ -14,8 +14,7 @@ import torch
 from nnrnn_fused import count_free_parameters, train
 from nnrnn_fused.models import SequenceModel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_tasks import fake_mnist, write_ptb  # noqa: E402
+from test_tasks import fake_mnist, write_ptb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
