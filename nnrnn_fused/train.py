@@ -38,7 +38,7 @@ PRESETS = {
                  init="henaff", input_init="xavier", T=200, steps=1500, device="cpu", threads=1, log_every=1,
                  checkpoint_every=500),
     "adding": dict(hidden=128, batch=50, lr=1e-3, lr_orth=1e-4, alpha=0.99, delta=1e-4, t_decay=1e-6,
-                   init="cayley", input_init="xavier", T=200, steps=2000, device="cpu", threads=1, log_every=1,
+                   init="cayley", input_init="xavier", T=100, steps=3000, device="cpu", threads=1, log_every=1,
                    checkpoint_every=500),
     "psmnist": dict(hidden=512, batch=100, lr=1.5e-4, lr_orth=1.5e-5, alpha=0.99, delta=0.15, t_decay=1e-4,
                     init="cayley", input_init="xavier", epochs=100, device="auto", log_every=10,
@@ -541,6 +541,7 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
 
             epoch_end = bool(spe) and step % spe == 0
             if epoch_end or (spe and step == total_steps):
+                model.eval()
                 result = data.evaluate(model, "valid", device)
                 rows.append({"step": step, "epoch": epoch, "split": "valid", "lr": lr_now,
                              "elapsed_s": round(elapsed + time.perf_counter() - start, 3), **result})
@@ -576,6 +577,7 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
                "train_seconds": round(elapsed + time.perf_counter() - start, 2), "interrupted": bool(interrupted)}
     if not interrupted:
         if spe:
+            model.eval()
             summary["test"] = data.evaluate(model, "test", device)
             summary["valid"] = next((r for r in reversed(rows) if r["split"] == "valid"), None)
             rows.append({"step": step, "split": "test", "lr": main_opt.param_groups[0]["lr"], **summary["test"]})
