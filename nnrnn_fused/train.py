@@ -206,8 +206,9 @@ class MnistData(Data):
     def train_batch(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
         X, y = self.splits["train"]
-        order = torch.randperm(len(y), generator=self.generator("mnist", epoch))
-        idx = order[i * self.cfg["batch"]:(i + 1) * self.cfg["batch"]]
+        if getattr(self, "_order", (None,))[0] != epoch:  # this epoch's shuffle, from (seed, epoch) alone
+            self._order = (epoch, torch.randperm(len(y), generator=self.generator("mnist", epoch)))
+        idx = self._order[1][i * self.cfg["batch"]:(i + 1) * self.cfg["batch"]]
         return tasks.as_sequence(X[idx], self.perm), y[idx]
 
     @staticmethod

@@ -1,7 +1,6 @@
 """DistributedDataParallel: 2 CPU processes (gloo) each on half of the batch take
 the same step as one process on the whole batch."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,22 +16,19 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def config(out_dir, steps, model="nnrnn", **kw):
     args = {"task": "copy", "model": model, "T": 6, "hidden": 16, "batch": 8, "steps": steps, "lr": 1e-2,
             "lr_orth": 1e-3, "progress": False, "threads": 1, "dtype": "float64", "out_dir": str(out_dir), **kw}
     return train.resolve_config(args)
 
 
-def _worker(rank, world, port, cfg):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    train.run(cfg)
+def _worker(rank, world, store_file, cfg):
+    # A file rendezvous (no TCP port to race for); run() uses the group it finds.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+    try:
+        train.run(cfg)
+    finally:
+        dist.destroy_process_group()
 
 
 def final_model(out_dir):
@@ -54,7 +50,7 @@ def test_ddp_step_equals_single_process_step(tmp_path, model):
     zero = config(tmp_path / "zero", 0, model)  # the initial parameters, from the same seed
     train.run(zero)
     initial = final_model(tmp_path / "zero")
-    mp.spawn(_worker, args=(2, free_port(), config(tmp_path / "ddp", 1, model, distributed=True)), nprocs=2)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), config(tmp_path / "ddp", 1, model, distributed=True)), nprocs=2)
     ddp = torch.load(os.path.join(tmp_path / "ddp", "checkpoint.pt"), weights_only=True)
     assert ddp["step"] == 1
     assert any(not torch.equal(initial[k], start["model"][k]) for k in initial)  # the step moved something
