@@ -1,0 +1,180 @@
+"""The training command (nnrnn_fused.train): presets, end-to-end runs on tiny
+configurations, checkpoint/resume equality, Ctrl-C, data errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from nnrnn_fused import count_free_parameters, train
+from nnrnn_fused.models import SequenceModel
+
+from test_tasks import fake_mnist, write_ptb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY_COPY = ["copy", "--T", "6", "--hidden", "8", "--batch", "4", "--no-progress", "--lr", "1e-2"]
+
+
+def run_cli(args, out):
+    assert train.main(list(args) + ["--out-dir", str(out)]) == 0
+    with open(out / "summary.json") as f:
+        return json.load(f)
+
+
+def train_rows(out):
+    return [r for r in train.read_metrics(str(out / "metrics.csv")) if r["split"] == "train"]
+
+
+# ---------------------------------------------------------------- presets
+
+def test_copy_preset_is_the_paper_recipe():
+    cfg = train.resolve_config({"task": "copy"})
+    expected = dict(model="nnrnn", hidden=128, batch=10, lr=5e-4, lr_orth=1e-6, alpha=0.99, delta=1e-4,
+                    t_decay=1e-6, init="henaff", nonlinearity="modrelu", optimizer="rmsprop", T=200, steps=1500,
+                    device="cpu")
+    assert {k: cfg[k] for k in expected} == expected
+
+
+def test_presets_overridable_and_variants():
+    cfg = train.resolve_config({"task": "copy", "lr": 1e-3, "init": "cayley"})
+    assert cfg["lr"] == 1e-3 and cfg["init"] == "cayley" and cfg["lr_orth"] == 1e-6
+    ps = train.resolve_config({"task": "psmnist", "data_dir": "/data"})
+    assert (ps["hidden"], ps["batch"], ps["lr"], ps["lr_orth"], ps["delta"], ps["t_decay"], ps["init"]) == \
+        (512, 100, 1.5e-4, 1.5e-5, 0.15, 1e-4, "cayley")
+    ptb = train.resolve_config({"task": "ptb", "data_dir": "/data"})
+    assert (ptb["hidden"], ptb["emb"], ptb["batch"], ptb["lr"], ptb["lr_orth"], ptb["alpha"], ptb["delta"],
+            ptb["bptt"], ptb["input_init"]) == (1024, 200, 128, 8e-4, 8e-5, 0.9, 1.0, 150, "kaiming")
+    ptb300 = train.resolve_config({"task": "ptb", "data_dir": "/data", "bptt": 300})
+    assert (ptb300["lr_orth"], ptb300["delta"]) == (6e-5, 1e-4)
+    assert train.resolve_config({"task": "ptb", "data_dir": "/d", "bptt": 300, "delta": 0.5})["delta"] == 0.5
+    assert train.resolve_config({"task": "psmnist"})["hidden"] == 128  # offline digits
+    assert train.resolve_config({"task": "copy", "model": "rnn"})["nonlinearity"] == "tanh"
+    with pytest.raises(SystemExit, match="fresh batch"):
+        train.resolve_config({"task": "copy", "epochs": 3})
+
+
+def test_psmnist_sizes_match_the_paper_parameter_budget():
+    cfg = {m: train.resolve_config({"task": "psmnist", "data_dir": "/d", "model": m}) for m in train.MODELS}
+    counts = {m: count_free_parameters(SequenceModel(m, 1, c["hidden"], 10, readout="last", backend="reference"))
+              for m, c in cfg.items()}
+    assert counts["nnrnn"] == 268_298  # SPEC section 5
+    for m, n in counts.items():
+        assert abs(n - 268_298) / 268_298 < 0.02, (m, n)
+
+
+def test_halve_lr_on_plateau():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opts = [torch.optim.RMSprop([p], lr=1.0), torch.optim.RMSprop([p], lr=0.1)]
+    assert not train.halve_lr_on_plateau(opts, None, 3.0)
+    assert not train.halve_lr_on_plateau(opts, 3.0, 2.9)
+    assert train.halve_lr_on_plateau(opts, 2.9, 2.9)
+    assert [o.param_groups[0]["lr"] for o in opts] == [0.5, 0.05]
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_copy_end_to_end(tmp_path, capsys):
+    summary = run_cli(TINY_COPY + ["--steps", "5", "--checkpoint-every", "2"], tmp_path)
+    out = capsys.readouterr().out
+    assert "memoryless baseline 0.7998" in out  # 10 ln 8 / (6 + 20)
+    for name in ("curves.png", "eigenvalues.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    rows = train_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert summary["final_train_loss"] == pytest.approx(rows[-1]["loss"])
+    assert summary["baseline"] == pytest.approx(10 * np.log(8) / 26)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 5 and json.loads((tmp_path / "config.json").read_text())["T"] == 6
+
+
+def test_lstm_json_metrics(tmp_path):
+    run_cli(TINY_COPY + ["--model", "lstm", "--steps", "3", "--metrics-format", "json"], tmp_path)
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (tmp_path / "curves.png").exists() and not (tmp_path / "eigenvalues.png").exists()
+
+
+def test_loss_decreases_on_copy(tmp_path):
+    # Short T: any of the recurrent models learns part of the task in 60 steps.
+    run_cli(["copy", "--T", "3", "--hidden", "32", "--batch", "16", "--steps", "60", "--lr", "3e-3",
+             "--no-progress"], tmp_path)
+    rows = train_rows(tmp_path)
+    first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+    assert last < 0.5 * first
+
+
+@pytest.mark.parametrize("args", [
+    TINY_COPY,
+    ["adding", "--T", "8", "--hidden", "8", "--batch", "4", "--no-progress", "--model", "exprnn"],
+    ["psmnist", "--hidden", "8", "--batch", "400", "--no-progress", "--log-every", "1"],  # 2 steps per epoch: crosses epochs
+    ["ptb", "--hidden", "8", "--emb", "4", "--batch", "4", "--bptt", "20", "--max-chars", "20000",
+     "--no-progress", "--model", "lstm", "--log-every", "1"],  # carried state across chunks
+], ids=["copy", "adding", "psmnist-digits", "ptb-stdlib"])
+def test_resume_continues_exactly(tmp_path, args):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_cli(args + ["--steps", "5"], full)
+    run_cli(args + ["--steps", "3"], part)
+    assert train.main(["--resume", str(part / "checkpoint.pt"), "--steps", "5"]) == 0
+    a, b = train_rows(full), train_rows(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise the same trajectory
+    sa = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    sb = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_refuses_config_changes(tmp_path):
+    run_cli(TINY_COPY + ["--steps", "1"], tmp_path)
+    with pytest.raises(SystemExit, match="cannot change: lr"):
+        train.main(["--resume", str(tmp_path / "checkpoint.pt"), "--lr", "0.5"])
+
+
+def test_real_data_paths(tmp_path):
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    fake_mnist(mnist, n_train=10_004, n_test=7)
+    summary = run_cli(["psmnist", "--data-dir", str(mnist), "--hidden", "4", "--batch", "2", "--steps", "1",
+                       "--eval-batch", "5000", "--no-progress", "--model", "exprnn"], tmp_path / "ps")
+    assert 0 <= summary["test"]["accuracy"] <= 1 and summary["parameters"] == 4 * 3 // 2 + 4 + 4 + 50
+    ptb = tmp_path / "ptb"
+    ptb.mkdir()
+    text = " ".join("the_cat_sat_on_the_mat_") + "\n"
+    write_ptb(ptb, {"train": text * 30, "valid": text * 3, "test": text * 3})
+    summary = run_cli(["ptb", "--data-dir", str(ptb), "--hidden", "8", "--emb", "4", "--batch", "4", "--bptt",
+                       "10", "--epochs", "1", "--no-progress"], tmp_path / "ptb_run")
+    symbols = (len(text.split()) + 1) * 30  # characters and one end-of-line per line
+    assert summary["step"] == -(-(symbols // 4 - 1) // 10)  # one epoch of 10-step chunks over 4 columns
+    assert "bpc" in summary["test"]
+    rows = train.read_metrics(str(tmp_path / "ptb_run" / "metrics.csv"))
+    assert [r["split"] for r in rows if r["split"] != "train"] == ["valid", "test"]
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="ptb.char.train.txt"):
+        train.main(["ptb", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-progress"])
+    with pytest.raises(SystemExit, match="train-images-idx3-ubyte"):
+        train.main(["psmnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "nnrnn_fused.train"] + TINY_COPY + ["--steps", "1000000", "--out-dir", str(tmp_path),
+                                                                      "--checkpoint-every", "0", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    assert "nnrnn-train copy" in proc.stdout.readline()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "interrupted at step" in out
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    steps = [r["step"] for r in train_rows(tmp_path)]
+    assert ckpt["step"] >= 1 and steps == list(range(1, ckpt["step"] + 1))
+    assert train.main(["--resume", str(tmp_path / "checkpoint.pt"), "--steps", str(ckpt["step"] + 2)]) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 2
