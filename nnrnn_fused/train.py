@@ -601,6 +601,9 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
         if not interrupted:
             print(report(summary), flush=True)
     if own_group:
+        # All ranks leave together: a rank that tears its group down while rank 0 still
+        # writes its files was seen to abort in gloo's shutdown on a loaded machine.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
 
