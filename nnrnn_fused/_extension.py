@@ -36,12 +36,18 @@ LOADED, LOAD_ERROR, BUILD_INFO = _load()
 WITH_CUDA = bool(LOADED and BUILD_INFO.get("WITH_CUDA"))
 
 
-def require() -> None:
-    """Raise a RuntimeError that explains why the fused op is unavailable."""
+def require(device=None) -> None:
+    """Raise a RuntimeError that explains why the fused op is unavailable (on `device`)."""
     if not LOADED:
         raise RuntimeError(
             f"nnrnn_fused: the fused op is unavailable: {LOAD_ERROR}. "
             "The pure-PyTorch path can be asked for by name: backend='reference'."
+        )
+    if device is not None and torch.device(device).type == "cuda" and not WITH_CUDA:
+        raise RuntimeError(
+            "nnrnn_fused: CUDA tensors need the CUDA kernels, and this build has none (it was built without "
+            "nvcc/CUDA_HOME or with NNRNN_CUDA=0). Rebuild with CUDA_HOME set: NNRNN_CUDA=1 pip install "
+            "--no-build-isolation --force-reinstall --no-deps . ; or ask for backend='reference'."
         )
 
 

@@ -80,7 +80,7 @@ class NNRNN(nn.Module):
             raise ValueError(
                 f"NNRNN: recurrent='nnrnn' needs an even hidden_size (2x2 rotation blocks), got {hidden_size}")
         if backend == "fused":
-            _extension.require()
+            _extension.require(device)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.nonlinearity, self.batch_first, self.dropout = nonlinearity, batch_first, dropout
         self.recurrent, self.backend = recurrent, backend

@@ -31,7 +31,7 @@ def fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None):
     Returns:
         (output, h_n): every h_t, (T, B, N), and the final state, (B, N).
     """
-    _extension.require()
+    _extension.require(x.device if isinstance(x, torch.Tensor) else None)
     return torch.ops.nnrnn_fused.recurrence(x, W, b, h0, as_lengths(lengths), nonlinearity)
 
 

@@ -50,3 +50,14 @@ def test_missing_build_is_reported(monkeypatch):
         NNRNN(3, 4)
     out, _ = NNRNN(3, 4, backend="reference")(torch.randn(2, 1, 3))
     assert out.shape == (2, 1, 4)
+
+
+def test_cuda_tensors_without_cuda_kernels_are_refused_clearly(monkeypatch):
+    import pytest
+
+    from nnrnn_fused import _extension
+
+    monkeypatch.setattr(_extension, "WITH_CUDA", False)
+    with pytest.raises(RuntimeError, match="CUDA tensors need the CUDA kernels"):
+        _extension.require("cuda")
+    _extension.require("cpu")  # the CPU kernels are there
