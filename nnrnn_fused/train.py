@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import hashlib
 import json
 import math
@@ -600,10 +601,14 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
             plot_eigenvalues(eig_before, eig_after, os.path.join(out_dir, "eigenvalues.png"), f"W of {label}")
         if not interrupted:
             print(report(summary), flush=True)
-    if own_group:
-        # All ranks leave together: a rank that tears its group down while rank 0 still
-        # writes its files was seen to abort in gloo's shutdown on a loaded machine.
+    if cfg["distributed"]:
+        # Free DDP (its reducer holds the process group) while the interpreter is fully
+        # alive, and leave together: a gloo group still alive at interpreter exit was
+        # seen to abort the process (std::terminate) after training had finished.
+        net = None
+        gc.collect()
         torch.distributed.barrier()
+    if own_group:
         torch.distributed.destroy_process_group()
     return summary
 
