@@ -29,6 +29,17 @@ void for_rows(int64_t B, int64_t N, const F& body) {
   });
 }
 
+// Calls fn(std::integral_constant<Nonlinearity, f>{}): the time loops are compiled
+// once per nonlinearity, so the pointwise loops carry no switch and vectorize.
+template <typename Fn>
+void with_nonlinearity(Nonlinearity f, Fn&& fn) {
+  switch (f) {
+    case Nonlinearity::ModReLU: return fn(std::integral_constant<Nonlinearity, Nonlinearity::ModReLU>{});
+    case Nonlinearity::Tanh: return fn(std::integral_constant<Nonlinearity, Nonlinearity::Tanh>{});
+    case Nonlinearity::ReLU: return fn(std::integral_constant<Nonlinearity, Nonlinearity::ReLU>{});
+  }
+}
+
 // Per-sequence lengths as int64 on the CPU, or empty when all sequences run T steps.
 std::vector<int64_t> lengths_vector(const std::optional<at::Tensor>& lengths, int64_t T) {
   if (!lengths) return {};
@@ -81,17 +92,12 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   auto state = len.empty() ? at::Tensor() : (h0 ? h0c.clone() : at::zeros({B, N}, x.options()));
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nnrnn_recurrence_cpu", [&] {
-    auto run = [&](auto fc) {
+    with_nonlinearity(f, [&](auto fc) {
       forward_loop<scalar_t, decltype(fc)::value>(
           T, B, N, Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
           h0 ? h0c.data_ptr<scalar_t>() : nullptr, len, out.data_ptr<scalar_t>(),
           state.defined() ? state.data_ptr<scalar_t>() : nullptr);
-    };
-    switch (f) {
-      case Nonlinearity::ModReLU: run(std::integral_constant<Nonlinearity, Nonlinearity::ModReLU>{}); break;
-      case Nonlinearity::Tanh: run(std::integral_constant<Nonlinearity, Nonlinearity::Tanh>{}); break;
-      case Nonlinearity::ReLU: run(std::integral_constant<Nonlinearity, Nonlinearity::ReLU>{}); break;
-    }
+    });
   });
 
   at::Tensor h_n;
@@ -159,17 +165,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
   auto db_rows = at::zeros({B, N}, output.options().dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "nnrnn_recurrence_backward_cpu", [&] {
-    auto run = [&](auto fc) {
+    with_nonlinearity(f, [&](auto fc) {
       backward_loop<scalar_t, decltype(fc)::value>(
           T, B, N, Wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), len,
           g.data_ptr<scalar_t>(), g_next.defined() ? g_next.data_ptr<scalar_t>() : nullptr,
           dx.data_ptr<scalar_t>(), db_rows.data_ptr<double>());
-    };
-    switch (f) {
-      case Nonlinearity::ModReLU: run(std::integral_constant<Nonlinearity, Nonlinearity::ModReLU>{}); break;
-      case Nonlinearity::Tanh: run(std::integral_constant<Nonlinearity, Nonlinearity::Tanh>{}); break;
-      case Nonlinearity::ReLU: run(std::integral_constant<Nonlinearity, Nonlinearity::ReLU>{}); break;
-    }
+    });
   });
 
   // dW = sum_t h_{t-1}^T da_t as GEMMs over all steps: h_{t-1} is out[t-1] for
