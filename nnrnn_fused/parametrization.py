@@ -24,9 +24,44 @@ def skew(log_P: torch.Tensor) -> torch.Tensor:
     return upper - upper.transpose(-1, -2)
 
 
+class _SkewExpEigh(torch.autograd.Function):
+    """exp(A) for a real skew-symmetric A, and its gradient, from one eigendecomposition.
+
+    iA is Hermitian, so A = V diag(i w) V^H with V unitary and w real, and
+    exp(A) = V diag(e^{i w}) V^H. The gradient of a loss with dL/dP = G is the adjoint
+    Frechet derivative, exp's derivative at A^T = -A applied to G:
+        dL/dA = V [(V^H G V) * Phi] V^H,  Phi_jk = e^{-i (w_j + w_k) / 2} sinc((w_j - w_k) / 2)
+    (sinc(x) = sin(x) / x; continuous where eigenvalues coincide). Equal to what autograd
+    through torch.linalg.matrix_exp gives, at a fraction of its cost on the CPU, whose
+    backward is the exponential of a 2N x 2N matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, A):
+        complex_dtype = torch.complex128 if A.dtype == torch.float64 else torch.complex64
+        h, V = torch.linalg.eigh(1j * A.to(complex_dtype))  # iA = V diag(h) V^H, so w = -h
+        w = -h
+        ctx.save_for_backward(V, w)
+        return ((V * torch.exp(1j * w)) @ V.mH).real.to(A.dtype)
+
+    @staticmethod
+    def backward(ctx, G):
+        V, w = ctx.saved_tensors
+        phi = torch.exp(-0.5j * (w[:, None] + w[None, :])) * torch.sinc((w[:, None] - w[None, :]) / (2 * math.pi))
+        return (V @ ((V.mH @ G.to(V.dtype) @ V) * phi) @ V.mH).real.to(G.dtype)
+
+
 def orthogonal_from(log_P: torch.Tensor) -> torch.Tensor:
-    """P = matrix_exp(skew(log_P)): orthogonal with det +1."""
-    return torch.linalg.matrix_exp(skew(log_P))
+    """P = matrix_exp(skew(log_P)): orthogonal with det +1.
+
+    On the CPU (float32/float64) P and its gradient come from an eigendecomposition
+    (_SkewExpEigh: 2-4x faster there for N = 128-512); elsewhere from
+    torch.linalg.matrix_exp, whose backward is a few large GEMMs that GPUs run well.
+    """
+    A = skew(log_P)
+    if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64):
+        return _SkewExpEigh.apply(A)
+    return torch.linalg.matrix_exp(A)
 
 
 def block_rotations(thetas: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
