@@ -15,3 +15,13 @@ def test_usage_example_runs():
     assert namespace["out"].shape == (220, 32, 128)
     namespace["loss"].backward()  # the recipe's loss trains every parameter group
     assert namespace["layer"].layers[0].recurrent.log_P.grad is not None
+
+
+def test_demo_runs_and_says_which_backend(capsys):
+    from nnrnn_fused import demo
+
+    demo.main()
+    out = capsys.readouterr().out
+    assert "backend: fused on cpu" in out
+    diff = float(out.split("max |fused - reference| = ")[1].split()[0])
+    assert diff < 1e-3
