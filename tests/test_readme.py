@@ -22,6 +22,6 @@ def test_demo_runs_and_says_which_backend(capsys):
 
     demo.main()
     out = capsys.readouterr().out
-    assert "backend: fused on cpu" in out
+    assert "backend: fused on " in out
     diff = float(out.split("max |fused - reference| = ")[1].split()[0])
     assert diff < 1e-3
