@@ -11,7 +11,7 @@
 #   MAX_JOBS, TORCH_CUDA_ARCH_LIST   build settings (default 16 and 9.0)
 #   GPU_CHECK_TOTAL_S       deadline for the whole script (default 450 s): a phase gets at most what is left
 #   GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_TIMINGS_S, GPU_CHECK_BENCH_S   time caps per phase
-#   GPU_CHECK_BENCH_ARGS    options of the benchmark suites (default: --grid targets)
+#   GPU_CHECK_BENCH_ARGS    options of the benchmark suites (default: --grid gpu, the GPU-verification grid)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_check_out}"
@@ -90,7 +90,7 @@ else
   # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of options
   bench_cap=$(cap "${GPU_CHECK_BENCH_S:-150}")
   timeout "$bench_cap" "$PYTHON" -m pytest benchmarks/ --benchmark-only -k cuda -q -p no:cacheprovider \
-    ${GPU_CHECK_BENCH_ARGS:---grid targets} --benchmark-json="$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
+    ${GPU_CHECK_BENCH_ARGS:---grid gpu} --benchmark-json="$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
   rc=$?
   case $rc in
     0) note "benchmarks" "ok" ;;
