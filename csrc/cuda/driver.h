@@ -62,6 +62,17 @@ inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, i
   return p;
 }
 
+// One launch of a persistent kernel Body over `a`, laid out by the plan, with its
+// grid barrier's counter zeroed (stream-ordered, like everything else here).
+template <class Body, class Launcher, class Args>
+void launch_persistent(Launcher& launcher, Args& a, const Plan& plan, size_t acc_size,
+                       const at::TensorOptions& options) {
+  a.L = make_layout(a.L.T, a.L.B, a.L.N, plan.col_groups, plan.row_groups, plan.threads, plan.rows_per_tile);
+  auto counter = at::zeros({1}, options.dtype(at::kLong));
+  Body body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
+  launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, acc_size));
+}
+
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Tensor& x, const at::Tensor& W,
                                                const std::optional<at::Tensor>& b,
@@ -94,10 +105,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                    Layout{T, B, N, 1, 1, 0, 0, 1},
                                    f};
     if (plan.persistent) {
-      a.L = make_layout(T, B, N, plan.col_groups, plan.row_groups, plan.threads, plan.rows_per_tile);
-      auto counter = at::zeros({1}, x.options().dtype(at::kLong));
-      PersistentForward<scalar_t, acc_t> body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
-      launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, sizeof(acc_t)));
+      launch_persistent<PersistentForward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), x.options());
     } else {
       // A GEMM per step into `dots`, then the pointwise finish.
       auto W_acc = Wc.to(acc.dtype());
@@ -153,10 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
                                     Layout{T, B, N, 1, 1, 0, 0, 1},
                                     f};
     if (plan.persistent) {
-      a.L = make_layout(T, B, N, plan.col_groups, plan.row_groups, plan.threads, plan.rows_per_tile);
-      auto counter = at::zeros({1}, output.options().dtype(at::kLong));
-      PersistentBackward<scalar_t, acc_t> body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
-      launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, sizeof(acc_t)));
+      launch_persistent<PersistentBackward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), output.options());
     } else {
       using Step = PointwiseStep<BackwardArgs<scalar_t, acc_t>, acc_t>;
       auto W_acc = Wc.to(acc.dtype());
