@@ -1,6 +1,6 @@
 // Host emulation of a CUDA grid, for testing the kernel bodies of
 // ../cuda/kernels.h without a GPU: every thread of every block is a host thread,
-// the block barrier and the grid barrier are real barriers (std::barrier), and
+// the block barrier and the grid barrier are real barriers (HostBarrier), and
 // each block has its own shared memory, filled with NaN bytes at the start so
 // that a read of shared memory that no thread wrote shows in the results.
 //
@@ -10,9 +10,10 @@
 // the GPU memory model (here every barrier is a full fence), timing.
 #pragma once
 
-#include <barrier>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -20,17 +21,45 @@
 
 namespace nnrnn::kern {
 
+// A reusable barrier for a fixed number of threads. C++17 on purpose (no
+// std::barrier): the extension is built with the C++ standard of the user's torch,
+// and torch 2.11's builder says -std=c++17. Each round has its own generation
+// number, so a thread that leaves early cannot pass the next round's wait.
+class HostBarrier {
+ public:
+  explicit HostBarrier(std::ptrdiff_t count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned long long generation = generation_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++generation_;
+      lock.unlock();
+      all_arrived_.notify_all();
+      return;
+    }
+    all_arrived_.wait(lock, [&] { return generation_ != generation; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  const std::ptrdiff_t count_;
+  std::ptrdiff_t arrived_ = 0;
+  unsigned long long generation_ = 0;
+};
+
 struct HostGrid {
   HostGrid(int grid, int threads, size_t shared_bytes)
       : grid_size(grid), block_size(threads), grid_barrier(static_cast<std::ptrdiff_t>(grid) * threads) {
     for (int b = 0; b < grid; ++b) {
-      block_barriers.push_back(std::make_unique<std::barrier<>>(threads));
+      block_barriers.push_back(std::make_unique<HostBarrier>(threads));
       shared.emplace_back(shared_bytes, static_cast<unsigned char>(0xFF));  // NaN in float and double
     }
   }
   int grid_size, block_size;
-  std::barrier<> grid_barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> block_barriers;
+  HostBarrier grid_barrier;
+  std::vector<std::unique_ptr<HostBarrier>> block_barriers;
   std::vector<std::vector<unsigned char>> shared;
 };
 
