@@ -26,6 +26,24 @@ DOUBLE_BACKWARD_MESSAGE = (
     "the reference loop supports it: nnrnn_fused.reference.nnrnn_recurrence or NNRNN(..., backend='reference')")
 
 
+ONNX_MESSAGE = (
+    "nnrnn_fused: ONNX export is not supported (ONNX has no operator for the fused recurrence, nor the "
+    "eigendecomposition that P = exp(A) needs); export with torch.export.export(model, args) instead, which keeps "
+    "the op and saves with torch.export.save.")
+
+
+try:  # the ONNX exporter's own flag (torch 2.11 to 2.14): torch.onnx.export(dynamo=True) also captures the
+    # model with dynamo, which folds torch.onnx.is_in_onnx_export() to False
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:
+    _onnx_flags = None
+
+
+def refuse_onnx_export() -> None:
+    if torch.onnx.is_in_onnx_export() or getattr(_onnx_flags, "_is_onnx_exporting", False):
+        raise RuntimeError(ONNX_MESSAGE)
+
+
 def fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None):
     """Run the nnRNN recurrence over all timesteps in one fused call.
 
@@ -43,6 +61,7 @@ def fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None):
     Returns:
         (output, h_n): every h_t, (T, B, N), and the final state, (B, N).
     """
+    refuse_onnx_export()
     _extension.require(x.device if isinstance(x, torch.Tensor) else None)
     args = (x, W, b, h0, as_lengths(lengths), nonlinearity)
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():

@@ -39,21 +39,31 @@ class _SkewExpEigh(torch.autograd.Function):
     float16/bfloat16 are computed in float32 (complex64); float64 in complex128.
     """
 
+    # forward and setup_context apart (the form torch.func transforms need): the
+    # eigenvectors and eigenvalues go to the backward as extra, non-differentiable outputs
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, A):
+    def forward(A):
         complex_dtype = torch.complex128 if A.dtype == torch.float64 else torch.complex64
         h, V = torch.linalg.eigh(1j * A.to(complex_dtype))  # iA = V diag(h) V^H, so w = -h
         w = -h
-        ctx.save_for_backward(V, w)
         # copy=True: the output must be a new tensor. torch 2.11's torch.compile gives an
         # autograd.Function whose output is a same-dtype .to() (which returns its input)
         # zero gradients (docs/torch_versions.md has the three-line reproduction).
-        return ((V * torch.exp(1j * w)) @ V.mH).real.to(A.dtype, copy=True)
+        return ((V * torch.exp(1j * w)) @ V.mH).real.to(A.dtype, copy=True), V, w
 
     @staticmethod
-    def backward(ctx, G):
+    def setup_context(ctx, inputs, output):
+        _, V, w = output
+        ctx.mark_non_differentiable(V, w)
+        ctx.save_for_backward(V, w)
+
+    @staticmethod
+    def backward(ctx, G, _grad_V, _grad_w):
         V, w = ctx.saved_tensors
-        phi = torch.exp(-0.5j * (w[:, None] + w[None, :])) * torch.sinc((w[:, None] - w[None, :]) / (2 * math.pi))
+        phi = torch.exp(-0.5j * (w[..., :, None] + w[..., None, :])) * torch.sinc(
+            (w[..., :, None] - w[..., None, :]) / (2 * math.pi))
         return (V @ ((V.mH @ G.to(V.dtype) @ V) * phi) @ V.mH).real.to(G.dtype, copy=True)
 
 
@@ -64,7 +74,7 @@ def orthogonal_from(log_P: torch.Tensor) -> torch.Tensor:
     (_SkewExpEigh), accurate in float32 and 2-4x faster than torch.linalg.matrix_exp on
     the CPU for N = 128-512.
     """
-    return _SkewExpEigh.apply(skew(log_P))
+    return _SkewExpEigh.apply(skew(log_P))[0]
 
 
 def block_rotations(thetas: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
