@@ -11,6 +11,8 @@ As in torch's own autocast ops, float64 tensors are never cast, and a float64 x 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -28,6 +30,11 @@ def autocast_active(x) -> bool:
             and torch.is_autocast_enabled(x.device.type))
 
 
+def without_autocast(x):
+    """A context with autocast off on x's device (nothing to do where it is off)."""
+    return torch.autocast(x.device.type, enabled=False) if autocast_active(x) else contextlib.nullcontext()
+
+
 def _cast(t, device_type, dtype):
     eligible = (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
                 and t.dtype != torch.float64)
@@ -43,6 +50,6 @@ def under_autocast_policy(recurrence, x, W, b, h0, *rest):
     if x.dtype == torch.float64:
         output_dtype = torch.float64
     x, W, b, h0 = (_cast(t, x.device.type, compute) for t in (x, W, b, h0))
-    with torch.autocast(x.device.type, enabled=False):
+    with without_autocast(x):
         output, h_n = recurrence(x, W, b, h0, *rest)
     return output.to(output_dtype), h_n.to(output_dtype)

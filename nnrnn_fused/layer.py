@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import _extension
-from ._amp import autocast_active
+from ._amp import autocast_active, without_autocast
 from ._checks import NONLINEARITIES, as_lengths
 from .ops import fused_nnrnn, refuse_onnx_export
 from .parametrization import INITS, DenseRecurrence, OrthogonalRecurrence, SchurRecurrence
@@ -40,6 +40,12 @@ class RecurrentLayer(nn.Module):
             self.recurrent = RECURRENT[recurrent](hidden_size, init, generator, **kw)
         self.b = nn.Parameter(torch.empty(hidden_size, **kw)) if bias else None
         self._init_bias()
+
+    def recurrent_matrix(self) -> torch.Tensor:
+        """W in the parameters' dtype, under autocast too: P stays exactly orthogonal, and the
+        op casts W once."""
+        with without_autocast(self.U.weight):
+            return self.recurrent()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         self._init_input_map()
@@ -147,7 +153,7 @@ class NNRNN(nn.Module):
 
     def recurrent_matrix(self, layer: int = 0, reverse: bool = False) -> torch.Tensor:
         """W of one layer and direction as the op consumes it (row convention: z = x + h @ W)."""
-        return self._directions(layer)[int(reverse)].recurrent()
+        return self._directions(layer)[int(reverse)].recurrent_matrix()
 
     def _directions(self, i):
         return (self.layers[i], self.layers_reverse[i]) if self.bidirectional else (self.layers[i],)
@@ -194,7 +200,7 @@ class NNRNN(nn.Module):
         recurrence over each sequence reversed within its length."""
         if reverse:
             x = reverse_padded(x, lengths)
-        out, h_n = BACKENDS[self.backend](layer.U(x), layer.recurrent(), layer.b, h0,
+        out, h_n = BACKENDS[self.backend](layer.U(x), layer.recurrent_matrix(), layer.b, h0,
                                           nonlinearity=self.nonlinearity, lengths=lengths)
         return (reverse_padded(out, lengths) if reverse else out), h_n
 

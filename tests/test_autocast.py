@@ -49,6 +49,7 @@ def test_layer_under_cpu_autocast(dtype):
     x, h0 = torch.randn(7, 3, 5), torch.randn(1, 3, 8)
     with torch.autocast("cpu", dtype=dtype):
         out, h_n = layer(x, h0)
+        assert layer.recurrent_matrix().dtype == torch.float32  # built outside autocast: P stays orthogonal
     assert out.dtype == h_n.dtype == dtype
     l0 = layer.layers[0]
     projected = torch.nn.functional.linear(x.to(dtype), l0.U.weight.to(dtype))
