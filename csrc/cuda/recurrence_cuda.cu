@@ -32,14 +32,14 @@ constexpr int kThreads = 512;  // per block of the persistent kernels
 constexpr int kPointwiseThreads = 256;
 
 template <class Body>
-__global__ void __launch_bounds__(kThreads) persistent_kernel(Body body) {
-  DeviceEnv env(body.barrier);
+__global__ void __launch_bounds__(kThreads) persistent_kernel(Body body, unsigned long long watchdog) {
+  DeviceEnv env(body.barrier, watchdog);
   body(env);
 }
 
 template <class Body>
 __global__ void pointwise_kernel(Body body) {
-  DeviceEnv env(nullptr);
+  DeviceEnv env(nullptr, 0);
   body(env);
 }
 
@@ -51,6 +51,18 @@ using Backward = PersistentBackward<scalar_t, at::opmath_type<scalar_t>>;
 bool fallback_forced() {
   const char* v = std::getenv("NNRNN_CUDA_FORCE_FALLBACK");
   return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+// NNRNN_CUDA_WATCHDOG_MS: the grid barrier's deadlock watchdog (kernel_env.h), in
+// milliseconds; unset or 0: off. Read at every launch, so tests can set it.
+unsigned long long watchdog_ns() {
+  const char* v = std::getenv("NNRNN_CUDA_WATCHDOG_MS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const double ms = std::strtod(v, &end);
+  TORCH_CHECK_VALUE(*end == '\0' && ms >= 0 && ms < 1e9,
+                    "NNRNN_CUDA_WATCHDOG_MS must be a number of milliseconds >= 0 (0: off), got '", v, "'");
+  return ms > 0 ? std::max(1ull, static_cast<unsigned long long>(ms * 1e6)) : 0;
 }
 
 int device_attribute(cudaDeviceAttr attr, int device) {
@@ -140,7 +152,8 @@ struct CudaLauncher {
 
   template <class Body>
   void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
-    void* args[] = {const_cast<Body*>(&body)};
+    unsigned long long watchdog = watchdog_ns();
+    void* args[] = {const_cast<Body*>(&body), &watchdog};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>), dim3(L.grid()),
                                                dim3(threads), args, bytes, stream));
   }
