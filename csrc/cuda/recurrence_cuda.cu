@@ -111,6 +111,17 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   return p;
 }
 
+struct PlanCache {
+  using Key = std::tuple<int, int64_t, int64_t, int>;  // device, N, B, dtype
+  std::mutex mutex;
+  std::map<Key, Plan> plans;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache cache;
+  return cache;
+}
+
 Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   if (fallback_forced()) {
     Plan p;
@@ -118,19 +129,27 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
     return p;
   }
   // Cached: the occupancy queries cost microseconds.
-  using Key = std::tuple<int, int64_t, int64_t, int>;
-  static std::mutex mutex;
-  static std::map<Key, Plan> cache;
-  const Key key{device, N, B, static_cast<int>(dtype)};
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, compute_plan(N, B, dtype, device)).first;
+  PlanCache& c = plan_cache();
+  const PlanCache::Key key{device, N, B, static_cast<int>(dtype)};
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto it = c.plans.find(key);
+  if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device)).first;
   return it->second;
+}
+
+// After the device refused a shape's cooperative launch: the fallback from now on.
+void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, const std::string& why) {
+  Plan p;
+  p.reason = "the device refused the cooperative launch (" + why + ")";
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype)}] = p;
 }
 
 struct CudaLauncher {
   c10::DeviceIndex device;
   cudaStream_t stream;
+  at::ScalarType dtype;
 
   Plan plan(int64_t B, int64_t N, at::ScalarType dtype) const { return cuda_plan(N, B, dtype, device); }
 
@@ -151,11 +170,21 @@ struct CudaLauncher {
   }
 
   template <class Body>
-  void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+  std::string persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
     unsigned long long watchdog = watchdog_ns();
     void* args[] = {const_cast<Body*>(&body), &watchdog};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>), dim3(L.grid()),
-                                               dim3(threads), args, bytes, stream));
+    const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>),
+                                                        dim3(L.grid()), dim3(threads), args, bytes, stream);
+    // Too many blocks to be co-resident now (MPS, SMs held by others), or no
+    // cooperative launch here: the caller takes the fallback. Other errors raise.
+    if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
+      (void)cudaGetLastError();  // not a sticky error: clear it for the next launch
+      const std::string why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+      record_refusal(L.N, L.B, dtype, device, why);
+      return why;
+    }
+    C10_CUDA_CHECK(err);
+    return "";
   }
 
   template <class Body>
@@ -168,7 +197,7 @@ struct CudaLauncher {
 
 CudaLauncher launcher_for(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), "fused_nnrnn: the CUDA kernel got a tensor on ", x.device());
-  return {x.device().index(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream()};
+  return {x.device().index(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), x.scalar_type()};
 }
 
 std::tuple<at::Tensor, at::Tensor> recurrence_cuda(const at::Tensor& x, const at::Tensor& W,
