@@ -124,6 +124,12 @@ class _FunctorchRecurrence(torch.autograd.Function):
     def backward(ctx, grad_output, grad_h_n):
         return _gradients(ctx, grad_output, grad_h_n, _BackwardOnce.apply)
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError("fused_nnrnn: forward-mode differentiation (torch.func.jvp, jacfwd) is not supported; "
+                           "reverse mode (grad, vjp, jacrev) is, and the reference loop supports both: "
+                           "nnrnn_fused.reference.nnrnn_recurrence or NNRNN(..., backend='reference')")
+
 
 class _BackwardOnce(torch.autograd.Function):
     """The backward op: may be recorded in a graph, not differentiated."""

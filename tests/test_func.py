@@ -2,7 +2,7 @@
 gradients, of the op and of the layer, against the reference loop (float64)."""
 import pytest
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from helpers import stable_W
 from nnrnn_fused import NNRNN, fused_nnrnn
@@ -95,6 +95,14 @@ def test_per_sample_gradients_of_the_layer():
         (out.square().sum() + h_n.sum()).backward()
         for name, p in ref.named_parameters():
             torch.testing.assert_close(per_sample[name][v], p.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_jacrev_and_forward_mode():
+    x, W = f64(3, 2, 3), stable_W(3, torch.float64)
+    jac = jacrev(lambda W: fused_nnrnn(x, W, nonlinearity="tanh")[0])(W)  # vmap over the backward's gradients
+    torch.testing.assert_close(jac, jacrev(lambda W: nnrnn_recurrence(x, W, nonlinearity="tanh")[0])(W))
+    with pytest.raises(RuntimeError, match="forward-mode differentiation .* is not supported"):
+        jvp(lambda W: fused_nnrnn(x, W)[1], (W,), (torch.ones_like(W),))
 
 
 def test_double_grad_is_refused_clearly():
