@@ -40,7 +40,10 @@ except ImportError:
 
 
 def refuse_onnx_export() -> None:
-    if torch.onnx.is_in_onnx_export() or getattr(_onnx_flags, "_is_onnx_exporting", False):
+    # ONNX export traces (with torch.jit.trace, torch.export or dynamo): that cheap test comes
+    # first, since torch.onnx.is_in_onnx_export() costs microseconds at every call
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if tracing and (torch.onnx.is_in_onnx_export() or getattr(_onnx_flags, "_is_onnx_exporting", False)):
         raise RuntimeError(ONNX_MESSAGE)
 
 

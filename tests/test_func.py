@@ -97,6 +97,7 @@ def test_per_sample_gradients_of_the_layer():
             torch.testing.assert_close(per_sample[name][v], p.grad, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's jvp machinery
 def test_jacrev_and_forward_mode():
     x, W = f64(3, 2, 3), stable_W(3, torch.float64)
     jac = jacrev(lambda W: fused_nnrnn(x, W, nonlinearity="tanh")[0])(W)  # vmap over the backward's gradients
