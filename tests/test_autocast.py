@@ -99,7 +99,7 @@ def test_mixed_dtypes_outside_autocast_are_refused():
 
 def test_compile_under_cpu_autocast():
     torch._dynamo.reset()
-    layer = NNRNN(5, 8, num_layers=2)
+    layer = NNRNN(5, 8)
     x = torch.randn(6, 3, 5)
 
     def loss_fn(x):
