@@ -57,7 +57,10 @@ def test_presets_overridable_and_variants():
     offline = train.resolve_config({"task": "psmnist"})  # the 5,000 real digits: the paper's model and recipe
     assert (offline["dataset"], offline["hidden"], offline["lr"], offline["readout_init"]) == \
         ("mnist5k", 512, 1.5e-4, "default")
-    assert train.resolve_config({"task": "psmnist", "model": "exprnn"})["hidden"] == 722
+    exprnn, lstm = (train.resolve_config({"task": "psmnist", "model": m}) for m in ("exprnn", "lstm"))
+    assert (exprnn["hidden"], exprnn["lr"], exprnn["lr_orth"]) == (722, 5e-4, 5e-5)  # the authors' settings
+    assert (lstm["hidden"], lstm["lr"], lstm["alpha"]) == (256, 5e-4, 0.9)
+    assert train.resolve_config({"task": "adding", "model": "lstm"})["hidden"] == 63
     digits = train.resolve_config({"task": "psmnist", "dataset": "digits8x8", "model": "lstm"})
     assert (digits["hidden"], digits["lr"], digits["readout_init"]) == (64, 1e-3, "xavier")
     assert ptb["readout_init"] == "uniform"
@@ -77,6 +80,20 @@ def test_psmnist_sizes_match_the_paper_parameter_budget():
     assert counts["nnrnn"] == 268_298  # SPEC section 5
     for m, n in counts.items():
         assert abs(n - 268_298) / 268_298 < 0.02, (m, n)
+
+
+def test_readout_inits_are_the_authors():
+    torch.manual_seed(0)
+    ptb = SequenceModel("lstm", 32, 64, 200, vocab_size=200, readout_init="uniform")  # their language model
+    for weight in (ptb.embed.weight, ptb.out.weight):
+        assert weight.abs().max() <= 0.1 and abs(weight.std() - 0.1 / 3 ** 0.5) < 0.005  # U(-0.1, 0.1)
+    assert torch.all(ptb.out.bias == 0)
+    copy = SequenceModel("lstm", 10, 128, 9, readout_init="xavier")
+    assert abs(copy.out.weight.std() - (2 / (128 + 9)) ** 0.5) < 0.02
+    mnist = SequenceModel("lstm", 1, 256, 10, readout="last", readout_init="default")  # nn.Linear's own
+    assert mnist.out.weight.abs().max() <= 1 / 16 and mnist.out.bias.abs().max() > 0
+    with pytest.raises(ValueError, match="readout_init must be one of"):
+        SequenceModel("lstm", 1, 4, 2, readout_init="normal")
 
 
 def test_halve_lr_on_plateau():
