@@ -32,6 +32,14 @@ FORWARD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, t
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
+@pytest.fixture(autouse=True)
+def _watchdog(monkeypatch):
+    # The grid barrier's deadlock watchdog (docs/cuda.md): a deadlock becomes an error within 10 s,
+    # not a hang that eats the GPU window. benchmarks/gpu_check.sh sets its own value.
+    if not os.environ.get("NNRNN_CUDA_WATCHDOG_MS"):
+        monkeypatch.setenv("NNRNN_CUDA_WATCHDOG_MS", "10000")
+
+
 @pytest.fixture(params=["persistent", "fallback"])
 def path(request, monkeypatch):
     if request.param == "fallback":
@@ -199,11 +207,45 @@ def test_noncontiguous_inputs(path):
         assert torch.equal(a, c)
 
 
-
 @pytest.mark.parametrize("n", [128, 512])
 def test_float32_gradient_of_P_is_accurate_on_cuda(n):
     """The eigendecomposition route for P (cuSOLVER here) as accurate as on the CPU."""
     assert relative_gradient_error(n, torch.float32, device="cuda") < 5e-6
+
+
+WATCHDOG_SCRIPT = textwrap.dedent("""
+    import torch
+    import nnrnn_fused
+    assert nnrnn_fused.cuda_path(512, 32, torch.float32).startswith("persistent")
+    x = torch.randn(2000, 32, 512, device="cuda")
+    W = 0.03 * torch.randn(512, 512, device="cuda")
+    nnrnn_fused.fused_nnrnn(x, W)
+    torch.cuda.synchronize()
+    print("no trap")
+""")
+
+
+def test_watchdog_traps_a_long_barrier_wait():
+    # A bound of 1 ns: the first block to wait at a grid barrier (of 2000, ~100 blocks) traps,
+    # as a deadlocked one would after the real bound. The CUDA context is lost: a subprocess.
+    env = dict(os.environ, NNRNN_CUDA_WATCHDOG_MS="0.000001")
+    env.pop("NNRNN_CUDA_FORCE_FALLBACK", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", WATCHDOG_SCRIPT], capture_output=True, text=True, timeout=120,
+                          cwd=root, env=env)
+    assert proc.returncode != 0 and "no trap" not in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "launch failure" in proc.stderr or "illegal instruction" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_watchdog_setting_is_checked(monkeypatch):
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    x, W, b, h0, _ = make_case(4, 2, 16, torch.float32, True, False)
+    monkeypatch.setenv("NNRNN_CUDA_WATCHDOG_MS", "soon")
+    with pytest.raises(ValueError, match="NNRNN_CUDA_WATCHDOG_MS must be a number of milliseconds"):
+        fused_nnrnn(x, W, b, h0)
+    monkeypatch.setenv("NNRNN_CUDA_WATCHDOG_MS", "0")  # off
+    fused_nnrnn(x, W, b, h0)
+
 
 SANITIZER_SCRIPT = textwrap.dedent("""
     import os, torch
