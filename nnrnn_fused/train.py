@@ -38,17 +38,17 @@ TASKS = ("copy", "adding", "psmnist", "ptb")
 # psmnist DATASETS then replaces entries by --dataset.
 PRESETS = {
     "copy": dict(hidden=128, batch=10, lr=5e-4, lr_orth=1e-6, alpha=0.99, delta=1e-4, t_decay=1e-6,
-                 init="henaff", input_init="xavier", readout_init="xavier", T=200, steps=1500, device="cpu", threads=1, log_every=1,
-                 checkpoint_every=500),
+                 init="henaff", input_init="xavier", readout_init="xavier", T=200, steps=1500, device="cpu", threads=1,
+                 log_every=1, checkpoint_every=500),
     "adding": dict(hidden=128, batch=50, lr=1e-3, lr_orth=1e-4, alpha=0.99, delta=1e-4, t_decay=1e-6,
-                   init="cayley", input_init="xavier", readout_init="xavier", T=100, steps=3000, device="cpu", threads=1, log_every=1,
-                   checkpoint_every=500),
+                   init="cayley", input_init="xavier", readout_init="xavier", T=100, steps=3000, device="cpu", threads=1,
+                   log_every=1, checkpoint_every=500),
     "psmnist": dict(hidden=512, batch=100, lr=1.5e-4, lr_orth=1.5e-5, alpha=0.99, delta=0.15, t_decay=1e-4,
-                    init="cayley", input_init="xavier", readout_init="default", epochs=100, device="auto", log_every=10,
-                    checkpoint_every=1000, eval_batch=1000),
+                    init="cayley", input_init="xavier", readout_init="default", epochs=100, device="auto",
+                    log_every=10, checkpoint_every=1000, eval_batch=1000),
     "ptb": dict(hidden=1024, emb=200, batch=128, lr=8e-4, lr_orth=8e-5, alpha=0.9, delta=1.0, t_decay=1e-4,
-                init="cayley", input_init="kaiming", readout_init="uniform", bptt=150, epochs=100, device="auto", log_every=10,
-                checkpoint_every=1000, eval_batch=10),
+                init="cayley", input_init="kaiming", readout_init="uniform", bptt=150, epochs=100, device="auto",
+                log_every=10, checkpoint_every=1000, eval_batch=10),
 }
 OFFLINE = {
     # 5,000 real MNIST digits: the paper's model and recipe; 40 steps per epoch (4,000 training images).
@@ -65,7 +65,8 @@ PTB_BPTT300 = dict(lr_orth=6e-5, delta=1e-4)
 # Per-model sizes matched in parameter count (paper-scale psMNIST ~269K, offline digits ~18K,
 # adding ~17K).
 MODEL_PRESETS = {
-    ("adding", "exprnn"): dict(hidden=180), ("adding", "orthrnn"): dict(hidden=180), ("adding", "lstm"): dict(hidden=63),
+    ("adding", "exprnn"): dict(hidden=180), ("adding", "orthrnn"): dict(hidden=180),
+    ("adding", "lstm"): dict(hidden=63),
     # psMNIST baselines: the authors' published settings (their README; its expRNN N=722 row lists
     # one rate, 5e-5, read here as lr_orth beside the N=512 row's lr 5e-4).
     ("psmnist", "exprnn"): dict(hidden=722, lr=5e-4, lr_orth=5e-5), ("psmnist", "orthrnn"): dict(hidden=722),

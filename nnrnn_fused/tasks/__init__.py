@@ -13,6 +13,7 @@ from .text import (batchify, bptt_chunk, load_ptb, load_stdlib_text, n_chunks, r
 
 __all__ = [
     "copy_batch", "copy_baseline", "adding_batch", "ADDING_BASELINE", "COPY_CLASSES", "COPY_INPUTS",
-    "load_mnist", "load_mnist5k", "mnist5k_path", "read_mnist_csv", "load_digits", "permutation", "read_idx", "as_sequence",
+    "load_mnist", "load_mnist5k", "mnist5k_path", "read_mnist_csv", "load_digits", "permutation", "read_idx",
+    "as_sequence",
     "load_ptb", "load_stdlib_text", "read_ptb_char", "stdlib_docstrings", "batchify", "bptt_chunk", "n_chunks",
 ]
