@@ -261,24 +261,6 @@ def test_watchdog_setting_is_checked(monkeypatch):
     fused_nnrnn(x, W, b, h0)
 
 
-SANITIZER_SCRIPT = textwrap.dedent("""
-    import os, torch
-    import nnrnn_fused
-    torch.manual_seed(0)
-    for fallback in ("0", "1"):
-        os.environ["NNRNN_CUDA_FORCE_FALLBACK"] = fallback
-        T, B, N = 4, 3, 40
-        x = torch.randn(T, B, N, device="cuda", requires_grad=True)
-        W = (0.3 * torch.randn(N, N, device="cuda")).requires_grad_()
-        b = torch.zeros(N, device="cuda", requires_grad=True)
-        h0 = torch.randn(B, N, device="cuda", requires_grad=True)
-        out, h_n = nnrnn_fused.fused_nnrnn(x, W, b, h0, lengths=torch.tensor([4, 0, 2]))
-        (out.sum() + h_n.sum()).backward()
-    torch.cuda.synchronize()
-    print("sanitizer case done")
-""")
-
-
 def compute_sanitizer():
     found = shutil.which("compute-sanitizer")
     if found:
@@ -288,13 +270,15 @@ def compute_sanitizer():
     return candidate if os.path.exists(candidate) else None
 
 
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
 def test_compute_sanitizer(tool):
     sanitizer = compute_sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found (CUDA_HOME/bin or PATH)")
-    # every kernel of the small case is checked (torch's too: a filter would be one more thing to get wrong)
-    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, "-c", SANITIZER_SCRIPT]
+    # every kernel of the small case (both paths, h0, lengths, backward) is checked, torch's too;
+    # benchmarks/gpu_check.sh runs the same case with only ours instrumented, to fit its window
+    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, "-m", "benchmarks.gpu_phases",
+           "sanitizer-case"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
     report = proc.stdout[-4000:] + proc.stderr[-4000:]
