@@ -32,8 +32,11 @@ class _SkewExpEigh(torch.autograd.Function):
     Frechet derivative, exp's derivative at A^T = -A applied to G:
         dL/dA = V [(V^H G V) * Phi] V^H,  Phi_jk = e^{-i (w_j + w_k) / 2} sinc((w_j - w_k) / 2)
     (sinc(x) = sin(x) / x; continuous where eigenvalues coincide). Equal to what autograd
-    through torch.linalg.matrix_exp gives, at a fraction of its cost on the CPU, whose
-    backward is the exponential of a 2N x 2N matrix.
+    through torch.linalg.matrix_exp gives (to 1e-11 in float64), and in float32 about
+    1e-6 relative off the float64 truth where matrix_exp's autograd is 3e-5 to 1e-3 off
+    (scaling and squaring; tests/test_parametrization.py measures both).
+
+    float16/bfloat16 are computed in float32 (complex64); float64 in complex128.
     """
 
     @staticmethod
@@ -42,26 +45,26 @@ class _SkewExpEigh(torch.autograd.Function):
         h, V = torch.linalg.eigh(1j * A.to(complex_dtype))  # iA = V diag(h) V^H, so w = -h
         w = -h
         ctx.save_for_backward(V, w)
-        return ((V * torch.exp(1j * w)) @ V.mH).real.to(A.dtype)
+        # copy=True: the output must be a new tensor. torch 2.11's torch.compile gives an
+        # autograd.Function whose output is a same-dtype .to() (which returns its input)
+        # zero gradients (docs/torch_versions.md has the three-line reproduction).
+        return ((V * torch.exp(1j * w)) @ V.mH).real.to(A.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, G):
         V, w = ctx.saved_tensors
         phi = torch.exp(-0.5j * (w[:, None] + w[None, :])) * torch.sinc((w[:, None] - w[None, :]) / (2 * math.pi))
-        return (V @ ((V.mH @ G.to(V.dtype) @ V) * phi) @ V.mH).real.to(G.dtype)
+        return (V @ ((V.mH @ G.to(V.dtype) @ V) * phi) @ V.mH).real.to(G.dtype, copy=True)
 
 
 def orthogonal_from(log_P: torch.Tensor) -> torch.Tensor:
     """P = matrix_exp(skew(log_P)): orthogonal with det +1.
 
-    On the CPU (float32/float64) P and its gradient come from an eigendecomposition
-    (_SkewExpEigh: 2-4x faster there for N = 128-512); elsewhere from
-    torch.linalg.matrix_exp, whose backward is a few large GEMMs that GPUs run well.
+    One route on every device: P and its gradient come from an eigendecomposition
+    (_SkewExpEigh), accurate in float32 and 2-4x faster than torch.linalg.matrix_exp on
+    the CPU for N = 128-512.
     """
-    A = skew(log_P)
-    if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64):
-        return _SkewExpEigh.apply(A)
-    return torch.linalg.matrix_exp(A)
+    return _SkewExpEigh.apply(skew(log_P))
 
 
 def block_rotations(thetas: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import nnrnn_fused
 from nnrnn_fused import _extension, fused_nnrnn
 from nnrnn_fused.reference import nnrnn_recurrence
 
+from helpers import relative_gradient_error
+
 if not _extension.WITH_CUDA:
     pytestmark = pytest.mark.skip(reason="the CUDA kernels are not built (no CUDA toolkit or CPU-only torch)")
 elif not torch.cuda.is_available():
@@ -225,6 +227,12 @@ def test_noncontiguous_inputs(path):
     got = fused_nnrnn(xt, W, b, h0, nonlinearity="relu")
     for a, c in zip(ref, got):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("n", [128, 512])
+def test_float32_gradient_of_P_is_accurate_on_cuda(n):
+    """The eigendecomposition route for P (cuSOLVER here) as accurate as on the CPU."""
+    assert relative_gradient_error(n, torch.float32, device="cuda") < 5e-6
 
 
 WATCHDOG_SCRIPT = textwrap.dedent("""
