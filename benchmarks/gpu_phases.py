@@ -399,11 +399,13 @@ def smoke_path(name: str) -> int:
 
 def phase_smoke() -> None:
     paths = cuda_paths() if GPU else [("cpu", {})]
+    child_env = dict(os.environ)
+    os.environ.pop("GPU_CHECK_HANG", None)  # a forced hang is the paths' (children's), not this supervisor's
     for i, (name, settings) in enumerate(paths):
         share = seconds_left() / (len(paths) - i)
         try:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_phases", "smoke-path", name], cwd=ROOT,
-                                  timeout=max(share, 1.0))
+                                  env=child_env, timeout=max(share, 1.0))
             if proc.returncode not in (0, 3):
                 record("smoke", "path", path=name, env=settings, fatal=True, detail=f"crashed (exit {proc.returncode})")
         except subprocess.TimeoutExpired:

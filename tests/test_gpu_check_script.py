@@ -27,6 +27,12 @@ needs_extension = pytest.mark.skipif(not _extension.WITH_CUDA, reason="needs the
 def run_script(cwd, out, timeout=300, **env):
     full = dict(os.environ, OUT=str(out), PYTHON=sys.executable, **env)
     full.pop("NNRNN_CUDA_FORCE_FALLBACK", None)
+    if str(cwd) != ROOT:  # a copy: keep an editable install of this checkout from filling in its modules
+        isolate = out.parent / "isolate"
+        isolate.mkdir(exist_ok=True)
+        (isolate / "sitecustomize.py").write_text(
+            "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', '')]\n")
+        full["PYTHONPATH"] = str(isolate)
     return subprocess.run(["bash", SCRIPT], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
@@ -43,8 +49,8 @@ def verdicts(out):
 
 
 def copy_with_prebuilt(tmp_path):
-    """The tree, with the local extension moved into .prebuilt/gpu as tools/prebuild_gpu.sh leaves it
-    (EXT_SUFFIX added): only the script's prebuilt branch can make the copy load it."""
+    """The tree, with the local extension moved into .prebuilt/gpu as tools/prebuild_gpu.sh leaves it:
+    only the script's prebuilt branch can make the copy load it."""
     repo = tmp_path / "repo"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", ".git", "gpu_check_out", "results", "runs")
     for name in ("benchmarks", "csrc", "nnrnn_fused", "tests"):
@@ -56,7 +62,7 @@ def copy_with_prebuilt(tmp_path):
     shutil.move(repo / "nnrnn_fused" / f"_C{ext}", prebuilt / f"_C{ext}")
     info = (repo / "nnrnn_fused" / "_build_info.py").read_text()
     (repo / "nnrnn_fused" / "_build_info.py").unlink()
-    (prebuilt / "_build_info.py").write_text(info + f"EXT_SUFFIX = {ext!r}\n")
+    (prebuilt / "_build_info.py").write_text(info if "EXT_SUFFIX" in info else info + f"EXT_SUFFIX = {ext!r}\n")
     for stale in (repo / "nnrnn_fused").glob("_C*.so"):
         stale.unlink()
     return repo
@@ -106,6 +112,21 @@ def test_dry_run_survives_forced_hangs(tmp_path):
     assert "**PASSED**" not in summary
     assert "| 3 | Smoke: fwd+bwd vs float64 | **FAILED** |" in summary
     assert len(os.listdir(out)) <= 8  # the device tool brings back at most 8 files
+
+
+@needs_cpu_machine
+@needs_extension
+def test_missing_extension_is_never_passed(tmp_path):
+    repo, out = copy_with_prebuilt(tmp_path), tmp_path / "out"
+    shutil.rmtree(repo / ".prebuilt")  # the copy has no extension now
+    proc = run_script(repo, out, NNRNN_SKIP_BUILD="1", GPU_CHECK_SUITES_ARGS="--grid quick -k N64-B10-T50-fused")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ends = verdicts(out)
+    assert ends["build"]["verdict"] == FAILED and "does not load" in ends["build"]["detail"]
+    for phase in ("smoke", "timings", "barrier", "breakdown", "suites"):
+        assert ends[phase]["verdict"] == NOT_RUN and "extension did not load" in ends[phase]["detail"], ends[phase]
+    assert ends["tests"]["verdict"] == NOT_VERIFIED  # collected, every one skipped
+    assert "**PASSED**" not in proc.stdout
 
 
 @needs_cpu_machine
