@@ -213,8 +213,8 @@ def test_prebuilt_matches_only_the_same_torch_and_python(tmp_path):
     assert prebuilt_matches(str(tmp_path))[0] is False  # nothing there
     (tmp_path / f"_C{ext}").write_bytes(b"")
     for version, suffix, usable, why in [(torch.__version__, ext, True, ext),
-                                         ("2.11.0+cu130", ext, False, "built for torch 2.11.0+cu130"),
-                                         (torch.__version__, ".cpython-312-x86_64-linux-gnu.so", False, "this Python needs")]:
+                                         ("2.9.0+cu130", ext, False, "built for torch 2.9.0+cu130"),
+                                         (torch.__version__, ".cpython-39-x86_64-linux-gnu.so", False, "this Python needs")]:
         (tmp_path / "_build_info.py").write_text(f"TORCH_VERSION = {version!r}\nEXT_SUFFIX = {suffix!r}\n")
         got, reason = prebuilt_matches(str(tmp_path))
         assert got is usable and why in reason, reason
