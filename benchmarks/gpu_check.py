@@ -177,7 +177,7 @@ def start(step: str) -> int:
     log = os.environ.get("GPU_CHECK_LOG", "")
     offset = os.path.getsize(log) if log and os.path.exists(log) else 0
     record(step, "start", planned_cap_s=planned, cap_s=cap, log_offset=offset)
-    why = unmet_need(phase, lines)
+    why = f"skipped (GPU_CHECK_{phase.name.upper()}_S=0)" if planned == 0 else unmet_need(phase, lines)
     if why is None and cap < MIN_CAP_S:
         why = f"no time left before the deadline ({max(left, 0)} s)"
     if why is not None:

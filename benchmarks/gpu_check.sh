@@ -10,7 +10,7 @@
 #   PYTHON=python3               the interpreter
 #   GPU_CHECK_TOTAL_S=480        deadline of the whole script; keep the device call's timeout_s above it
 #   GPU_CHECK_<PHASE>_S          a phase's cap in s (ENV BUILD SMOKE TIMINGS BARRIER BREAKDOWN TESTS NCU;
-#                                SANITIZER per tool; the suites get what is left): benchmarks/gpu_check.py
+#                                SANITIZER per tool; SUITES: default what is left); 0 skips the phase
 #   GPU_CHECK_COMMIT             the commit, where the tree travels without .git
 #   NNRNN_PREBUILT_DIR           the extension prebuilt for the GPU machine (default .prebuilt/gpu)
 #   NNRNN_SKIP_BUILD=1           use the extension in the tree as it is

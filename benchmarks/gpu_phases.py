@@ -33,7 +33,7 @@ GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 
 
-def seconds_left(margin: float = 3.0) -> float:
+def seconds_left(margin: float = 5.0) -> float:
     """Until the phase's cap, less a margin to record the verdict."""
     return float(os.environ.get("GPU_CHECK_PHASE_DEADLINE", time.time() + 600)) - margin - time.time()
 

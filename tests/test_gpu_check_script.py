@@ -24,7 +24,7 @@ needs_cpu_machine = pytest.mark.skipif(torch.cuda.is_available(), reason="with a
 needs_extension = pytest.mark.skipif(not _extension.WITH_CUDA, reason="needs the extension built with its CUDA kernels")
 
 
-def run_script(cwd, out, timeout=300, **env):
+def run_script(cwd, out, timeout=900, **env):
     full = dict(os.environ, OUT=str(out), PYTHON=sys.executable, **env)
     full.pop("NNRNN_CUDA_FORCE_FALLBACK", None)
     if str(cwd) != ROOT:  # a copy: keep an editable install of this checkout from filling in its modules
@@ -73,7 +73,7 @@ def copy_with_prebuilt(tmp_path):
 def test_dry_run_survives_forced_hangs(tmp_path):
     repo, out = copy_with_prebuilt(tmp_path), tmp_path / "out"
     proc = run_script(repo, out, GPU_CHECK_HANG="smoke timings", GPU_CHECK_SMOKE_S="15", GPU_CHECK_TIMINGS_S="10",
-                      GPU_CHECK_SUITES_ARGS="--grid quick -k N64-B10-T50-fused")
+                      GPU_CHECK_NCU_S="0", GPU_CHECK_SUITES_ARGS="--grid quick -k N64-B10-T50-fused")
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 1, log  # a phase FAILED (the hangs)
     summary = (out / "summary.md").read_text()
@@ -103,7 +103,7 @@ def test_dry_run_survives_forced_hangs(tmp_path):
     assert by[("tests", "counts")]["skipped"] > 0 and by[("tests", "counts")]["source"] == "junit xml"
     for tool in gpu_check.SANITIZER_TOOLS:
         assert ends[f"sanitizer:{tool}"]["verdict"] == NOT_RUN and "no GPU" in ends[f"sanitizer:{tool}"]["detail"]
-    assert ends["ncu"]["verdict"] == NOT_RUN
+    assert ends["ncu"]["verdict"] == NOT_RUN and ends["ncu"]["detail"] == "skipped (GPU_CHECK_NCU_S=0)"
     assert ends["suites"]["verdict"] == NOT_VERIFIED
     assert len([r for r in lines if r["phase"] == "suites" and r["kind"] == "case"]) == 3
 
