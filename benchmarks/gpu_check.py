@@ -216,6 +216,10 @@ def end(step: str, rc: int, elapsed_s: int, cap_s: int) -> dict:
     kept = f"{len(results)} result line(s) kept"
     fields = dict(rc=rc, elapsed_s=elapsed_s, cap_s=cap_s)
     planned = began.get("planned_cap_s")
+    judge = JUDGES.get(phase_of(step).name)
+    judged = judge(step, rc, mine, lines) if judge is not None else None  # also records what the tool left
+    if judged is not None:
+        kept += f"; {judged[1]}"
     if rc in TIMED_OUT:
         if planned is None or cap_s < planned:
             return finish(step, NOT_VERIFIED, f"cut by the deadline after {cap_s} s; {kept}", **fields)
@@ -223,10 +227,8 @@ def end(step: str, rc: int, elapsed_s: int, cap_s: int) -> dict:
                       **fields)
     if rc in INTERRUPTED:
         return finish(step, NOT_VERIFIED, f"interrupted by a signal after {elapsed_s} s; {kept}", **fields)
-    judge = JUDGES.get(phase_of(step).name)
-    if judge is not None:
-        verdict, detail = judge(step, rc, mine, lines)
-        return finish(step, verdict, detail, **fields)
+    if judged is not None:
+        return finish(step, *judged, **fields)
     own = [line for line in mine if line["kind"] == "verdict"]
     if own and (rc == 0 or own[-1]["verdict"] != PASSED):
         return finish(step, own[-1]["verdict"], own[-1].get("detail", ""), **fields)

@@ -172,6 +172,23 @@ def test_pytest_counts_from_the_log_when_the_xml_is_missing(tmp_path):
     assert c["failed_tests"] == ["tests/test_cuda.py::test_b"]
 
 
+def test_tests_killed_at_their_cap_keep_the_counts_from_the_log(tmp_path, monkeypatch):
+    log = tmp_path / "log.txt"
+    log.write_text("earlier phases\n")
+    monkeypatch.setenv("GPU_CHECK_LOG", str(log))
+    monkeypatch.setenv("GPU_CHECK_RESULTS", str(tmp_path / "results.jsonl"))
+    monkeypatch.setenv("GPU_CHECK_DEADLINE", str(time.time() + 400))
+    assert gpu_check.start("tests") == 75
+    with open(log, "a") as f:  # pytest -v, killed in the middle: no tests.xml
+        f.write("tests/test_cuda.py::test_a PASSED [ 1%]\ntests/test_cuda.py::test_b FAILED [ 2%]\n"
+                "tests/test_cuda.py::test_c ")
+    line = gpu_check.end("tests", 124, 75, 75)
+    assert line["verdict"] == FAILED and line["detail"].startswith("killed at its cap of 75 s")
+    assert "1 passed, 1 failed, 0 skipped (from the log)" in line["detail"]
+    counts = gpu_check.last(gpu_check.read_results(), "tests", "counts")
+    assert counts["failed_tests"] == ["tests/test_cuda.py::test_b"]
+
+
 def test_ptxas_and_resource_usage_parsers():
     from benchmarks.gpu_phases import ptxas_rows, resource_rows
 
