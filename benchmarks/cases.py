@@ -19,14 +19,16 @@ IMPLS = ("fused", "fused_blas", "reference", "torch_rnn", "torch_lstm", "nnrnn_l
 CPU_ONLY_IMPLS = {"fused_blas": "blas", "fused_packed": "packed"}
 MODES = ("fwd", "fwdbwd")
 
-# Grids: (N values, B values, T values), and the implementations when not IMPLS.
-# "gpu" is the GPU-verification grid (issue 6); "crossover" measures where the packed
-# CPU path beats the BLAS path (the table in csrc/cpu/packed_cpu.cpp).
+# Grids: (N values, B values, T values), and the implementations when not IMPLS. "gpu" is the
+# GPU-verification grid (issue 6), "gpucheck" the small one that benchmarks/gpu_check.sh runs with
+# the time it has left; "crossover" measures where the packed CPU path beats the BLAS path (the
+# table in csrc/cpu/packed_cpu.cpp).
 GRIDS = {
     "quick": dict(N=(64, 128), B=(10,), T=(50,)),
     "targets": dict(N=(128, 512), B=(10, 100), T=(220,)),
     "full": dict(N=(128, 256, 512, 1024), B=(1, 10, 32, 128), T=(220, 784)),
     "gpu": dict(N=(256, 512, 1024), B=(1, 32, 128), T=(784,)),
+    "gpucheck": dict(N=(512,), B=(32,), T=(200,)),  # what fits the end of benchmarks/gpu_check.sh
     "crossover": dict(N=(32, 64, 128, 256, 512, 1024), B=(1, 10, 32, 100, 256), T=(100,),
                       impls=("fused_packed", "fused_blas")),
 }
