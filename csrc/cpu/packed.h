@@ -22,9 +22,9 @@ struct CpuPath {
 // NNRNN_CPU_ISA=avx512|avx2|generic caps the packed kernels' instruction set.
 CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype);
 
-// out (steps, B, N) holds x on entry and h_t on return; lengths empty or (B,).
+// x and out (steps, B, N): out gets h_t; lengths empty or (B,).
 template <typename T>
-void packed_forward(int64_t steps, int64_t B, int64_t N, const T* W, const T* bias, const T* h0,
+void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W, const T* bias, const T* h0,
                     const std::vector<int64_t>& lengths, Nonlinearity f, T* out);
 
 // dx (steps, B, N), dW (N, N), db (N, double) and grad_h0 (B, N) are written whole.

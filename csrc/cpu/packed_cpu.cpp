@@ -169,21 +169,21 @@ CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
 }
 
 #define NNRNN_INSTANTIATE(T)                                                                                  \
-  template void packed_forward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*,                   \
+  template void packed_forward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,         \
                                   const std::vector<int64_t>&, Nonlinearity, T*);                             \
   template void packed_backward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const T*, \
                                    const std::vector<int64_t>&, Nonlinearity, T*, T*, double*, T*);
 
 #if NNRNN_PACKED
 template <typename T>
-void packed_forward(int64_t steps, int64_t B, int64_t N, const T* W, const T* bias, const T* h0,
+void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W, const T* bias, const T* h0,
                     const std::vector<int64_t>& lengths, Nonlinearity f, T* out) {
   if (steps == 0) return;
   const Kernels<T> k = kernels<T>(chosen_level());
   const int64_t panels = (N + k.cols - 1) / k.cols;
   auto packed_W = scratch<T>(panels * N * k.cols);
   const RowOrder rows = row_order(steps, B, lengths);
-  const packed::ForwardArgs<T> args{steps, B, N, W, bias, h0, out, rows.order.data(), rows.active.data(), f,
+  const packed::ForwardArgs<T> args{steps, B, N, x, W, bias, h0, out, rows.order.data(), rows.active.data(), f,
                                     packed_W.template data_ptr<T>(), slow_member_us()};
   run_team(team_size(N, k.cols), [&](const Team& team) { k.forward(args, team); });
 }
@@ -207,8 +207,8 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* o
 
 #else  // choose_cpu_path never picks the packed path here
 template <typename T>
-void packed_forward(int64_t, int64_t, int64_t, const T*, const T*, const T*, const std::vector<int64_t>&, Nonlinearity,
-                    T*) {
+void packed_forward(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const std::vector<int64_t>&,
+                    Nonlinearity, T*) {
   TORCH_INTERNAL_ASSERT(false, "the packed CPU kernels are not built");
 }
 template <typename T>

@@ -42,12 +42,13 @@ struct Isa {
   static constexpr int kMaxRows = MaxRows;
 };
 
-// Forward of one call: out (steps, B, N) holds x on entry and h_t on return.
+// Forward of one call: out (steps, B, N) = h_t from x (steps, B, N).
 // Rows are taken in `order` (by decreasing length); at step t the first active[t]
 // of them are running and the rest output zero.
 template <typename T>
 struct ForwardArgs {
   int64_t steps, B, N;
+  const T* x;
   const T* W;
   const T* bias;
   const T* h0;  // nullptr: zero initial state
@@ -160,16 +161,16 @@ inline void pack_panels(const typename I::scalar* src, int64_t ks, int64_t cs, i
 
 // The epilogues: the same pointwise math as the BLAS path (activation.h).
 template <Nonlinearity F, typename T>
-inline void activate_row(const T* acc, const T* bias, T* z, int64_t ncols) {
-  for (int64_t c = 0; c < ncols; ++c) z[c] = activate<T>(F, z[c] + acc[c], bias[c]);
+inline void activate_row(const T* acc, const T* x, const T* bias, T* h, int64_t ncols) {
+  for (int64_t c = 0; c < ncols; ++c) h[c] = activate<T>(F, x[c] + acc[c], bias[c]);
 }
 
 template <typename T>
-inline void activate_row(Nonlinearity f, const T* acc, const T* bias, T* z, int64_t ncols) {
+inline void activate_row(Nonlinearity f, const T* acc, const T* x, const T* bias, T* h, int64_t ncols) {
   switch (f) {
-    case Nonlinearity::ModReLU: return activate_row<Nonlinearity::ModReLU>(acc, bias, z, ncols);
-    case Nonlinearity::Tanh: return activate_row<Nonlinearity::Tanh>(acc, bias, z, ncols);
-    case Nonlinearity::ReLU: return activate_row<Nonlinearity::ReLU>(acc, bias, z, ncols);
+    case Nonlinearity::ModReLU: return activate_row<Nonlinearity::ModReLU>(acc, x, bias, h, ncols);
+    case Nonlinearity::Tanh: return activate_row<Nonlinearity::Tanh>(acc, x, bias, h, ncols);
+    case Nonlinearity::ReLU: return activate_row<Nonlinearity::ReLU>(acc, x, bias, h, ncols);
   }
 }
 
@@ -237,6 +238,7 @@ void forward_worker(const ForwardArgs<typename I::scalar>& a, const Team& team) 
   for (int64_t t = 0; t < a.steps; ++t) {
     slow_down(a.slow_member_us, team);
     T* cur = a.out + t * BN;
+    const T* x = a.x + t * BN;
     const T* prev = t > 0 ? cur - BN : a.h0;  // running rows at t were running at t - 1
     const int64_t running = a.active[t];
     for (int64_t p = mine.first; p < mine.last; ++p) {
@@ -245,7 +247,8 @@ void forward_worker(const ForwardArgs<typename I::scalar>& a, const Team& team) 
       row_blocks<I>(running, [&](int64_t first, int mr) {
         const int64_t* rows = a.order + first;
         gemm_rows<I>(prev, N, rows, mr, panel, [&](int i, const T* acc) {
-          activate_row(a.f, acc, a.bias + c0, cur + rows[i] * N + c0, ncols);
+          const int64_t o = rows[i] * N + c0;
+          activate_row(a.f, acc, x + o, a.bias + c0, cur + o, ncols);
         });
       });
       for (int64_t s = running; s < a.B; ++s) std::fill_n(cur + a.order[s] * N + c0, ncols, T(0));

@@ -106,19 +106,21 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   const int64_t T = s.T, B = s.B, N = s.N;
   const auto len = lengths_vector(lengths, T);
 
-  auto out = x.clone(at::MemoryFormat::Contiguous);
+  const bool packed = choose_cpu_path(N, B, x.scalar_type()).packed;
+  // The BLAS loop adds each step's product to x in place; the packed kernels read x.
+  auto xc = packed ? x.contiguous() : at::Tensor();
+  auto out = packed ? at::empty({T, B, N}, x.options()) : x.clone(at::MemoryFormat::Contiguous);
   auto Wc = W.contiguous();
   auto bc = b ? b->contiguous() : at::zeros({N}, x.options());
   auto h0c = h0 ? h0->contiguous() : at::Tensor();
-  const bool packed = choose_cpu_path(N, B, x.scalar_type()).packed;
   // With lengths the BLAS loop keeps the running state in h_n itself; start it from h0.
   auto state = len.empty() || packed ? at::Tensor() : (h0 ? h0c.clone() : at::zeros({B, N}, x.options()));
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nnrnn_recurrence_cpu", [&] {
     const scalar_t* h0p = h0 ? h0c.data_ptr<scalar_t>() : nullptr;
     if (packed) {
-      packed_forward<scalar_t>(T, B, N, Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), h0p, len, f,
-                               out.data_ptr<scalar_t>());
+      packed_forward<scalar_t>(T, B, N, xc.data_ptr<scalar_t>(), Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
+                               h0p, len, f, out.data_ptr<scalar_t>());
       return;
     }
     with_nonlinearity(f, [&](auto fc) {
