@@ -32,7 +32,15 @@ def fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None):
         (output, h_n): every h_t, (T, B, N), and the final state, (B, N).
     """
     _extension.require(x.device if isinstance(x, torch.Tensor) else None)
-    return torch.ops.nnrnn_fused.recurrence(x, W, b, h0, as_lengths(lengths), nonlinearity)
+    try:
+        return torch.ops.nnrnn_fused.recurrence(x, W, b, h0, as_lengths(lengths), nonlinearity)
+    except RuntimeError as e:
+        if "setup_context" not in str(e):  # torch's refusal under torch.func transforms
+            raise
+        raise RuntimeError(
+            "fused_nnrnn: torch.func transforms (grad, vjp, jacrev, jvp, ...) cannot differentiate the fused op "
+            "yet; use torch.autograd.grad or .backward(), or the reference loop, which supports them: "
+            "nnrnn_fused.reference.nnrnn_recurrence or NNRNN(..., backend='reference')") from None
 
 
 def cuda_path(N, B, dtype=torch.float32, device="cuda"):
