@@ -55,11 +55,12 @@ template <typename T>
 NNRNN_HD T activate(Nonlinearity f, T z, T b) {
   switch (f) {
     case Nonlinearity::ModReLU: {
-      // sign(z) relu(|z| + b), with NaN and inf in z or b giving what that formula gives.
+      // sign(z) relu(|z| + b) literally, so that NaN and inf in z or b give what the formula
+      // gives (sign(0) * inf = NaN); selects only, so that the CPU loop vectorizes.
       const T r = (z < T(0) ? -z : z) + b;
-      if (!(r > T(0))) return r == r ? T(0) : r;  // relu; keeps NaN
-      if (z == T(0)) return T(0) * r;            // sign(0) r: 0, or NaN for r = +inf
-      return z > T(0) ? r : -r;
+      const T relu_r = r > T(0) ? r : (r == r ? T(0) : r);  // keeps NaN
+      const T sign_z = z > T(0) ? T(1) : (z < T(0) ? T(-1) : T(0));
+      return sign_z * relu_r;
     }
     case Nonlinearity::Tanh:
 #if defined(__CUDA_ARCH__)
