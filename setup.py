@@ -10,13 +10,33 @@ Environment switches (see README, "Build options"):
 import ctypes
 import glob
 import os
+import re
+import runpy
 import shutil
 import sys
+import sysconfig
 
 import torch
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUPPORTED = runpy.run_path(os.path.join(HERE, "nnrnn_fused", "_supported.py"))
+VERSION = runpy.run_path(os.path.join(HERE, "nnrnn_fused", "_version.py"))["__version__"]
+
+
+def check_torch_version() -> None:
+    """Refuse to build against a torch outside the tested range (README, "Supported versions")."""
+    if os.environ.get("NNRNN_ALLOW_UNTESTED_TORCH") == "1":
+        return
+    release = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    low, below = (tuple(int(v) for v in SUPPORTED[k].split(".")) for k in ("TORCH_MIN", "TORCH_BELOW"))
+    if not low <= release < below:
+        sys.exit(f"nnrnn_fused is tested with {SUPPORTED['TORCH_REQUIREMENT']}, but the build sees torch "
+                 f"{torch.__version__}. Install a torch in that range, or set NNRNN_ALLOW_UNTESTED_TORCH=1 "
+                 "to build anyway (then run the test suite).")
+
+
+check_torch_version()
 
 
 def is_cuda_toolkit(path) -> bool:
@@ -74,18 +94,25 @@ def write_build_info(with_cuda: bool, direct_blas: bool) -> None:
     # Read at import time: an extension built against another torch is not loaded.
     with open(os.path.join(HERE, "nnrnn_fused", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
+        f.write(f"VERSION = {VERSION!r}\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"DIRECT_BLAS = {direct_blas!r}\n")
+        f.write(f"EXT_SUFFIX = {sysconfig.get_config_var('EXT_SUFFIX')!r}\n")  # the Python the module is for
+        f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else None!r}\n")
 
 
 def extension():
     with_cuda = cuda_requested()
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     direct_blas = torch_exports_fortran_blas()
     write_build_info(with_cuda, direct_blas)
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # No -std flag: the code is C++17, the standard torch 2.11's builder passes; newer torch
+    # may pass a later standard. Never use C++20-only features (std::barrier, concepts).
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]  # lets the pointwise loops vectorize
     link = []
     if sys.platform.startswith("linux"):
@@ -96,8 +123,6 @@ def extension():
         return CppExtension("nnrnn_fused._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=link, define_macros=macros)
 
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     macros.append(("NNRNN_WITH_CUDA", None))
     return CUDAExtension("nnrnn_fused._C", sources,

@@ -8,13 +8,12 @@ C++/CUDA recurrence.
     cuda_path(N, B, dtype, device)           which CUDA path (persistent or fallback) a shape takes
 """
 from . import recipe, reference
+from ._version import __version__
 from ._extension import status
 from .layer import NNRNN, count_free_parameters
 from .ops import cuda_path, fused_nnrnn
 from .parametrization import DenseRecurrence, OrthogonalRecurrence, SchurRecurrence
 from .recipe import delta_penalty, make_optimizers, parameter_groups
-
-__version__ = "0.1.0"
 
 __all__ = [
     "NNRNN", "fused_nnrnn", "cuda_path", "reference", "recipe", "status", "count_free_parameters",

@@ -6,7 +6,12 @@ undefined-symbol error): the message says how to rebuild.
 """
 from __future__ import annotations
 
+import os
+import re
+
 import torch
+
+from ._supported import TORCH_BELOW, TORCH_MIN, TORCH_REQUIREMENT
 
 REBUILD_HINT = (
     "rebuild it against the installed torch: "
@@ -14,7 +19,29 @@ REBUILD_HINT = (
 )
 
 
+def minor_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string: "2.15.0a0+git" -> (2, 15)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", str(version)).groups()
+    return int(major), int(minor)
+
+
+def unsupported_torch_reason(version: str | None = None) -> str | None:
+    """Why `version` (default: the installed torch) is outside the tested range (None inside it).
+    NNRNN_ALLOW_UNTESTED_TORCH=1 loads the extension anyway, to try a torch before it is added."""
+    version = torch.__version__ if version is None else version
+    if minor_release(TORCH_MIN) <= minor_release(version) < minor_release(TORCH_BELOW):
+        return None
+    if os.environ.get("NNRNN_ALLOW_UNTESTED_TORCH") == "1":
+        return None
+    return (f"torch {version} is outside the range this package is tested with ({TORCH_REQUIREMENT}); "
+            f"install a torch in that range (pip install '{TORCH_REQUIREMENT}'), or set "
+            "NNRNN_ALLOW_UNTESTED_TORCH=1 to load the extension anyway and run the test suite first")
+
+
 def _load() -> tuple[bool, str | None, dict]:
+    unsupported = unsupported_torch_reason()
+    if unsupported:
+        return False, unsupported, {}
     try:
         from . import _build_info as info
     except ImportError:

@@ -1,6 +1,8 @@
 """Helpers shared by the tests."""
 import torch
 
+from nnrnn_fused.parametrization import init_log_P, orthogonal_from
+
 
 def tolerances(dtype):
     """(rtol, atol) for fused-vs-reference comparisons, scaled to the precision."""
@@ -11,3 +13,20 @@ def stable_W(n, dtype, scale=0.95, generator=None):
     """A scaled random orthogonal matrix: long sequences neither explode nor vanish."""
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
     return (scale * q).to(dtype)
+
+
+def relative_gradient_error(n, dtype, device="cpu", seed=0):
+    """|g - g64| / |g64| for the gradient of sum(P * G) w.r.t. log_P computed in `dtype`,
+    against the float64 gradient, near an nnRNN initialisation (Cayley plus a perturbation)."""
+    gen = torch.Generator().manual_seed(seed)
+    L64 = init_log_P(n, "cayley", gen) + torch.randn(n, n, generator=gen, dtype=torch.float64) / n ** 0.5
+    G64 = torch.randn(n, n, generator=gen, dtype=torch.float64)
+
+    def grad(dtype):
+        L = L64.to(dtype=dtype, device=device).requires_grad_()
+        g, = torch.autograd.grad((orthogonal_from(L) * G64.to(dtype=dtype, device=device)).sum(), L)
+        return g.double().cpu()
+
+    truth = grad(torch.float64)
+    return ((grad(dtype) - truth).norm() / truth.norm()).item()
+

@@ -135,6 +135,18 @@ def test_persistent_and_fallback_agree():
         torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-5)
 
 
+def test_refused_cooperative_launch_takes_the_fallback(monkeypatch, capfd):
+    # A GPU refuses a cooperative launch whose blocks cannot all be resident (MPS, SMs held by
+    # others): the driver warns (TORCH_WARN: on stderr, torch.ops calls do not turn it into a Python
+    # warning) and runs the fallback instead of raising. Nothing ran: a result equal to the
+    # reference's comes from the fallback.
+    monkeypatch.setenv("NNRNN_EMULATE_REFUSED_LAUNCH", "1")
+    check_against_reference(5, 3, 7, "modrelu", True, True, (3, 1, 8, 2, True))
+    err = capfd.readouterr().err
+    assert "refused the cooperative launch of the persistent kernel (emulated refusal" in err, err
+    assert "take the fallback path" in err
+
+
 def test_bad_arguments_raise_value_errors():
     x, W, b, h0, lengths, go, ghn = make_case(4, 3, 5, True, True)
     with pytest.raises(ValueError, match="nonlinearity"):

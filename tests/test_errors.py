@@ -96,11 +96,14 @@ LAYER_CASES = [
     (dict(input_size=3, hidden_size=4, dropout=float("nan")), "dropout must be a number in"),
     (dict(input_size=True, hidden_size=4), "input_size must be a positive int"),
     (dict(input_size=3, hidden_size=4, num_layers=2.0), "num_layers must be a positive int"),
-    (dict(input_size=3, hidden_size=4, batch_first="yes"), "batch_first must be True or False"),
-    (dict(input_size=3, hidden_size=4, exact_spectrum=1), "exact_spectrum must be True or False"),
+    (dict(input_size=3, hidden_size=4, batch_first="yes"), "batch_first must be a bool"),
+    (dict(input_size=3, hidden_size=4, exact_spectrum=1), "exact_spectrum must be a bool"),
     (dict(input_size=3, hidden_size=4, generator=0), "generator must be a torch.Generator or None"),
     (dict(input_size=3, hidden_size=4, dtype="float32"), "dtype must be a floating-point torch.dtype"),
     (dict(input_size=3, hidden_size=4, dtype=torch.int64), "dtype must be a floating-point torch.dtype"),
+    (dict(input_size=3, hidden_size=4, proj_size=2), "proj_size is not supported"),
+    (dict(input_size=3, hidden_size=4, bias=1), "bias must be a bool"),
+    (dict(input_size=3, hidden_size=4, bidirectional="yes"), "bidirectional must be a bool"),
 ]
 
 
@@ -112,16 +115,29 @@ def test_bad_layer_arguments(kwargs, message):
 
 def test_bad_layer_inputs():
     layer = NNRNN(3, 4, num_layers=2)
-    with pytest.raises(ValueError, match="input must have shape \\(T, B, input_size\\) with input_size=3"):
+    shape = "input must have shape \\(T, B, input_size\\), or \\(T, input_size\\) unbatched, with input_size=3"
+    with pytest.raises(ValueError, match=shape):
         layer(torch.randn(5, 2, 4))
-    with pytest.raises(ValueError, match="input must have shape"):
-        layer(torch.randn(5, 3))
-    with pytest.raises(ValueError, match="h0 must have shape \\(num_layers, B, hidden_size\\)"):
+    for rank in (1, 4):
+        with pytest.raises(ValueError, match=shape):
+            layer(torch.randn(*[3] * rank))
+    with pytest.raises(ValueError, match="input must have shape \\(B, T, input_size\\)"):
+        NNRNN(3, 4, batch_first=True)(torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="h0 must have shape \\(num_layers \\* num_directions, B, hidden_size\\)"):
         layer(torch.randn(5, 2, 3), torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match="= \\[4, 2, 4\\]"):
+        NNRNN(3, 4, num_layers=2, bidirectional=True)(torch.randn(5, 2, 3), torch.randn(2, 2, 4))
+    # unbatched input takes an unbatched h0, as torch.nn.RNN does
+    with pytest.raises(ValueError, match="h0 must have shape \\(num_layers \\* num_directions, hidden_size\\)"):
+        layer(torch.randn(5, 3), torch.randn(2, 1, 4))
     with pytest.raises(ValueError, match="layer's parameters are"):
         layer(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="only under torch.autocast"):
+        layer(torch.randn(5, 2, 3, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="lengths must lie in"):
         layer(torch.randn(5, 2, 3), lengths=[6, 1])
+    with pytest.raises(ValueError, match="lengths must lie in"):  # checked before the reverse direction uses them
+        NNRNN(3, 4, bidirectional=True)(torch.randn(5, 2, 3), lengths=[6, 1])
     # odd hidden sizes are fine where there are no 2x2 blocks
     out, _ = NNRNN(3, 5, recurrent="free")(torch.randn(2, 1, 3))
     assert out.shape == (2, 1, 5)
@@ -138,14 +154,3 @@ def test_double_backward_is_refused_clearly():
     out.sum().backward()
     assert W.grad is not None
 
-
-def test_torch_func_grad_gets_a_clear_message():
-    x, W = torch.randn(T, B, N), torch.randn(N, N)
-    with pytest.raises(RuntimeError, match="torch.func transforms .* cannot differentiate the fused op yet; use "
-                                           "torch.autograd.grad"):
-        torch.func.grad(lambda W: fused_nnrnn(x, W, nonlinearity="tanh")[0].sum())(W)
-    # the advice holds: the reference loop works under torch.func.grad and agrees with autograd
-    g = torch.func.grad(lambda W: nnrnn_recurrence(x, W, nonlinearity="tanh")[0].sum())(W)
-    W1 = W.clone().requires_grad_()
-    fused_nnrnn(x, W1, nonlinearity="tanh")[0].sum().backward()
-    torch.testing.assert_close(g, W1.grad)

@@ -5,6 +5,9 @@
 // ../cuda_ops.cpp) with the launch shape as arguments. Slow; for small sizes.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../cuda/driver.h"
 #include "host_grid.h"
 
@@ -22,9 +25,14 @@ struct HostLauncher {
     return l.to(at::kInt).contiguous();
   }
 
+  // Test hook: NNRNN_EMULATE_REFUSED_LAUNCH=1 refuses every persistent launch, as
+  // a GPU refuses a cooperative launch whose blocks cannot all be resident.
   template <class Body>
-  void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+  std::string persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+    const char* refuse = std::getenv("NNRNN_EMULATE_REFUSED_LAUNCH");
+    if (refuse != nullptr && std::string(refuse) == "1") return "emulated refusal: NNRNN_EMULATE_REFUSED_LAUNCH=1";
     host_launch(L.grid(), threads, bytes, body);
+    return "";
   }
 
   template <class Body>

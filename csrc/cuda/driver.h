@@ -4,7 +4,8 @@
 // backward's time loop. Only `Launcher` differs between the two:
 //   Plan plan(int64_t B, int64_t N, at::ScalarType)       which path, which layout
 //   at::Tensor lengths(const at::Tensor&, int64_t T)     validated int32 lengths on x's device
-//   void persistent(const Body&, const Layout&, int threads, size_t shared_bytes)
+//   std::string persistent(const Body&, const Layout&, int threads, size_t shared_bytes)
+//       "" when launched; else why the device refused the cooperative launch
 //   void pointwise(const Body&, int64_t elements)
 #pragma once
 
@@ -64,13 +65,21 @@ inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, i
 
 // One launch of a persistent kernel Body over `a`, laid out by the plan, with its
 // grid barrier's counter zeroed (stream-ordered, like everything else here).
+// false, with a warning saying why, when the device refused the cooperative
+// launch (MPS, SMs taken by others): the caller then runs the fallback, which
+// needs no co-residency. Nothing was written then.
 template <class Body, class Launcher, class Args>
-void launch_persistent(Launcher& launcher, Args& a, const Plan& plan, size_t acc_size,
+bool launch_persistent(Launcher& launcher, Args& a, const Plan& plan, size_t acc_size,
                        const at::TensorOptions& options) {
   a.L = make_layout(a.L.T, a.L.B, a.L.N, plan.col_groups, plan.row_groups, plan.threads, plan.rows_per_tile);
   auto counter = at::zeros({1}, options.dtype(at::kLong));
   Body body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
-  launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, acc_size));
+  const std::string refused = launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, acc_size));
+  if (refused.empty()) return true;
+  TORCH_WARN("fused_nnrnn: the device refused the cooperative launch of the persistent kernel (", refused,
+             "); this call and later ones of this shape take the fallback path (a GEMM per step) instead; "
+             "nnrnn_fused.cuda_path() says so");
+  return false;
 }
 
 template <class Launcher>
@@ -104,9 +113,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                    state.data_ptr<acc_t>(),
                                    Layout{T, B, N, 1, 1, 0, 0, 1},
                                    f};
-    if (plan.persistent) {
-      launch_persistent<PersistentForward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), x.options());
-    } else {
+    if (!plan.persistent ||
+        !launch_persistent<PersistentForward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), x.options())) {
       // A GEMM per step into `dots`, then the pointwise finish.
       auto W_acc = Wc.to(acc.dtype());
       auto h0_acc = h0 ? h0c.to(acc.dtype()) : at::Tensor();
@@ -160,9 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
                                     grad_h0.data_ptr<scalar_t>(),
                                     Layout{T, B, N, 1, 1, 0, 0, 1},
                                     f};
-    if (plan.persistent) {
-      launch_persistent<PersistentBackward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), output.options());
-    } else {
+    if (!plan.persistent ||
+        !launch_persistent<PersistentBackward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), output.options())) {
       using Step = PointwiseStep<BackwardArgs<scalar_t, acc_t>, acc_t>;
       auto W_acc = Wc.to(acc.dtype());
       auto dots = at::empty({B, N}, acc);

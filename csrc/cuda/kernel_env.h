@@ -26,10 +26,17 @@ struct DeviceEnv {
   // reaches k * gridDim.x. One atomic and one spinning thread per block; cheaper
   // than cooperative_groups' grid.sync() and needs no reset between barriers.
   // Co-residency of all blocks is guaranteed by the cooperative launch.
+  //
+  // Deadlock watchdog: with watchdog_ns > 0, a block that waits longer than that
+  // at one grid barrier executes __trap(): a deadlock (a block that never
+  // arrives) becomes a launch error that the host sees ("unspecified launch
+  // failure"; the CUDA context is lost) instead of a hang. The bound is read off
+  // %globaltimer (nanoseconds), only while spinning. 0: off.
   unsigned long long* counter;
+  unsigned long long watchdog_ns;
   unsigned long long passed = 0;
 
-  __device__ explicit DeviceEnv(unsigned long long* c) : counter(c) {}
+  __device__ DeviceEnv(unsigned long long* c, unsigned long long watchdog) : counter(c), watchdog_ns(watchdog) {}
 
   __device__ int thread() const { return static_cast<int>(threadIdx.x); }
   __device__ int threads() const { return static_cast<int>(blockDim.x); }
@@ -46,10 +53,18 @@ struct DeviceEnv {
       ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device> c(*counter);
       c.fetch_add(1, ::cuda::memory_order_release);
       const unsigned long long target = passed * gridDim.x;
+      const unsigned long long start = watchdog_ns ? global_ns() : 0;
       while (c.load(::cuda::memory_order_acquire) < target) {
+        if (watchdog_ns && global_ns() - start > watchdog_ns) __trap();
       }
     }
     __syncthreads();  // thread 0's acquire happens before the block's next reads
+  }
+
+  __device__ static unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
   }
 
   template <typename T>

@@ -32,14 +32,14 @@ constexpr int kThreads = 512;  // per block of the persistent kernels
 constexpr int kPointwiseThreads = 256;
 
 template <class Body>
-__global__ void __launch_bounds__(kThreads) persistent_kernel(Body body) {
-  DeviceEnv env(body.barrier);
+__global__ void __launch_bounds__(kThreads) persistent_kernel(Body body, unsigned long long watchdog) {
+  DeviceEnv env(body.barrier, watchdog);
   body(env);
 }
 
 template <class Body>
 __global__ void pointwise_kernel(Body body) {
-  DeviceEnv env(nullptr);
+  DeviceEnv env(nullptr, 0);
   body(env);
 }
 
@@ -51,6 +51,18 @@ using Backward = PersistentBackward<scalar_t, at::opmath_type<scalar_t>>;
 bool fallback_forced() {
   const char* v = std::getenv("NNRNN_CUDA_FORCE_FALLBACK");
   return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+// NNRNN_CUDA_WATCHDOG_MS: the grid barrier's deadlock watchdog (kernel_env.h), in
+// milliseconds; unset or 0: off. Read at every launch, so tests can set it.
+unsigned long long watchdog_ns() {
+  const char* v = std::getenv("NNRNN_CUDA_WATCHDOG_MS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const double ms = std::strtod(v, &end);
+  TORCH_CHECK_VALUE(*end == '\0' && ms >= 0 && ms < 1e9,
+                    "NNRNN_CUDA_WATCHDOG_MS must be a number of milliseconds >= 0 (0: off), got '", v, "'");
+  return ms > 0 ? std::max(1ull, static_cast<unsigned long long>(ms * 1e6)) : 0;
 }
 
 int device_attribute(cudaDeviceAttr attr, int device) {
@@ -99,6 +111,17 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   return p;
 }
 
+struct PlanCache {
+  using Key = std::tuple<int, int64_t, int64_t, int>;  // device, N, B, dtype
+  std::mutex mutex;
+  std::map<Key, Plan> plans;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache cache;
+  return cache;
+}
+
 Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   if (fallback_forced()) {
     Plan p;
@@ -106,19 +129,27 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
     return p;
   }
   // Cached: the occupancy queries cost microseconds.
-  using Key = std::tuple<int, int64_t, int64_t, int>;
-  static std::mutex mutex;
-  static std::map<Key, Plan> cache;
-  const Key key{device, N, B, static_cast<int>(dtype)};
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, compute_plan(N, B, dtype, device)).first;
+  PlanCache& c = plan_cache();
+  const PlanCache::Key key{device, N, B, static_cast<int>(dtype)};
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto it = c.plans.find(key);
+  if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device)).first;
   return it->second;
+}
+
+// After the device refused a shape's cooperative launch: the fallback from now on.
+void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, const std::string& why) {
+  Plan p;
+  p.reason = "the device refused the cooperative launch (" + why + ")";
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype)}] = p;
 }
 
 struct CudaLauncher {
   c10::DeviceIndex device;
   cudaStream_t stream;
+  at::ScalarType dtype;
 
   Plan plan(int64_t B, int64_t N, at::ScalarType dtype) const { return cuda_plan(N, B, dtype, device); }
 
@@ -139,10 +170,21 @@ struct CudaLauncher {
   }
 
   template <class Body>
-  void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
-    void* args[] = {const_cast<Body*>(&body)};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>), dim3(L.grid()),
-                                               dim3(threads), args, bytes, stream));
+  std::string persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+    unsigned long long watchdog = watchdog_ns();
+    void* args[] = {const_cast<Body*>(&body), &watchdog};
+    const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>),
+                                                        dim3(L.grid()), dim3(threads), args, bytes, stream);
+    // Too many blocks to be co-resident now (MPS, SMs held by others), or no
+    // cooperative launch here: the caller takes the fallback. Other errors raise.
+    if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
+      (void)cudaGetLastError();  // not a sticky error: clear it for the next launch
+      const std::string why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+      record_refusal(L.N, L.B, dtype, device, why);
+      return why;
+    }
+    C10_CUDA_CHECK(err);
+    return "";
   }
 
   template <class Body>
@@ -155,7 +197,7 @@ struct CudaLauncher {
 
 CudaLauncher launcher_for(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), "fused_nnrnn: the CUDA kernel got a tensor on ", x.device());
-  return {x.device().index(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream()};
+  return {x.device().index(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), x.scalar_type()};
 }
 
 std::tuple<at::Tensor, at::Tensor> recurrence_cuda(const at::Tensor& x, const at::Tensor& W,
