@@ -1,7 +1,7 @@
 """Property-based test of the op's argument space (hypothesis) against the reference loop.
 
 Random shapes (0 and 1 included), dtypes, layouts (contiguous, transposed, strided, expanded),
-lengths (tensors of both integer types, lists), h0, biases holding NaN or +-inf, every
+lengths (tensors of both integer types, lists), h0, NaN or +-inf in b (or x, W, h0), every
 nonlinearity, and one bad argument now and then. Every call either matches the reference
 (output, h_n and the gradients of every input; gradients only where the output holds no NaN)
 or raises a ValueError naming the bad argument, as the reference does.
@@ -57,9 +57,14 @@ def cases(draw):
                 lengths=draw(st.sampled_from([None, "int64", "int32", "list"])),
                 length_values=draw(st.lists(st.integers(0, T), min_size=B, max_size=B)),
                 zero_x=draw(st.booleans()))  # zeros in x reach z = 0 exactly (modReLU: 0 * inf)
+    # NaN or +-inf in one input (mostly b); the index is taken modulo the input's size. W only with
+    # an h0: without one the first step has no product with W (README: the zero state).
+    targets = [t for t, present in (("b", case["with_b"]), ("x", True), ("W", case["with_h0"]),
+                                    ("h0", case["with_h0"])) if present]
     special = None
-    if case["with_b"] and N > 0 and draw(st.booleans()):
-        special = (draw(st.integers(0, N - 1)), draw(st.sampled_from([math.nan, math.inf, -math.inf])))
+    if N > 0 and draw(st.booleans()):
+        special = (draw(st.sampled_from(targets[:1] * 3 + targets)), draw(st.integers(0, 1000)),
+                   draw(st.sampled_from([math.nan, math.inf, -math.inf])))
     case["special"] = special
     faults = [f for f, (_, applies) in FAULTS.items() if applies(T, B, N)]
     case["fault"] = draw(st.sampled_from(faults)) if draw(st.integers(0, 3)) == 0 else None
@@ -81,8 +86,10 @@ def make_leaves(case):
         if name == "x" and case["zero_x"]:
             leaves[name][..., : (N + 1) // 2] = 0
     if case["special"] is not None:
-        index, value = case["special"]
-        leaves["b"][index if case["layouts"]["b"] != "expanded" else 0] = value
+        target, index, value = case["special"]
+        flat = leaves[target].view(-1)
+        if flat.numel():
+            flat[index % flat.numel()] = value
     return {k: v.to(dtype).requires_grad_() for k, v in leaves.items()}
 
 
