@@ -159,7 +159,7 @@ def run(impl, case):
     return out, h_n, {k: torch.zeros_like(leaves[k]) if d is None else d for k, d in zip(names, got)}
 
 
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_fused_op_matches_reference_or_names_the_bad_argument(case):
     fused, ref = run(fused_nnrnn, case), run(nnrnn_recurrence, case)
