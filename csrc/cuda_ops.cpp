@@ -1,9 +1,9 @@
 // Extra ops around the CUDA kernels, defined in every build (with or without CUDA):
 //
 //   cuda_path(N, B, dtype, device) -> str
-//       which path recurrence takes on that device: "persistent", or
-//       "fallback: <reason>", or "unavailable: <reason>"; no tensor arguments,
-//       so one implementation serves every backend.
+//       which path recurrence takes on that device: "persistent <kernel version>:
+//       <plan>", or "fallback: <reason>", or "unavailable: <reason>"; no tensor
+//       arguments, so one implementation serves every backend.
 //   emulated_recurrence(..., col_groups, row_groups, threads, rows_per_tile, persistent)
 //   emulated_recurrence_backward(..., col_groups, row_groups, threads, rows_per_tile, persistent)
 //       the CUDA kernels' source run on CPU tensors by a host emulation of the
@@ -13,7 +13,7 @@
 //       the persistent layout that the CUDA side would choose on a device with
 //       that many SMs and that much shared memory per block, before its occupancy
 //       check: [col_groups, row_groups, rows_per_tile, shared_bytes], or [] when W
-//       does not fit (the fallback).
+//       does not fit (the fallback). Honours NNRNN_CUDA_PLAN as the CUDA side does.
 #include <torch/library.h>
 
 #include <string>
@@ -43,8 +43,7 @@ std::vector<int64_t> emulated_plan(int64_t N, int64_t B, c10::ScalarType dtype, 
   TORCH_CHECK_VALUE(N >= 1 && B >= 1 && sms >= 1 && smem_bytes >= 1 && threads >= 1,
                     "emulated_plan: N, B, sms, smem_bytes and threads must be >= 1");
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
-  const kern::Plan p = kern::choose_persistent_plan(N, B, acc, static_cast<int>(sms), smem_bytes,
-                                                    static_cast<int>(threads));
+  const kern::Plan p = kern::persistent_plan(N, B, acc, static_cast<int>(sms), smem_bytes, static_cast<int>(threads));
   if (!p.persistent) return {};
   const auto L = kern::make_layout(1, B, N, p.col_groups, p.row_groups, p.threads, p.rows_per_tile);
   return {p.col_groups, p.row_groups, p.rows_per_tile, kern::shared_bytes(L, acc)};

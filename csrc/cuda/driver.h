@@ -13,6 +13,8 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 
@@ -33,6 +35,12 @@ inline int64_t shared_bytes(const Layout& L, size_t acc_size) { return L.shared_
 constexpr int kMaxRowsPerTile = 64;  // rows of A staged per tile
 constexpr int kMinRowsPerTile = 8;   // wanted beside W's slice (fewer: more block barriers per step)
 
+// Shared memory of a persistent block, at most: its slice of W (N x cols), `rows` staged
+// rows of A (N + 1 each) and the partial sums (at most `threads`), `acc` bytes each.
+inline int64_t plan_bytes(int64_t N, int64_t cols, int64_t rows, int threads, int64_t acc) {
+  return (N * cols + threads + rows * (N + 1 + cols)) * acc;
+}
+
 // The persistent layout on a device with `sms` multiprocessors and `budget` bytes
 // of shared memory per block (one block per SM at most), or persistent = false
 // and the reason. The fewest column groups whose slice of W fits beside a tile of
@@ -42,7 +50,7 @@ constexpr int kMinRowsPerTile = 8;   // wanted beside W's slice (fewer: more blo
 inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
   Plan p;
   p.threads = threads;
-  auto bytes_for = [&](int64_t cols, int64_t rows) { return (N * cols + threads + rows * (N + 1 + cols)) * acc; };
+  auto bytes_for = [&](int64_t cols, int64_t rows) { return plan_bytes(N, cols, rows, threads, acc); };
   for (int64_t c = 1; c <= std::min<int64_t>(N, sms); ++c) {
     const int64_t r = std::max<int64_t>(1, std::min<int64_t>(B, sms / c));
     const int64_t rows_per_block = (B + r - 1) / r;
@@ -61,6 +69,35 @@ inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, i
              std::to_string(bytes_for(cols, 1)) + " bytes of shared memory or more, the device allows " +
              std::to_string(budget);
   return p;
+}
+
+// The layout forced by NNRNN_CUDA_PLAN="<col_groups>x<row_groups>" (benchmarks/gpu_check.sh
+// times the grid barrier at chosen grid sizes this way); rows per tile as many as fit, up to
+// the block's rows and kMaxRowsPerTile. A spec that is malformed or does not fit is an error.
+inline Plan forced_persistent_plan(const std::string& spec, int64_t N, int64_t B, int64_t acc, int64_t budget,
+                                   int threads) {
+  int c = 0, r = 0, used = 0;
+  const bool parsed = std::sscanf(spec.c_str(), "%dx%d%n", &c, &r, &used) == 2 && used == static_cast<int>(spec.size());
+  TORCH_CHECK_VALUE(parsed && c >= 1 && r >= 1,
+                    "NNRNN_CUDA_PLAN must be <col_groups>x<row_groups>, both >= 1 (e.g. 1x8), got '", spec, "'");
+  const int64_t cols = (N + c - 1) / c;
+  const int64_t fit = (budget - plan_bytes(N, cols, 0, threads, acc)) / ((N + 1 + cols) * acc);
+  TORCH_CHECK_VALUE(fit >= 1, "NNRNN_CUDA_PLAN=", spec, ": a block's slice of W (", N, " x ", cols,
+                    ") and one row of h need more than the ", budget, " bytes of shared memory a block may use");
+  Plan p;
+  p.persistent = true;
+  p.threads = threads;
+  p.col_groups = c;
+  p.row_groups = r;
+  p.rows_per_tile = static_cast<int>(std::min<int64_t>({std::max<int64_t>(1, (B + r - 1) / r), kMaxRowsPerTile, fit}));
+  return p;
+}
+
+// NNRNN_CUDA_PLAN's layout when it is set, else the planner's.
+inline Plan persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
+  const char* spec = std::getenv("NNRNN_CUDA_PLAN");
+  if (spec != nullptr && *spec != '\0') return forced_persistent_plan(spec, N, B, acc, budget, threads);
+  return choose_persistent_plan(N, B, acc, sms, budget, threads);
 }
 
 // One launch of a persistent kernel Body over `a`, laid out by the plan, with its

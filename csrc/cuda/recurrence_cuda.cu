@@ -28,6 +28,7 @@
 namespace nnrnn::kern {
 namespace {
 
+constexpr const char* kKernelVersion = "v1";  // named by cuda_path, so that runs can be compared
 constexpr int kThreads = 512;  // per block of the persistent kernels
 constexpr int kPointwiseThreads = 256;
 
@@ -81,7 +82,7 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const int64_t budget = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  Plan p = choose_persistent_plan(N, B, acc, sms, budget, kThreads);
+  Plan p = persistent_plan(N, B, acc, sms, budget, kThreads);
   if (!p.persistent) return p;
   const int grid = p.col_groups * p.row_groups;
   const int64_t bytes =
@@ -112,7 +113,7 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
 }
 
 struct PlanCache {
-  using Key = std::tuple<int, int64_t, int64_t, int>;  // device, N, B, dtype
+  using Key = std::tuple<int, int64_t, int64_t, int, std::string>;  // device, N, B, dtype, NNRNN_CUDA_PLAN
   std::mutex mutex;
   std::map<Key, Plan> plans;
 };
@@ -120,6 +121,11 @@ struct PlanCache {
 PlanCache& plan_cache() {
   static PlanCache cache;
   return cache;
+}
+
+std::string plan_override() {
+  const char* v = std::getenv("NNRNN_CUDA_PLAN");
+  return v == nullptr ? std::string() : std::string(v);
 }
 
 Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
@@ -130,7 +136,7 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   }
   // Cached: the occupancy queries cost microseconds.
   PlanCache& c = plan_cache();
-  const PlanCache::Key key{device, N, B, static_cast<int>(dtype)};
+  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), plan_override()};
   std::lock_guard<std::mutex> lock(c.mutex);
   auto it = c.plans.find(key);
   if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device)).first;
@@ -143,7 +149,7 @@ void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, cons
   p.reason = "the device refused the cooperative launch (" + why + ")";
   PlanCache& c = plan_cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype)}] = p;
+  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), plan_override()}] = p;
 }
 
 struct CudaLauncher {
@@ -230,7 +236,15 @@ std::string describe_path(int64_t N, int64_t B, c10::ScalarType dtype, int devic
   TORCH_CHECK_VALUE(device < count, "cuda_path: no CUDA device ", device, " (", count, " visible)");
   if (N == 0 || B == 0) return "empty: no kernel runs";
   const kern::Plan p = kern::cuda_plan(N, B, dtype, device);
-  return p.persistent ? std::string("persistent") : "fallback: " + p.reason;
+  if (!p.persistent) return "fallback: " + p.reason;
+  const int64_t acc = dtype == at::kDouble ? 8 : 4;
+  const auto L = kern::make_layout(1, B, N, p.col_groups, p.row_groups, p.threads, p.rows_per_tile);
+  const std::string forced = kern::plan_override();
+  return std::string("persistent ") + kern::kKernelVersion + ": " + std::to_string(p.col_groups) + " x " +
+         std::to_string(p.row_groups) + " blocks (column x row groups) of " + std::to_string(p.threads) +
+         " threads, " + std::to_string(p.rows_per_tile) + " rows per tile, " +
+         std::to_string(kern::shared_bytes(L, acc)) + " bytes of shared memory per block" +
+         (forced.empty() ? "" : "; layout set by NNRNN_CUDA_PLAN=" + forced);
 }
 
 }  // namespace nnrnn::cuda
