@@ -20,6 +20,7 @@ def packed(monkeypatch):
     monkeypatch.setenv("NNRNN_CPU_KERNEL", "packed")
     monkeypatch.delenv("NNRNN_CPU_ISA", raising=False)
     monkeypatch.delenv("NNRNN_CPU_SLOW_MEMBER_US", raising=False)
+    monkeypatch.delenv("NNRNN_CPU_TEAM", raising=False)
     return lambda isa: monkeypatch.setenv("NNRNN_CPU_ISA", isa)
 
 
@@ -107,10 +108,11 @@ def test_packed_matches_blas_path(monkeypatch, nonlinearity):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_same_bits_for_one_and_two_threads(packed, threads, isa, with_lengths):
+def test_same_bits_for_one_and_two_threads(packed, threads, monkeypatch, isa, with_lengths):
     """Each column is computed by one thread in one order (the weight and bias gradients
     too), so the results do not depend on how the columns are split."""
     packed(isa)
+    monkeypatch.setenv("NNRNN_CPU_TEAM", "fixed")  # two threads even if an earlier call went solo
     args = inputs(20, 10, 100, torch.float32, True, with_lengths)
     results = []
     for n in (1, 2):
@@ -125,12 +127,29 @@ def test_barrier_with_a_slow_thread(packed, threads, monkeypatch):
     """The last thread sleeps before every step (as if descheduled): the others wait at
     the barrier, nothing deadlocks, and the results are the same bits."""
     threads(2)
+    monkeypatch.setenv("NNRNN_CPU_TEAM", "fixed")
     args = inputs(12, 5, 96, torch.float32, True, True)
     fast = outputs_and_grads(fused_nnrnn, *args, "modrelu")
     monkeypatch.setenv("NNRNN_CPU_SLOW_MEMBER_US", "3000")
     slow = outputs_and_grads(fused_nnrnn, *args, "modrelu")
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_team_goes_solo_with_the_same_bits(packed, threads, monkeypatch, with_lengths):
+    """A member that sleeps 3 ms before every step makes waiting cost more than member 0
+    alone would (csrc/cpu/team.h): the team goes solo after a few steps, in the forward and
+    in the backward, and later calls start solo. The results are those of one thread."""
+    args = inputs(40, 9, 130, torch.float32, True, with_lengths)
+    threads(1)
+    want = outputs_and_grads(fused_nnrnn, *args, "modrelu")
+    threads(2)
+    monkeypatch.setenv("NNRNN_CPU_SLOW_MEMBER_US", "3000")
+    for _ in range(3):  # the first call switches mid-sequence, the next ones start solo
+        got = outputs_and_grads(fused_nnrnn, *args, "modrelu")
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"result {i} differs from one thread's"
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 5), (4, 0, 5), (4, 3, 0), (0, 0, 0)], ids=str)
@@ -194,6 +213,10 @@ def test_bad_settings_are_refused(monkeypatch):
     monkeypatch.setenv("NNRNN_CPU_ISA", "avx9000")
     x, W, b, h0, _ = inputs(2, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="NNRNN_CPU_ISA must be avx512, avx2 or generic"):
+        fused_nnrnn(x, W, b, h0)
+    monkeypatch.delenv("NNRNN_CPU_ISA")
+    monkeypatch.setenv("NNRNN_CPU_TEAM", "sometimes")
+    with pytest.raises(ValueError, match="NNRNN_CPU_TEAM must be adaptive or fixed"):
         fused_nnrnn(x, W, b, h0)
     with pytest.raises(ValueError, match="N and B must be >= 0"):
         nnrnn_fused.cpu_path(-1, 3)

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <numeric>
 #include <string>
@@ -47,11 +48,11 @@ enum class Level { Generic, Avx2, Avx512 };
   template <typename T>                                                                          \
   using name##_isa = packed::Isa<T, vec_bytes, max_rows>;                                        \
   template <typename T>                                                                          \
-  attributes void forward_##name(const packed::ForwardArgs<T>& a, const Team& team) {            \
+  attributes void forward_##name(const packed::ForwardArgs<T>& a, Team& team) {            \
     packed::forward_worker<name##_isa<T>>(a, team);                                              \
   }                                                                                              \
   template <typename T>                                                                          \
-  attributes void backward_##name(const packed::BackwardArgs<T>& a, const Team& team) {          \
+  attributes void backward_##name(const packed::BackwardArgs<T>& a, Team& team) {          \
     packed::backward_worker<name##_isa<T>>(a, team);                                             \
   }
 
@@ -65,8 +66,8 @@ NNRNN_PACKED_ISA(avx512, __attribute__((flatten, target("avx512f,fma"))), 64, 8)
 
 template <typename T>
 struct Kernels {
-  void (*forward)(const packed::ForwardArgs<T>&, const Team&);
-  void (*backward)(const packed::BackwardArgs<T>&, const Team&);
+  void (*forward)(const packed::ForwardArgs<T>&, Team&);
+  void (*backward)(const packed::BackwardArgs<T>&, Team&);
   int64_t cols;  // panel width
   const char* name;
 };
@@ -112,6 +113,32 @@ Kernels<T> kernels(Level level) {
 // As many threads as torch uses, at most one per panel.
 int team_size(int64_t N, int64_t cols) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + cols - 1) / cols)));
+}
+
+// Consecutive calls that ran solo: a team that went solo (team.h) says the
+// machine is busy, so the next calls start solo, and every kProbeEvery-th call
+// tries a team again. Which thread computes a column never changes its bits.
+std::atomic<unsigned> solo_calls{0};
+constexpr unsigned kProbeEvery = 8;
+
+// NNRNN_CPU_TEAM=fixed (tests, measurements): the team keeps its size.
+template <class Body>
+void run_adaptive_team(int wanted, const Body& body) {
+  const std::string team = env("NNRNN_CPU_TEAM");
+  TORCH_CHECK_VALUE(team.empty() || team == "adaptive" || team == "fixed",
+                    "NNRNN_CPU_TEAM must be adaptive or fixed (or unset), got '", team, "'");
+  if (team == "fixed") {
+    run_team(wanted, false, body);
+    return;
+  }
+  const unsigned streak = solo_calls.load(std::memory_order_relaxed);
+  if (wanted > 1 && streak % kProbeEvery != 0) {
+    run_team(1, false, body);
+    solo_calls.store(streak + 1, std::memory_order_relaxed);
+    return;
+  }
+  const bool solo = run_team(wanted, true, body);
+  if (wanted > 1) solo_calls.store(solo ? streak + 1 : 0, std::memory_order_relaxed);
 }
 
 int slow_member_us() {
@@ -185,7 +212,7 @@ void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W,
   const RowOrder rows = row_order(steps, B, lengths);
   const packed::ForwardArgs<T> args{steps, B, N, x, W, bias, h0, out, rows.order.data(), rows.active.data(), f,
                                     packed_W.template data_ptr<T>(), slow_member_us()};
-  run_team(team_size(N, k.cols), [&](const Team& team) { k.forward(args, team); });
+  run_adaptive_team(team_size(N, k.cols), [&](Team& team) { k.forward(args, team); });
 }
 
 template <typename T>
@@ -202,7 +229,7 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* o
                                      rows.active.data(), f, dx, dW, db, grad_h0,
                                      packed_Wt.template data_ptr<T>(), packed_dW.template data_ptr<T>(),
                                      packed_d.template data_ptr<T>(), slow_member_us()};
-  run_team(team_size(N, k.cols), [&](const Team& team) { k.backward(args, team); });
+  run_adaptive_team(team_size(N, k.cols), [&](Team& team) { k.backward(args, team); });
 }
 
 #else  // choose_cpu_path never picks the packed path here

@@ -200,11 +200,17 @@ struct PanelRange {
   int64_t first, last;
 };
 inline PanelRange my_panels(int64_t panels, const Team& team) {
-  return {panels * team.member / team.members, panels * (team.member + 1) / team.members};
+  return {panels * team.member() / team.members(), panels * (team.member() + 1) / team.members()};
+}
+
+inline double share(const PanelRange& mine, int64_t panels) {
+  return static_cast<double>(mine.last - mine.first) / static_cast<double>(panels);
 }
 
 inline void slow_down(int us, const Team& team) {
-  if (us > 0 && team.member == team.members - 1) std::this_thread::sleep_for(std::chrono::microseconds(us));
+  if (us > 0 && team.members() > 1 && team.member() == team.members() - 1) {
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+  }
 }
 
 // C rows (given by `rows`) of one panel: acc = A[rows] (mr x K) @ panel (K x kCols),
@@ -229,10 +235,10 @@ inline void gemm_rows(const typename I::scalar* a, int64_t K, const int64_t* row
 }
 
 template <class I>
-void forward_worker(const ForwardArgs<typename I::scalar>& a, const Team& team) {
+void forward_worker(const ForwardArgs<typename I::scalar>& a, Team& team) {
   using T = typename I::scalar;
-  const int64_t N = a.N, BN = a.B * a.N;
-  const PanelRange mine = my_panels(panel_count<I>(N), team);
+  const int64_t N = a.N, BN = a.B * a.N, panels = panel_count<I>(N);
+  PanelRange mine = my_panels(panels, team);
   pack_panels<I>(a.W, N, 1, N, N, mine.first, mine.last, a.packed_W);  // W (k, j) -> panels of j
 
   for (int64_t t = 0; t < a.steps; ++t) {
@@ -253,15 +259,18 @@ void forward_worker(const ForwardArgs<typename I::scalar>& a, const Team& team) 
       });
       for (int64_t s = running; s < a.B; ++s) std::fill_n(cur + a.order[s] * N + c0, ncols, T(0));
     }
-    if (t + 1 < a.steps) team.sync();
+    if (t + 1 < a.steps) {
+      if (!team.sync(share(mine, panels))) return;
+      mine = my_panels(panels, team);  // every panel once the team went solo
+    }
   }
 }
 
 template <class I>
-void backward_worker(const BackwardArgs<typename I::scalar>& a, const Team& team) {
+void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
   using T = typename I::scalar;
-  const int64_t N = a.N, B = a.B, BN = B * N;
-  const PanelRange mine = my_panels(panel_count<I>(N), team);
+  const int64_t N = a.N, B = a.B, BN = B * N, panels = panel_count<I>(N);
+  PanelRange mine = my_panels(panels, team);
   pack_panels<I>(a.W, 1, N, N, N, mine.first, mine.last, a.packed_Wt);  // W^T (j, k) -> panels of k
   for (int64_t p = mine.first; p < mine.last; ++p) {
     std::fill_n(a.packed_dW + p * N * I::kCols, N * I::kCols, T(0));
@@ -293,7 +302,7 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, const Team& team
       for (int64_t s = running_next; s < running; ++s) derivative(s, a.grad_h_n + a.order[s] * N + c0);
       for (int64_t s = running; s < B; ++s) std::fill_n(da + a.order[s] * N + c0, ncols, T(0));
     }
-    const unsigned round = team.members > 1 ? team.barrier->arrive(team.members) : 0;
+    const unsigned round = team.arrive();
 
     // While the others finish the step: dW[:, my columns] += h_{t-1}^T da_t. Reads
     // only h (never written here) and this member's own buffers.
@@ -315,7 +324,8 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, const Team& team
         });
       }
     }
-    if (team.members > 1) team.barrier->wait(round);
+    if (!team.wait(round, share(mine, panels))) return;
+    mine = my_panels(panels, team);
   }
 
   // grad_h0 = da_0 W^T for rows that ran at step 0, grad_h_n for the others.
