@@ -28,13 +28,15 @@ std::string env(const char* name) {
   return v == nullptr ? std::string() : std::string(v);
 }
 
-// Where the packed path beats one BLAS GEMM per step (forward + backward, float32,
-// 2 threads; benchmarks/crossover.py on the 2-core development machine): the
-// packed path is taken for N <= max_N when B <= max_B.
+// Where the packed path beat one BLAS GEMM per step (float32, 2 threads, forward
+// and forward+backward, T=100; `--grid crossover` on the shared 2-core development
+// machine, benchmarks/results/cpu_v2/): the packed path is taken for N <= max_N
+// when B >= min_B; beyond the last row (not measured) the BLAS path. At B=1 and
+// N <= 512 the BLAS path (a GEMV, no team) was as fast or faster in some runs.
 struct Crossover {
-  int64_t max_N, max_B;
+  int64_t max_N, min_B;
 };
-constexpr Crossover kCrossover[] = {{128, 1 << 20}, {256, 1 << 20}, {512, 1 << 20}, {1024, 1 << 20}};
+constexpr Crossover kCrossover[] = {{512, 2}, {1024, 1}};
 
 // Beyond this the packed copies of W, W^T and dW (3 N^2 elements) are no longer small.
 constexpr int64_t kMaxPackedN = 4096;
@@ -182,7 +184,8 @@ CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
   if (forced != "packed") {
     const auto* row = std::find_if(std::begin(kCrossover), std::end(kCrossover),
                                    [&](const Crossover& c) { return N <= c.max_N; });
-    if (row == std::end(kCrossover) || B > row->max_B) return {false, "blas: beyond the measured crossover"};
+    if (row == std::end(kCrossover)) return {false, "blas: N beyond the measured crossover table"};
+    if (B < row->min_B) return {false, "blas: faster for this shape (crossover table)"};
   }
   const Level level = chosen_level();
   const int64_t cols = dtype == at::kDouble ? kernels<double>(level).cols : kernels<float>(level).cols;
