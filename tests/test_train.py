@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nnrnn_fused import count_free_parameters, tasks, train
-from nnrnn_fused.models import SequenceModel
+from nnrnn_fused.models import MODELS, SequenceModel
 
 from test_tasks import fake_mnist, write_mnist_csv, write_ptb
 
@@ -74,7 +74,7 @@ def test_presets_overridable_and_variants():
 
 
 def test_psmnist_sizes_match_the_paper_parameter_budget():
-    cfg = {m: train.resolve_config({"task": "psmnist", "data_dir": "/d", "model": m}) for m in train.MODELS}
+    cfg = {m: train.resolve_config({"task": "psmnist", "data_dir": "/d", "model": m}) for m in MODELS}
     counts = {m: count_free_parameters(SequenceModel(m, 1, c["hidden"], 10, readout="last", backend="reference"))
               for m, c in cfg.items()}
     assert counts["nnrnn"] == 268_298  # SPEC section 5

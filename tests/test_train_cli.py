@@ -85,7 +85,7 @@ def test_second_ctrl_c_during_plotting_exits_cleanly(tmp_path, monkeypatch, caps
     the plots stops at once with the interrupted status, no traceback, and the handlers restored."""
     original = signal.getsignal(signal.SIGINT)
     calls = []
-    penalty = train.delta_penalty
+    penalty = train.loop.delta_penalty
 
     def penalty_then_ctrl_c(model, delta):
         calls.append(1)
@@ -97,8 +97,8 @@ def test_second_ctrl_c_during_plotting_exits_cleanly(tmp_path, monkeypatch, caps
         os.kill(os.getpid(), signal.SIGINT)
         raise AssertionError("the second Ctrl-C did not stop the command")
 
-    monkeypatch.setattr(train, "delta_penalty", penalty_then_ctrl_c)
-    monkeypatch.setattr(train, "plot_curves", plot_then_ctrl_c)
+    monkeypatch.setattr(train.loop, "delta_penalty", penalty_then_ctrl_c)
+    monkeypatch.setattr(train.loop, "plot_curves", plot_then_ctrl_c)
     status = train.main(TINY_COPY + ["--steps", "100", "--checkpoint-every", "0", "--out-dir", str(tmp_path)])
     assert status == train.EXIT_INTERRUPTED
     captured = capsys.readouterr()
@@ -109,7 +109,7 @@ def test_second_ctrl_c_during_plotting_exits_cleanly(tmp_path, monkeypatch, caps
 
 def test_sigterm_in_process_is_handled_like_ctrl_c(tmp_path, monkeypatch):
     original = signal.getsignal(signal.SIGTERM)
-    penalty = train.delta_penalty
+    penalty = train.loop.delta_penalty
     calls = []
 
     def penalty_then_sigterm(model, delta):
@@ -118,7 +118,7 @@ def test_sigterm_in_process_is_handled_like_ctrl_c(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return penalty(model, delta)
 
-    monkeypatch.setattr(train, "delta_penalty", penalty_then_sigterm)
+    monkeypatch.setattr(train.loop, "delta_penalty", penalty_then_sigterm)
     status = train.main(TINY_COPY + ["--steps", "100", "--checkpoint-every", "0", "--out-dir", str(tmp_path)])
     assert status == train.EXIT_INTERRUPTED
     assert train.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3

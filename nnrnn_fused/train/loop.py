@@ -29,10 +29,10 @@ import time
 import torch
 from torch import nn
 
-from . import _extension, tasks
-from .layer import count_free_parameters
-from .models import MODELS, READOUT_INITS, SequenceModel
-from .recipe import delta_penalty, make_optimizers
+from .. import _extension, tasks
+from ..layer import count_free_parameters
+from ..models import MODELS, READOUT_INITS, SequenceModel
+from ..recipe import delta_penalty, make_optimizers
 
 TASKS = ("copy", "adding", "psmnist", "ptb")
 
@@ -886,6 +886,3 @@ def main(argv=None) -> int:
         refuse(e)
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

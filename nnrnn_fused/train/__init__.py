@@ -1,0 +1,20 @@
+"""The training command ``nnrnn-train`` (``python -m nnrnn_fused.train``); its usage: ``nnrnn-train --help``.
+
+Each module imports only from those below it (and from the rest of nnrnn_fused):
+
+    cli         presets, the command line and its checks, ``main``
+    loop        the training loop (``run``), evaluation rows, the summary, signals
+    data        the task adapters: each task's training batches and evaluation
+    checkpoint  checkpoint files and their integrity checks
+    metrics     metrics.csv / metrics.json
+    plots       learning curves and the spectrum of W
+    devices     the device of a run, and the DDP helpers (batch sharding, gathering)
+"""
+from .loop import (DATA, EXIT_INTERRUPTED, AddingData, CheckpointError, CopyData, Data, MnistData, TextData,
+                   halve_lr_on_plateau, load_checkpoint, main, pick_device, plot_curves, plot_eigenvalues,
+                   read_metrics, resolve_config, run, save_checkpoint, stop_on_signals, write_metrics)
+
+__all__ = ["main", "run", "resolve_config", "stop_on_signals", "EXIT_INTERRUPTED", "halve_lr_on_plateau",
+           "Data", "CopyData", "AddingData", "MnistData", "TextData", "DATA",
+           "CheckpointError", "load_checkpoint", "save_checkpoint", "read_metrics", "write_metrics",
+           "plot_curves", "plot_eigenvalues", "pick_device"]
