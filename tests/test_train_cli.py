@@ -1,8 +1,11 @@
 """The training command's guards: option validation, device selection, exit codes and
-signals, checkpoint integrity, non-finite parameters, resume rules."""
+signals, checkpoint integrity, non-finite parameters, resume rules; the package's layout."""
+import ast
+import importlib
 import os
 import re
 import signal
+import tomllib
 
 import pytest
 import torch
@@ -225,3 +228,23 @@ def test_resume_with_other_threads_says_it_is_not_bit_exact(tmp_path, capsys):
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     assert train.main(["--resume", str(part / "checkpoint.pt"), "--steps", "6", "--threads", "2"]) == 0
     assert "note:" not in capsys.readouterr().out  # the same threads as when it was written
+
+
+# ---------------------------------------------------------------- the package's layout
+
+def test_train_modules_import_only_downwards():
+    """nnrnn_fused.train: cli -> loop -> the lower modules, so no import cycle can form."""
+    layers = ["cli", "loop", "data", "checkpoint", "metrics", "plots", "devices"]
+    package = os.path.dirname(train.__file__)
+    assert sorted(layers + ["__init__", "__main__"]) == sorted(f[:-3] for f in os.listdir(package) if f.endswith(".py"))
+    for index, name in enumerate(layers):
+        with open(os.path.join(package, name + ".py")) as f:
+            tree = ast.parse(f.read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert imported <= set(layers[index + 1:]), f"{name} imports {sorted(imported)}"
+
+
+def test_console_script_is_the_package_main():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
+        module, name = tomllib.load(f)["project"]["scripts"]["nnrnn-train"].split(":")
+    assert getattr(importlib.import_module(module), name) is train.main

@@ -10,9 +10,13 @@ Each module imports only from those below it (and from the rest of nnrnn_fused):
     plots       learning curves and the spectrum of W
     devices     the device of a run, and the DDP helpers (batch sharding, gathering)
 """
-from .loop import (DATA, EXIT_INTERRUPTED, AddingData, CheckpointError, CopyData, Data, MnistData, TextData,
-                   halve_lr_on_plateau, load_checkpoint, main, pick_device, plot_curves, plot_eigenvalues,
-                   read_metrics, resolve_config, run, save_checkpoint, stop_on_signals, write_metrics)
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .cli import EXIT_INTERRUPTED, main, resolve_config
+from .data import DATA, AddingData, CopyData, Data, MnistData, TextData
+from .devices import pick_device
+from .loop import halve_lr_on_plateau, run, stop_on_signals
+from .metrics import read_metrics, write_metrics
+from .plots import plot_curves, plot_eigenvalues
 
 __all__ = ["main", "run", "resolve_config", "stop_on_signals", "EXIT_INTERRUPTED", "halve_lr_on_plateau",
            "Data", "CopyData", "AddingData", "MnistData", "TextData", "DATA",
