@@ -9,14 +9,23 @@
 //       the CUDA kernels' source run on CPU tensors by a host emulation of the
 //       grid (cpu/emulated_cuda.cpp), with the given launch shape: a test of the
 //       kernels' logic on machines without a GPU.
+//   emulated_recurrence_v2(..., exchange, team_blocks, teams, rows_per_tile)
+//   emulated_recurrence_v2_backward(..., exchange, team_blocks, teams, rows_per_tile)
+//       the same for kernel v2 (exchange: "block", "cluster" or "grid").
 //   emulated_plan(N, B, dtype, sms, smem_bytes, threads) -> int[]
-//       the persistent layout that the CUDA side would choose on a device with
+//       kernel v1's layout that the CUDA side would choose on a device with
 //       that many SMs and that much shared memory per block, before its occupancy
 //       check: [col_groups, row_groups, rows_per_tile, shared_bytes], or [] when W
 //       does not fit (the fallback).
+//   model_plan(N, B, dtype, kernel) -> (str, float[])
+//       the plan that the cost model (cuda/plan.h) picks on an H100 SXM (the
+//       DeviceModel defaults) for kernel choice "auto", "v1" or "v2", as cuda_path
+//       describes it, and [version (0: fallback), exchange, col_groups, row_groups,
+//       threads, rows_per_tile, forward_us, backward_us].
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -50,6 +59,21 @@ std::vector<int64_t> emulated_plan(int64_t N, int64_t B, c10::ScalarType dtype, 
   return {p.col_groups, p.row_groups, p.rows_per_tile, kern::shared_bytes(L, acc)};
 }
 
+std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c10::ScalarType dtype,
+                                                       c10::string_view kernel) {
+  TORCH_CHECK_VALUE(N >= 1 && B >= 1, "model_plan: N and B must be >= 1, got N = ", N, ", B = ", B);
+  const kern::KernelChoice choice = kern::parse_kernel_choice(std::string(kernel), "model_plan: kernel");
+  const int64_t acc = dtype == at::kDouble ? 8 : 4;
+  const kern::DeviceModel h100;
+  const kern::Plan v2 = kern::v2_plan_for(N, B, dtype, h100);
+  const kern::Plan v1 = kern::choose_persistent_plan(N, B, acc, h100.sms, h100.smem_per_block, 512);
+  const kern::Plan p = kern::pick_plan(v2, v1, B, N, choice);
+  return {kern::describe(p),
+          {static_cast<double>(p.persistent ? p.version : 0), static_cast<double>(p.exchange),
+           static_cast<double>(p.col_groups), static_cast<double>(p.row_groups), static_cast<double>(p.threads),
+           static_cast<double>(p.rows_per_tile), p.forward_us, p.backward_us}};
+}
+
 }  // namespace
 }  // namespace nnrnn
 
@@ -57,6 +81,7 @@ TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
   m.def("cuda_path(int N, int B, ScalarType dtype, Device device) -> str", &nnrnn::cuda_path);
   m.def("emulated_plan(int N, int B, ScalarType dtype, int sms, int smem_bytes, int threads) -> int[]",
         &nnrnn::emulated_plan);
+  m.def("model_plan(int N, int B, ScalarType dtype, str kernel) -> (str, float[])", &nnrnn::model_plan);
   m.def(
       "emulated_recurrence(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"
       " int col_groups, int row_groups, int threads, int rows_per_tile, bool persistent)"
@@ -65,4 +90,11 @@ TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
       "emulated_recurrence_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor W,"
       " Tensor? h0, Tensor? lengths, str nonlinearity, int col_groups, int row_groups, int threads,"
       " int rows_per_tile, bool persistent) -> (Tensor grad_x, Tensor grad_W, Tensor grad_b, Tensor grad_h0)");
+  m.def(
+      "emulated_recurrence_v2(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"
+      " str exchange, int team_blocks, int teams, int rows_per_tile) -> (Tensor output, Tensor h_n)");
+  m.def(
+      "emulated_recurrence_v2_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor W,"
+      " Tensor? h0, Tensor? lengths, str nonlinearity, str exchange, int team_blocks, int teams,"
+      " int rows_per_tile) -> (Tensor grad_x, Tensor grad_W, Tensor grad_b, Tensor grad_h0)");
 }

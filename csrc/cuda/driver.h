@@ -4,7 +4,9 @@
 // backward's time loop. Only `Launcher` differs between the two:
 //   Plan plan(int64_t B, int64_t N, at::ScalarType)       which path, which layout
 //   at::Tensor lengths(const at::Tensor&, int64_t T)     validated int32 lengths on x's device
-//   void persistent(const Body&, const Layout&, int threads, size_t shared_bytes)
+//   void persistent(const Body&, const Layout&, int threads, size_t shared_bytes)   kernel v1
+//   void team(const Body&, const LayoutV2&, size_t shared_bytes)                    kernel v2
+//   template <typename acc_t> using V2Shape = TileShape<KT, LANES>                 v2's register tile
 //   void pointwise(const Body&, int64_t elements)
 #pragma once
 
@@ -14,53 +16,16 @@
 #include <algorithm>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../checks.h"
 #include "kernels.h"
+#include "kernels_v2.h"
+#include "plan.h"
 
 namespace nnrnn::kern {
 
-struct Plan {
-  bool persistent = false;
-  int col_groups = 1, row_groups = 1;  // the grid (the fallback's pointwise kernel: any)
-  int threads = 1, rows_per_tile = 1;
-  std::string reason;  // why the fallback, when it is taken
-};
-
 inline int64_t shared_bytes(const Layout& L, size_t acc_size) { return L.shared_elems() * static_cast<int64_t>(acc_size); }
-
-constexpr int kMaxRowsPerTile = 64;  // rows of A staged per tile
-constexpr int kMinRowsPerTile = 8;   // wanted beside W's slice (fewer: more block barriers per step)
-
-// The persistent layout on a device with `sms` multiprocessors and `budget` bytes
-// of shared memory per block (one block per SM at most), or persistent = false
-// and the reason. The fewest column groups whose slice of W fits beside a tile of
-// rows (each block reads its rows of A from L2 every step: col_groups x B x N in
-// all), then as many row groups as the SMs allow (less work per block). The CUDA
-// side then checks occupancy (recurrence_cuda.cu).
-inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
-  Plan p;
-  p.threads = threads;
-  auto bytes_for = [&](int64_t cols, int64_t rows) { return (N * cols + threads + rows * (N + 1 + cols)) * acc; };
-  for (int64_t c = 1; c <= std::min<int64_t>(N, sms); ++c) {
-    const int64_t r = std::max<int64_t>(1, std::min<int64_t>(B, sms / c));
-    const int64_t rows_per_block = (B + r - 1) / r;
-    const int64_t cols = (N + c - 1) / c;
-    if (bytes_for(cols, std::min<int64_t>(rows_per_block, kMinRowsPerTile)) > budget) continue;
-    const int64_t fit = (budget - bytes_for(cols, 0)) / ((N + 1 + cols) * acc);
-    p.persistent = true;
-    p.col_groups = static_cast<int>(c);
-    p.row_groups = static_cast<int>(r);
-    p.rows_per_tile = static_cast<int>(std::min<int64_t>({rows_per_block, kMaxRowsPerTile, fit}));
-    return p;
-  }
-  const int64_t cols = (N + sms - 1) / sms;
-  p.reason = "W does not fit on chip: with " + std::to_string(sms) + " blocks a block's slice of W (" +
-             std::to_string(N) + " x " + std::to_string(cols) + ") and a tile of rows need " +
-             std::to_string(bytes_for(cols, 1)) + " bytes of shared memory or more, the device allows " +
-             std::to_string(budget);
-  return p;
-}
 
 // One launch of a persistent kernel Body over `a`, laid out by the plan, with its
 // grid barrier's counter zeroed (stream-ordered, like everything else here).
@@ -71,6 +36,21 @@ void launch_persistent(Launcher& launcher, Args& a, const Plan& plan, size_t acc
   auto counter = at::zeros({1}, options.dtype(at::kLong));
   Body body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
   launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, acc_size));
+}
+
+// One launch of kernel v2 for Problem `a` (ForwardV2 or BackwardV2), laid out by
+// the plan with the launcher's tile shape; Grid's step counters zeroed.
+template <class Launcher, class Problem>
+void launch_v2(Launcher& launcher, Problem& a, const Plan& plan, const at::TensorOptions& options) {
+  using Shape = typename Launcher::template V2Shape<typename Problem::acc_t>;
+  a.L = v2_layout(a.L.T, a.L.B, a.L.N, plan, Shape::KT, Shape::LANES);
+  TORCH_CHECK(plan.col_groups <= a.L.N && plan.row_groups <= a.L.B &&
+                  static_cast<int64_t>(plan.rows_per_tile) * a.L.max_cols() <= a.L.threads(),
+              "fused_nnrnn: invalid kernel v2 layout (", plan.row_groups, " teams x ", plan.col_groups,
+              " blocks, ", plan.rows_per_tile, " rows per tile) for B = ", a.L.B, ", N = ", a.L.N);
+  auto flags = at::zeros({a.L.grid()}, options.dtype(at::kLong));
+  a.flags = reinterpret_cast<unsigned long long*>(flags.template data_ptr<int64_t>());
+  launcher.team(TeamKernel<Shape, Problem>{a}, a.L, a.L.shared_bytes(sizeof(typename Problem::acc_t)));
 }
 
 template <class Launcher>
@@ -104,7 +84,15 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                    state.data_ptr<acc_t>(),
                                    Layout{T, B, N, 1, 1, 0, 0, 1},
                                    f};
-    if (plan.persistent) {
+    if (plan.persistent && plan.version == 2) {
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
+        ForwardV2<scalar_t, acc_t> a2{a.x,   a.W,       a.bias,  a.h0, a.lengths, a.out, a.state,
+                                      nullptr, LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1}, f};
+        launch_v2(launcher, a2, plan, x.options());
+      } else {
+        TORCH_CHECK(false, "fused_nnrnn: kernel v2 runs float32 and float64 only, got ", x.scalar_type());
+      }
+    } else if (plan.persistent) {
       launch_persistent<PersistentForward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), x.options());
     } else {
       // A GEMM per step into `dots`, then the pointwise finish.
@@ -160,7 +148,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
                                     grad_h0.data_ptr<scalar_t>(),
                                     Layout{T, B, N, 1, 1, 0, 0, 1},
                                     f};
-    if (plan.persistent) {
+    if (plan.persistent && plan.version == 2) {
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
+        auto ghn = grad_h_n.contiguous();
+        BackwardV2<scalar_t, acc_t> a2{a.grad_out, a.out,     a.W,       a.lengths, ghn.data_ptr<scalar_t>(),
+                                       a.g,        a.da,      a.dx,      a.db_rows, a.grad_h0,
+                                       nullptr,    LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1}, f};
+        launch_v2(launcher, a2, plan, output.options());
+      } else {
+        TORCH_CHECK(false, "fused_nnrnn: kernel v2 runs float32 and float64 only, got ", output.scalar_type());
+      }
+    } else if (plan.persistent) {
       launch_persistent<PersistentBackward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), output.options());
     } else {
       using Step = PointwiseStep<BackwardArgs<scalar_t, acc_t>, acc_t>;
