@@ -17,13 +17,15 @@
 //       that many SMs and that much shared memory per block, before its occupancy
 //       check: [col_groups, row_groups, rows_per_tile, shared_bytes], or [] when W
 //       does not fit (the fallback).
-//   model_plan(N, B, dtype, kernel) -> (str, float[])
+//   model_plan(N, B, dtype, kernel="auto", sms=132, smem_bytes=232448) -> (str, float[])
 //       the plan that the cost model (cuda/plan.h) picks on an H100 SXM (the
-//       DeviceModel defaults) for kernel choice "auto", "v1" or "v2", as cuda_path
-//       describes it, and [version (0: fallback), exchange, col_groups, row_groups,
-//       threads, rows_per_tile, forward_us, backward_us].
+//       DeviceModel defaults; sms and smem_bytes may be changed) for kernel choice
+//       "auto", "v1" or "v2", as cuda_path describes it, and [version (0: fallback),
+//       exchange (0 block, 1 cluster, 2 grid), col_groups, row_groups, threads,
+//       rows_per_tile, forward_us, backward_us].
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -60,11 +62,15 @@ std::vector<int64_t> emulated_plan(int64_t N, int64_t B, c10::ScalarType dtype, 
 }
 
 std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c10::ScalarType dtype,
-                                                       c10::string_view kernel) {
-  TORCH_CHECK_VALUE(N >= 1 && B >= 1, "model_plan: N and B must be >= 1, got N = ", N, ", B = ", B);
+                                                       c10::string_view kernel, int64_t sms, int64_t smem_bytes) {
+  TORCH_CHECK_VALUE(N >= 1 && B >= 1 && sms >= 1 && smem_bytes >= 1,
+                    "model_plan: N, B, sms and smem_bytes must be >= 1");
   const kern::KernelChoice choice = kern::parse_kernel_choice(std::string(kernel), "model_plan: kernel");
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
-  const kern::DeviceModel h100;
+  kern::DeviceModel h100;  // an H100 SXM, with `sms` SMs and `smem_bytes` of shared memory per block and SM
+  h100.sms = static_cast<int>(sms);
+  h100.smem_per_block = smem_bytes;
+  h100.smem_per_sm = std::max<int64_t>(smem_bytes, h100.smem_per_sm);
   const kern::Plan v2 = kern::v2_plan_for(N, B, dtype, h100);
   const kern::Plan v1 = kern::choose_persistent_plan(N, B, acc, h100.sms, h100.smem_per_block, 512);
   const kern::Plan p = kern::pick_plan(v2, v1, B, N, choice);
@@ -81,7 +87,10 @@ TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
   m.def("cuda_path(int N, int B, ScalarType dtype, Device device) -> str", &nnrnn::cuda_path);
   m.def("emulated_plan(int N, int B, ScalarType dtype, int sms, int smem_bytes, int threads) -> int[]",
         &nnrnn::emulated_plan);
-  m.def("model_plan(int N, int B, ScalarType dtype, str kernel) -> (str, float[])", &nnrnn::model_plan);
+  m.def(
+      "model_plan(int N, int B, ScalarType dtype, str kernel=\"auto\", int sms=132, int smem_bytes=232448)"
+      " -> (str, float[])",
+      &nnrnn::model_plan);
   m.def(
       "emulated_recurrence(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"
       " int col_groups, int row_groups, int threads, int rows_per_tile, bool persistent)"

@@ -54,7 +54,7 @@ struct CostConstants {
   double cluster_exchange_us = 0.35;  // DSMEM stores, remote mbarrier arrive, the waiter wakes
   double grid_exchange_us = 1.0;      // release store to L2, the poller's acquire, L2 loads
   double grid_barrier_us = 1.5;       // v1's barrier over the whole grid (two fences, one counter)
-  double launch_us = 2.5;             // a kernel launch in a loop of launches (fallback)
+  double launch_us = 5.0;             // one op of the fallback's host loop (ATen dispatch, launch, a view)
   double l2_bytes_per_us = 5.5e6;     // L2 to SMs, all SMs together (5.5 TB/s)
   double dsmem_bytes_per_clock = 32;  // stores from one SM into peers' shared memory
   double gemm_fma_per_us = 25e6;      // cuBLAS SGEMM/DGEMM, large (50 TFLOP/s)
@@ -114,16 +114,19 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   if (p.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
   double finish = tiles * (L.k_chunks() * 4.0 + 150.0);  // partial sums, activation, stores
-  double exchange = 0;
+  double exchange = 0, copy = 0;
   if (p.exchange == Exchange::Cluster) {
     finish += static_cast<double>(R) * L.max_cols() * L.team_blocks * acc / k.dsmem_bytes_per_clock;
     exchange = k.cluster_exchange_us;
   } else if (p.exchange == Exchange::Grid) {
-    const double bytes = static_cast<double>(L.grid()) * R * N * acc;  // every block reads its rows of A
-    exchange = k.grid_exchange_us + bytes / k.l2_bytes_per_us;
+    exchange = k.grid_exchange_us;
+    copy = static_cast<double>(L.grid()) * R * N * acc / k.l2_bytes_per_us;  // every block reads its rows of A
   }
-  const double clocks = std::max(throughput * per_sm, chain) + finish;
-  const double step = exchange + clocks / (k.clock_ghz * 1e3) + 2 * tiles * k.block_barrier_us;
+  const double clock_mhz = k.clock_ghz * 1e3;
+  // Grid: a warp starts its product as soon as its own chunk has arrived, so the
+  // copy from L2 and the product overlap (the model takes the longer of the two).
+  const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
+  const double step = exchange + product + finish / clock_mhz + 2 * tiles * k.block_barrier_us;
   // The backward's finish reads two more inputs and writes three outputs: 10% more.
   return {step * waves, 1.1 * step * waves + dw_gemm_us(B, N, k)};
 }
@@ -236,10 +239,11 @@ inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, i
 // Which kernel versions the plan may take: NNRNN_CUDA_KERNEL (auto, v1, v2).
 enum class KernelChoice { Auto, V1, V2 };
 
-// The plan for (N, B): the fastest by the model of v2 (float32 and float64 only;
-// float16/bfloat16 keep v1 until the tensor-core path), v1 and the fallback,
-// among those `choice` allows. v1 and the fallback come from the callers (they
-// depend on the device's occupancy for v1); this picks and explains.
+// The plan for (N, B): with `choice` Auto, the fastest by the model among kernel v2
+// (float32 and float64 only; float16/bfloat16 keep v1 until the tensor-core path),
+// kernel v1 and the fallback; with V1 or V2, that kernel wherever it fits (for
+// measuring the two side by side), else the fallback. v2 and v1 come from the
+// callers (v1's co-residency depends on the device); this picks and explains.
 inline Plan pick_plan(const Plan& v2, const Plan& v1, int64_t B, int64_t N, KernelChoice choice) {
   auto total = [](const Plan& p) { return p.forward_us + p.backward_us; };
   const Plan* best = nullptr;
@@ -249,7 +253,7 @@ inline Plan pick_plan(const Plan& v2, const Plan& v1, int64_t B, int64_t N, Kern
   const StepCost cost = fallback_cost(B, N);
   fallback.forward_us = cost.forward_us;
   fallback.backward_us = cost.backward_us;
-  if (best && total(*best) <= total(fallback)) return *best;
+  if (best && (choice != KernelChoice::Auto || total(*best) <= total(fallback))) return *best;
   if (best) {
     fallback.reason = "the cost model predicts the fallback faster than kernel v" + std::to_string(best->version);
   } else {
