@@ -9,7 +9,7 @@ nnrnn_fused::emulated_recurrence[_backward] (v1, fallback) and
 emulated_recurrence_v2[_backward]. Here they are compared with the reference loop
 (nnrnn_fused.reference) and its autograd gradients, for several launch shapes:
 v1 with uneven column slices, idle blocks, split dot products, several row tiles,
-row groups; v2 (emulated with a register tile of 4 values of k and warps of 4 lanes)
+row groups; v2 (emulated with a register tile of 4 values of k by 2 columns and warps of 4 lanes)
 with each exchange (block, cluster, grid), uneven column and row slices, warps whose
 k-chunk comes from several producers, several teams and row tiles. What only a GPU
 can show: docs/cuda.md.
@@ -37,11 +37,11 @@ LAUNCHES = [
     pytest.param((2, 1, 7, 1, False), id="fallback"),  # GEMM per step + pointwise kernel
     # kernel v2: (exchange, team_blocks, teams, rows_per_tile); N = 7 is 2 chunks of k
     pytest.param(("block", 1, 3, 1), id="v2-block-row-per-team"),  # 3 single-block teams, 2 column warps
-    pytest.param(("block", 1, 1, 2), id="v2-block-2tiles"),  # one team, tiles of 2+1 rows
-    pytest.param(("cluster", 3, 1, 2), id="v2-cluster-uneven-cols"),  # columns 2,2,3: chunk 0 from 2 producers
+    pytest.param(("block", 1, 1, 1), id="v2-block-3tiles"),  # one team, a tile per row
+    pytest.param(("cluster", 3, 1, 1), id="v2-cluster-uneven-cols"),  # columns 2,2,3: chunk 0 from 2 producers
     pytest.param(("cluster", 2, 2, 1), id="v2-cluster-teams"),  # rows 1,2 x columns 3,4
     pytest.param(("cluster", 7, 1, 3), id="v2-cluster-col-per-block"),  # a chunk from 4 producers
-    pytest.param(("grid", 3, 1, 2), id="v2-grid-uneven-cols"),
+    pytest.param(("grid", 3, 1, 1), id="v2-grid-uneven-cols"),
     pytest.param(("grid", 2, 3, 1), id="v2-grid-teams"),  # 3 teams of 2 blocks
 ]
 
@@ -124,10 +124,11 @@ def test_matches_reference_float32(nl, launch, N):
     (1, 1, 1, ("block", 1, 1, 1)),     # v2: one element, k padded to a chunk of 4
     (1, 2, 3, ("cluster", 3, 2, 1)),   # v2: one step, nothing exchanged
     (4, 2, 13, ("cluster", 5, 1, 2)),  # v2: columns 2,3,2,3,3; 4 chunks of k, the last padded
-    (6, 7, 5, ("grid", 2, 3, 2)),      # v2: rows 2,2,3 x columns 2,3
-    (5, 3, 8, ("grid", 3, 1, 2)),      # v2: rows of whole 16-byte vectors
+    (6, 7, 5, ("grid", 2, 3, 1)),      # v2: rows 2,2,3 x columns 2,3
+    (5, 3, 8, ("grid", 3, 1, 1)),      # v2: rows of whole 16-byte vectors
+    (5, 5, 12, ("grid", 3, 1, 2)),     # v2: tiles of 2,2,1 rows, whole vectors
     (3, 5, 9, ("cluster", 4, 2, 2)),   # v2: rows 2,3; 4 blocks of 2-3 columns
-    (7, 9, 6, ("block", 1, 3, 2)),     # v2: teams of 3 rows in tiles of 2+1
+    (7, 9, 9, ("block", 1, 3, 2)),     # v2: teams of 3 rows in tiles of 2+1
     (5, 2, 40, ("cluster", 16, 1, 2)),  # v2: a cluster of 16, 10 chunks of k, 2-3 columns per block
 ])
 def test_odd_shapes(T, B, N, launch):
@@ -162,7 +163,7 @@ def test_backward_is_deterministic(launch):
 def test_persistent_and_fallback_agree():
     x, W, b, h0, lengths, go, ghn = make_case(5, 4, 6, True, True, torch.float32, seed=5)
     f = emulated(x, W, b, h0, lengths, "modrelu", (2, 1, 8, 1, False))
-    for launch in [(3, 2, 8, 2, True), ("block", 1, 2, 2), ("cluster", 2, 2, 2), ("grid", 3, 1, 2)]:
+    for launch in [(3, 2, 8, 2, True), ("block", 1, 2, 1), ("cluster", 2, 2, 1), ("grid", 3, 1, 2)]:
         p = emulated(x, W, b, h0, lengths, "modrelu", launch)
         for a, b_ in zip(p, f):
             torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-5)
@@ -193,7 +194,7 @@ def test_bad_v2_layouts_raise():
     with pytest.raises(RuntimeError, match="invalid kernel v2 layout"):
         emulated(x, W, b, h0, lengths, "tanh", ("grid", 2, 4, 1))  # more teams than rows
     with pytest.raises(RuntimeError, match="invalid kernel v2 layout"):
-        emulated(x, W, b, h0, lengths, "tanh", ("block", 1, 1, 4))  # a tile of 4 x 5 elements, 16 threads
+        emulated(x, W, b, h0, lengths, "tanh", ("block", 1, 1, 4))  # a tile of 4 x 5 elements, 8 threads
 
 
 def test_cuda_path_reports_a_string():
@@ -314,7 +315,7 @@ def test_model_plan_kernel_choice():
     assert p["version"] == 1, text
     text, p = model(512, 32, torch.bfloat16, "v2")
     assert p["version"] == 0 and text.startswith("fallback: kernel v2 runs float32 and float64 only"), text
-    text, p = model(1024, 8, torch.float64, "v2")  # 64 chunks of 16 doubles: more than 1024 threads
+    text, p = model(4096, 8, torch.float32, "v2")  # 128 chunks of k: more than 512 threads per block
     assert p["version"] == 0 and "kernel v2: no team layout fits" in text, text
     text, p = model(3000, 4, torch.float32)
     assert p["version"] == 0 and "W does not fit on chip" in text, text

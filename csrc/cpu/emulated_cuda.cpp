@@ -30,10 +30,11 @@ struct HostLauncher {
     host_launch(L.grid(), threads, bytes, body);
   }
 
-  // Kernel v2 with a small register tile (4 values of k, warps of 4 lanes), so that
-  // small N already has several k-chunks, column warps and producers per chunk.
+  // Kernel v2 with a small register tile (4 values of k for 2 columns, warps of 4
+  // lanes), so that small N already has several k-chunks, lanes of a warp on
+  // different chunks, column warps and producers per chunk.
   template <typename acc_t>
-  using V2Shape = TileShape<4, 4>;
+  using V2Shape = TileShape<4, 2, 4>;
 
   template <class Body>
   void team(const Body& body, const LayoutV2& L, size_t bytes) const {

@@ -43,14 +43,26 @@ void launch_persistent(Launcher& launcher, Args& a, const Plan& plan, size_t acc
 template <class Launcher, class Problem>
 void launch_v2(Launcher& launcher, Problem& a, const Plan& plan, const at::TensorOptions& options) {
   using Shape = typename Launcher::template V2Shape<typename Problem::acc_t>;
-  a.L = v2_layout(a.L.T, a.L.B, a.L.N, plan, Shape::KT, Shape::LANES);
+  a.L = v2_layout(a.L.T, a.L.B, a.L.N, plan, Shape::KT, Shape::CT, Shape::LANES);
+  a.L.derive(sizeof(typename Problem::acc_t));
   TORCH_CHECK(plan.col_groups <= a.L.N && plan.row_groups <= a.L.B &&
                   static_cast<int64_t>(plan.rows_per_tile) * a.L.max_cols() <= a.L.threads(),
               "fused_nnrnn: invalid kernel v2 layout (", plan.row_groups, " teams x ", plan.col_groups,
               " blocks, ", plan.rows_per_tile, " rows per tile) for B = ", a.L.B, ", N = ", a.L.N);
   auto flags = at::zeros({a.L.grid()}, options.dtype(at::kLong));
   a.flags = reinterpret_cast<unsigned long long*>(flags.template data_ptr<int64_t>());
-  launcher.team(TeamKernel<Shape, Problem>{a}, a.L, a.L.shared_bytes(sizeof(typename Problem::acc_t)));
+  const size_t bytes = a.L.shared_bytes(sizeof(typename Problem::acc_t));
+  switch (plan.exchange) {
+    case Exchange::Block:
+      launcher.team(TeamKernel<Shape, Problem, Exchange::Block>{a}, a.L, bytes);
+      break;
+    case Exchange::Cluster:
+      launcher.team(TeamKernel<Shape, Problem, Exchange::Cluster>{a}, a.L, bytes);
+      break;
+    case Exchange::Grid:
+      launcher.team(TeamKernel<Shape, Problem, Exchange::Grid>{a}, a.L, bytes);
+      break;
+  }
 }
 
 template <class Launcher>
@@ -87,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
     if (plan.persistent && plan.version == 2) {
       if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
         ForwardV2<scalar_t, acc_t> a2{a.x,   a.W,       a.bias,  a.h0, a.lengths, a.out, a.state,
-                                      nullptr, LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1}, f};
+                                      nullptr, LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
         launch_v2(launcher, a2, plan, x.options());
       } else {
         TORCH_CHECK(false, "fused_nnrnn: kernel v2 runs float32 and float64 only, got ", x.scalar_type());
@@ -153,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
         auto ghn = grad_h_n.contiguous();
         BackwardV2<scalar_t, acc_t> a2{a.grad_out, a.out,     a.W,       a.lengths, ghn.data_ptr<scalar_t>(),
                                        a.g,        a.da,      a.dx,      a.db_rows, a.grad_h0,
-                                       nullptr,    LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1}, f};
+                                       nullptr,    LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
         launch_v2(launcher, a2, plan, output.options());
       } else {
         TORCH_CHECK(false, "fused_nnrnn: kernel v2 runs float32 and float64 only, got ", output.scalar_type());

@@ -137,6 +137,7 @@ struct DeviceEnv {
   // The value at `local`'s offset in the shared memory of the cluster's block `rank`.
   template <typename T>
   __device__ void store_peer(T* local, int rank, T v) const {
+#if __CUDA_ARCH__ >= 900
     const uint32_t remote = peer_address(local, rank);
     if constexpr (sizeof(T) == 4) {
       asm volatile("st.shared::cluster.b32 [%0], %1;" ::"r"(remote), "r"(__float_as_uint(v)) : "memory");
@@ -144,6 +145,9 @@ struct DeviceEnv {
       static_assert(sizeof(T) == 8, "float or double");
       asm volatile("st.shared::cluster.b64 [%0], %1;" ::"r"(remote), "l"(__double_as_longlong(v)) : "memory");
     }
+#else
+    __trap();
+#endif
   }
 
   // An mbarrier in this block's shared memory expecting `count` arrivals per phase,

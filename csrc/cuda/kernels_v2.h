@@ -18,13 +18,16 @@
 //            chunk of A into shared memory. Only for W too large for a cluster.
 // No barrier spans two teams.
 //
-// Inside a block, thread (kq, cq, lane) keeps W[kq*KT, kq*KT + KT) x [column
-// cq*LANES + lane] in registers for the whole sequence. Per row it reads its KT
-// values of A with 16-byte shared loads that every lane of the warp makes at the
-// same address (a broadcast) and does KT FMAs, then stores one partial sum into
-// P[kq][r][column]. After a block barrier the thread owning element (r, column)
-// adds the KQ partials in a fixed order (the result is deterministic), applies
-// the pointwise step and publishes the element.
+// Inside a block, each thread keeps a KT x CT tile of W in registers for the
+// whole sequence: KT consecutive values of k (its chunk kq) for CT columns. A warp's
+// lanes are lanes_k x lanes_c: lanes_c columns (times CT) by lanes_k chunks of k.
+// Per row the thread reads its KT values of A with 16-byte shared loads that the
+// lanes of a warp make at lanes_k addresses (a broadcast: one wavefront) and does
+// KT x CT FMAs (CT independent accumulators), so one 16-byte load feeds 4 x CT
+// float32 FMAs. It stores its partial sums into P[kq][r][column];
+// after a block barrier the thread owning element (r, column) adds the partials
+// of all chunks in a fixed order (the result is deterministic), applies the
+// pointwise step and publishes the element.
 #pragma once
 
 #include <cstdint>
@@ -36,13 +39,24 @@ namespace nnrnn::kern {
 
 enum class Exchange : int32_t { Block = 0, Cluster = 1, Grid = 2 };
 
-// The register tile of one thread: KT values of k (a multiple of one 16-byte
-// vector) for one column; LANES threads of a warp own consecutive columns.
-template <int KT_, int LANES_>
+// The register tile of one thread: KT values of k (whole 16-byte vectors) for CT
+// columns; warps of LANES threads.
+template <int KT_, int CT_, int LANES_>
 struct TileShape {
   static constexpr int KT = KT_;
+  static constexpr int CT = CT_;
   static constexpr int LANES = LANES_;
 };
+
+// The tile shape on the GPU: 32 float32 (16 float64) values of k for 2 columns, 256
+// bytes of W in 64 registers per thread; at most 512 threads per block (up to 128
+// registers each): 128 KB of W per block.
+constexpr int kV2Lanes = 32;
+constexpr int kV2Columns = 2;
+constexpr int kV2MaxThreads = 512;
+NNRNN_HD constexpr int v2_kt(int64_t acc_size) { return acc_size == 8 ? 16 : 32; }
+template <typename acc_t>
+using DeviceTileShape = TileShape<v2_kt(sizeof(acc_t)), kV2Columns, kV2Lanes>;
 
 // How the work is split; computed on the host (driver.h), read by every thread.
 struct LayoutV2 {
@@ -51,26 +65,53 @@ struct LayoutV2 {
   int team_blocks;    // C: blocks of one team (the cluster size with Exchange::Cluster)
   int teams;          // G: the grid is teams x team_blocks blocks, block = g * C + q
   int rows_per_tile;  // rows of the team multiplied between two block barriers
-  int kt, lanes;      // the TileShape's constants, for the host's arithmetic
+  int kt, ct, lanes;  // the TileShape's constants, for the host's arithmetic
 
   NNRNN_HD int k_chunks() const { return static_cast<int>((N + kt - 1) / kt); }
   NNRNN_HD int max_cols() const { return static_cast<int>((N + team_blocks - 1) / team_blocks); }
-  NNRNN_HD int col_warps() const { return (max_cols() + lanes - 1) / lanes; }
-  NNRNN_HD int threads() const { return k_chunks() * col_warps() * lanes; }
+  // Lanes of a warp along the columns: the fewest (a power of 2) that cover a block's columns.
+  NNRNN_HD int lanes_c() const {
+    int n = 1;
+    while (n < lanes && n * ct < max_cols()) n *= 2;
+    return n;
+  }
+  NNRNN_HD int lanes_k() const { return lanes / lanes_c(); }
+  NNRNN_HD int k_warps() const { return (k_chunks() + lanes_k() - 1) / lanes_k(); }
+  NNRNN_HD int col_warps() const { return (max_cols() + lanes_c() * ct - 1) / (lanes_c() * ct); }
+  NNRNN_HD int threads() const { return k_warps() * col_warps() * lanes; }
   NNRNN_HD int grid() const { return teams * team_blocks; }
   NNRNN_HD int64_t col_begin(int q) const { return static_cast<int64_t>(q) * N / team_blocks; }
   NNRNN_HD int64_t row_begin(int g) const { return static_cast<int64_t>(g) * B / teams; }
   NNRNN_HD int max_rows() const { return static_cast<int>((B + teams - 1) / teams); }
-  // Shared memory: A (slots x max_rows x a_stride, k padded with zeros to whole
-  // chunks), P (k_chunks x rows_per_tile x p_cols), then 2 x C mbarriers (Cluster).
-  NNRNN_HD int a_stride() const { return k_chunks() * kt; }
+  // Shared memory: A (slots x max_rows x a_stride, k padded with zeros to the
+  // threads' chunks), P (chunk slots x rows_per_tile x p_cols), then 2 x C
+  // mbarriers (Cluster).
+  NNRNN_HD int chunk_slots() const { return k_warps() * lanes_k(); }
+  NNRNN_HD int a_stride() const { return chunk_slots() * kt; }
   NNRNN_HD int slots() const { return exchange == Exchange::Grid ? 1 : 2; }
-  NNRNN_HD int p_cols() const { return col_warps() * lanes; }
+  NNRNN_HD int p_cols() const { return col_warps() * lanes_c() * ct; }
   NNRNN_HD int64_t a_elems() const { return static_cast<int64_t>(slots()) * max_rows() * a_stride(); }
-  NNRNN_HD int64_t p_elems() const { return static_cast<int64_t>(k_chunks()) * rows_per_tile * p_cols(); }
+  NNRNN_HD int64_t p_elems() const { return static_cast<int64_t>(chunk_slots()) * rows_per_tile * p_cols(); }
   NNRNN_HD int64_t barrier_offset(int64_t acc_size) const { return ((a_elems() + p_elems()) * acc_size + 15) / 16 * 16; }
   NNRNN_HD int64_t shared_bytes(int64_t acc_size) const {
     return barrier_offset(acc_size) + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : 0);
+  }
+
+  // The functions above, evaluated once on the host (derive()): the kernel reads
+  // them as parameters instead of keeping them in registers beside W.
+  struct Derived {
+    int k_chunks, lanes_c, lanes_k, k_warps, a_stride, p_cols, slot_elems, a_elems, barrier_offset;
+  } d;
+  void derive(int64_t acc_size) {
+    d = Derived{k_chunks(),
+                lanes_c(),
+                lanes_k(),
+                k_warps(),
+                a_stride(),
+                p_cols(),
+                slots() == 2 ? max_rows() * a_stride() : 0,
+                static_cast<int>(a_elems()),
+                static_cast<int>(barrier_offset(acc_size))};
   }
 };
 
@@ -186,49 +227,55 @@ struct BackwardV2 {
 
 // ---------------------------------------------------------------- the team kernel
 
-// `Problem`: ForwardV2 or BackwardV2. Every thread runs all T steps.
-template <class Shape, class Problem>
+// `Problem`: ForwardV2 or BackwardV2; `ex`: how the team exchanges A (one
+// instantiation each: no registers spent on the other two). Every thread runs all T steps.
+template <class Shape, class Problem, Exchange ex>
 struct TeamKernel {
   Problem pb;
 
   template <class Env>
   NNRNN_DEV void operator()(Env& env) const {
     using acc_t = typename Problem::acc_t;
-    constexpr int KT = Shape::KT, LANES = Shape::LANES, VEC = static_cast<int>(16 / sizeof(acc_t));
+    constexpr int KT = Shape::KT, CT = Shape::CT, LANES = Shape::LANES, VEC = static_cast<int>(16 / sizeof(acc_t));
     static_assert(KT % VEC == 0, "a thread's k-chunk is whole 16-byte vectors");
     const LayoutV2& L = pb.L;
-    const Exchange ex = L.exchange;
-    const int C = L.team_blocks, KQ = L.k_chunks(), stride = L.a_stride(), RT = L.rows_per_tile;
-    const int PC = L.p_cols();
+    const int C = L.team_blocks, KQ = L.d.k_chunks, stride = L.d.a_stride, RT = L.rows_per_tile;
+    const int PC = L.d.p_cols, LC = L.d.lanes_c, LK = L.d.lanes_k, KW = L.d.k_warps;
     const int q = env.block() % C, g = env.block() / C;  // a cluster is C consecutive blocks: q is its rank
-    const int64_t c0 = L.col_begin(q), row0 = L.row_begin(g);
-    const int ncols = static_cast<int>(L.col_begin(q + 1) - c0), rows = static_cast<int>(L.row_begin(g + 1) - row0);
+    // 32-bit indices inside the block (B, N < 2^31); 64-bit offsets only into global memory.
+    const int c0 = static_cast<int>(L.col_begin(q)), row0 = static_cast<int>(L.row_begin(g));
+    const int ncols = static_cast<int>(L.col_begin(q + 1)) - c0, rows = static_cast<int>(L.row_begin(g + 1)) - row0;
+    const int N = static_cast<int>(L.N), T = static_cast<int>(L.T);
     const int warp = env.thread() / LANES, lane = env.thread() % LANES;
-    const int kq = warp % KQ, col = (warp / KQ) * LANES + lane;
+    const int kq = (warp % KW) * LK + lane / LC;          // this thread's chunk of k
+    const int col = (warp / KW) * LC * CT + lane % LC;    // its first column; the others LC apart
     const int k0 = kq * KT;
-    const int kend = static_cast<int>(L.N < k0 + KT ? L.N : k0 + KT);
-    const int p_lo = producer_of(L, k0), p_hi = producer_of(L, kend - 1);  // the producers of this warp's chunk
 
     acc_t* A = env.template shared<acc_t>();
-    acc_t* P = A + L.a_elems();
-    uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(A) + L.barrier_offset(sizeof(acc_t)));
-    const int64_t slot_elems = static_cast<int64_t>(L.max_rows()) * stride;
-    auto a_slot = [&](int64_t m) { return A + (L.slots() == 2 ? (m & 1) * slot_elems : 0); };  // where A_m is read
-
-    acc_t w[KT];  // this thread's piece of W, for all steps
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-    for (int i = 0; i < KT; ++i) w[i] = col < ncols && k0 + i < L.N ? pb.weight(k0 + i, c0 + col) : acc_t(0);
+    acc_t* P = A + L.d.a_elems;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(A) + L.d.barrier_offset);
+    const int slot_elems = L.d.slot_elems;  // 0: one slot (Grid)
+    auto a_slot = [&](int m) { return A + (m & 1) * slot_elems; };  // where A_m is read
 
     // A_0 for the team's rows (every block computes all of it: no exchange), zero padding elsewhere.
-    for (int64_t i = env.thread(); i < L.a_elems(); i += env.threads()) {
-      const int64_t slot = i / slot_elems, r = (i % slot_elems) / stride, k = i % stride;
-      A[i] = slot == 0 && r < rows && k < L.N ? pb.initial(row0 + r, k) : acc_t(0);
+    for (int i = env.thread(); i < L.d.a_elems; i += env.threads()) {
+      const int slot = slot_elems ? i / slot_elems : 0, r = (slot_elems ? i % slot_elems : i) / stride, k = i % stride;
+      A[i] = slot == 0 && r < rows && k < N ? pb.initial(row0 + r, k) : acc_t(0);
     }
     if (ncols > 0)
       for (int i = env.thread(); i < rows * ncols; i += env.threads()) pb.prologue(row0 + i / ncols, c0 + i % ncols);
-    if (ex == Exchange::Cluster) {
+    acc_t w[KT][CT];  // this thread's piece of W, for all steps (loaded after the prologue: fewer live registers there)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int i = 0; i < KT; ++i)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int j = 0; j < CT; ++j)
+        w[i][j] = col + j * LC < ncols && k0 + i < N ? pb.weight(k0 + i, c0 + col + j * LC) : acc_t(0);
+
+    if constexpr (ex == Exchange::Cluster) {
       if (env.thread() == 0)
         for (int i = 0; i < 2 * C; ++i) env.mbar_init(bars + i, 1);  // one arrival per producer and step
       env.sync_cluster();  // the barriers initialised before any peer arrives on them
@@ -236,7 +283,7 @@ struct TeamKernel {
       env.sync_block();
     }
 
-    for (int64_t s = 0; s < L.T; ++s) {
+    for (int s = 0; s < T; ++s) {
       acc_t* As = a_slot(s);
       for (int rt0 = 0; rt0 < rows; rt0 += RT) {
         const int trows = rows - rt0 < RT ? rows - rt0 : RT;
@@ -249,65 +296,77 @@ struct TeamKernel {
         if (mine) in = pb.fetch(s, row0 + rt0 + r, c0 + c);
 
         if (rt0 == 0 && s > 0) {  // wait for A_s, which the team published at the end of step s - 1
-          if (ex == Exchange::Cluster) {
+          // The warp's part of k (LK chunks), and the producers it waits for (computed
+          // here, not kept in registers across the step).
+          const int wk0 = (warp % KW) * LK * KT;
+          const int wk1 = N < wk0 + LK * KT ? N : wk0 + LK * KT;
+          const int p_lo = producer_of(L, wk0), p_hi = producer_of(L, wk1 - 1);
+          if constexpr (ex == Exchange::Cluster) {
             for (int p = p_lo; p <= p_hi; ++p) env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
-          } else if (ex == Exchange::Grid) {
+          } else if constexpr (ex == Exchange::Grid) {
             for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, static_cast<unsigned long long>(s));
-            const acc_t* src = pb.exchange(s) + row0 * L.N;
+            // This warp's part of A_s into shared memory.
+            const acc_t* src = pb.exchange(s) + static_cast<int64_t>(row0) * N;
             if (L.N % VEC == 0) {  // rows are 16-byte aligned: vector copies
-              const int vecs = (kend - k0) / VEC;
+              const int vecs = (wk1 - wk0) / VEC;
               for (int e = lane; e < rows * vecs; e += LANES) {
-                const int rr = e / vecs, k = k0 + (e % vecs) * VEC;
-                env.copy16_cg(As + rr * stride + k, src + rr * L.N + k);
+                const int rr = e / vecs, k = wk0 + (e % vecs) * VEC;
+                env.copy16_cg(As + rr * stride + k, src + rr * N + k);
               }
             } else {
-              for (int e = lane; e < rows * (kend - k0); e += LANES) {
-                const int rr = e / (kend - k0), k = k0 + e % (kend - k0);
-                As[rr * stride + k] = env.load_cg(src + rr * L.N + k);
+              for (int e = lane; e < rows * (wk1 - wk0); e += LANES) {
+                const int rr = e / (wk1 - wk0), k = wk0 + e % (wk1 - wk0);
+                As[rr * stride + k] = env.load_cg(src + rr * N + k);
               }
             }
             env.sync_warp();  // the warp's copy complete before its lanes read it
           }
         }
 
-        // P[kq][r][col] = sum over this thread's k of A[r][k] W[k][col], two rows at a time.
-        for (int rr = 0; rr < trows; rr += 2) {
-          const acc_t* a0 = As + (rt0 + rr) * stride + k0;
-          const acc_t* a1 = rr + 1 < trows ? a0 + stride : a0;
-          acc_t s0 = acc_t(0), s1 = acc_t(0);
+        // P[kq][r][column] = sum over this thread's k of A[r][k] W[k][column].
+        for (int rr = 0; rr < trows; ++rr) {
+          const acc_t* a = As + (rt0 + rr) * stride + k0;
+          acc_t sum[CT];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int j = 0; j < CT; ++j) sum[j] = acc_t(0);
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
           for (int i = 0; i < KT; i += VEC) {
-            alignas(16) acc_t h0[VEC], h1[VEC];
-            load16(h0, a0 + i);
-            load16(h1, a1 + i);
+            alignas(16) acc_t h[VEC];
+            load16(h, a + i);
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-            for (int v = 0; v < VEC; ++v) {
-              s0 += h0[v] * w[i + v];
-              s1 += h1[v] * w[i + v];
-            }
+            for (int v = 0; v < VEC; ++v)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+              for (int j = 0; j < CT; ++j) sum[j] += h[v] * w[i + v][j];
           }
-          P[(kq * RT + rr) * PC + col] = s0;
-          if (rr + 1 < trows) P[(kq * RT + rr + 1) * PC + col] = s1;
+          acc_t* p = P + (kq * RT + rr) * PC + col;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int j = 0; j < CT; ++j) p[j * LC] = sum[j];
         }
         env.sync_block();  // all partial sums of the tile written
 
         if (mine) {
           acc_t dot = acc_t(0);
           for (int kk = 0; kk < KQ; ++kk) dot += P[(kk * RT + r) * PC + c];
-          const int64_t b = row0 + rt0 + r, j = c0 + c;
+          const int b = row0 + rt0 + r, j = c0 + c;
           const acc_t v = pb.finish(s, b, j, dot, As[(rt0 + r) * stride + j], in);
-          if (s + 1 < L.T) {  // publish A_{s+1}[b, j] to the team
+          if (s + 1 < T) {  // publish A_{s+1}[b, j] to the team
             acc_t* dst = a_slot(s + 1) + (rt0 + r) * stride + j;
-            if (ex == Exchange::Block) {
+            if constexpr (ex == Exchange::Block) {
               *dst = v;
-            } else if (ex == Exchange::Cluster) {
+            } else if constexpr (ex == Exchange::Cluster) {
               for (int peer = 0; peer < C; ++peer) env.store_peer(dst, peer, v);
             } else {
-              pb.exchange(s + 1)[b * L.N + j] = v;
+              pb.exchange(s + 1)[static_cast<int64_t>(b) * N + j] = v;
             }
           }
         }
@@ -315,13 +374,13 @@ struct TeamKernel {
         // before the signal below) before P or A is written again.
         env.sync_block();
       }
-      if (s + 1 < L.T) {
+      if (s + 1 < T) {
         // Signal A_{s+1}: what this block's threads wrote is ordered before the
         // release by the block barrier above (causality is transitive in the PTX
         // memory model), so one thread releases for the block.
-        if (ex == Exchange::Cluster) {
-          if (env.thread() < C) env.mbar_arrive_peer(bars + ((s + 1) & 1) * C + q, env.thread());
-        } else if (ex == Exchange::Grid) {
+        if constexpr (ex == Exchange::Cluster) {
+          for (int peer = env.thread(); peer < C; peer += env.threads()) env.mbar_arrive_peer(bars + ((s + 1) & 1) * C + q, peer);
+        } else if constexpr (ex == Exchange::Grid) {
           if (env.thread() == 0) env.flag_publish(pb.flags + g * C + q, static_cast<unsigned long long>(s + 1));
         }
       }
@@ -331,7 +390,7 @@ struct TeamKernel {
     // every producer's part of A_s, which each wrote after its own step s - 1 had
     // read A_{s-1} (Grid: copied it) and passed a block barrier. For the same reason
     // no mbarrier is ever more than one phase ahead of its waiter.
-    if (ex == Exchange::Cluster) env.sync_cluster();  // no block exits while a peer may still write to it
+    if constexpr (ex == Exchange::Cluster) env.sync_cluster();  // no block exits while a peer may still write to it
   }
 };
 

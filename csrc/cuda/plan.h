@@ -75,13 +75,12 @@ inline int blocks_per_sm(const DeviceModel& d, int threads, int64_t smem, int re
   return std::max(n, 0);
 }
 
-// The v2 tile shape on the GPU: 32 lanes, KT values of k per thread in registers.
-inline int v2_kt(int64_t acc_size) { return acc_size == 8 ? 16 : 32; }
-constexpr int kV2Lanes = 32;
-constexpr int kV2MaxThreads = 1024;
-
-inline LayoutV2 v2_layout(int64_t T, int64_t B, int64_t N, const Plan& p, int kt, int lanes) {
-  return LayoutV2{T, B, N, p.exchange, p.col_groups, p.row_groups, p.rows_per_tile, kt, lanes};
+inline LayoutV2 v2_layout(int64_t T, int64_t B, int64_t N, const Plan& p, int kt, int ct, int lanes) {
+  return LayoutV2{T, B, N, p.exchange, p.col_groups, p.row_groups, p.rows_per_tile, kt, ct, lanes, {}};
+}
+// The layout on the GPU (DeviceTileShape).
+inline LayoutV2 device_v2_layout(int64_t B, int64_t N, int64_t acc, const Plan& p) {
+  return v2_layout(1, B, N, p, v2_kt(acc), kV2Columns, kV2Lanes);
 }
 
 struct StepCost {
@@ -98,15 +97,17 @@ inline double dw_gemm_us(int64_t B, int64_t N, const CostConstants& k) {
 // the reduction and pointwise finish, two block barriers per row tile.
 inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const DeviceModel& d,
                         const CostConstants& k = CostConstants()) {
-  const LayoutV2 L = v2_layout(1, B, N, p, v2_kt(acc), kV2Lanes);
-  const int KT = L.kt, vec = static_cast<int>(16 / acc), warps = L.threads() / kV2Lanes;
+  const LayoutV2 L = device_v2_layout(B, N, acc, p);
+  const int KT = L.kt, CT = L.ct, vec = static_cast<int>(16 / acc), warps = L.threads() / kV2Lanes;
   const int R = L.max_rows(), RT = L.rows_per_tile, tiles = (R + RT - 1) / RT;
   const double fma_rate = acc == 8 ? 2.0 : 4.0;  // warp FMA instructions per clock and SM
-  const double fma = static_cast<double>(warps) * R * KT, lds = static_cast<double>(warps) * R * KT / vec;
-  const double other = static_cast<double>(warps) * R * 3;  // addresses, the partial's store
+  // Per warp and row: KT x CT FMAs, KT / vec 16-byte loads (one wavefront each:
+  // the lanes read lanes_k addresses), CT partial sums stored, an address or two.
+  const double fma = static_cast<double>(warps) * R * KT * CT, lds = static_cast<double>(warps) * R * KT / vec;
+  const double other = static_cast<double>(warps) * R * (CT + 2);
   const double throughput = std::max({fma / fma_rate, (fma + lds + other) / 4.0, lds}) / k.issue_efficiency;
   const double fma_latency = acc == 8 ? 8.0 : 4.0;
-  const double chain = tiles * std::ceil(RT / 2.0) * (KT * fma_latency + 30.0);
+  const double chain = static_cast<double>(R) * (KT * fma_latency + 30.0);  // one row's KT dependent FMAs, row after row
   // Blocks sharing one SM (Block exchange, more teams than SMs) share its throughput.
   const int resident = std::max(1, blocks_per_sm(d, L.threads(), L.shared_bytes(acc), d.v2_regs));
   const int per_sm = static_cast<int>(std::min<int64_t>(resident, (L.grid() + d.sms - 1) / d.sms));
@@ -156,7 +157,6 @@ inline Plan choose_v2_plan(int64_t N, int64_t B, int64_t acc, const DeviceModel&
                            const CostConstants& k = CostConstants()) {
   Plan best;
   best.reason = "kernel v2: no team layout fits";
-  const int kt = v2_kt(acc);
   auto consider = [&](Exchange ex, int C) {
     if (C > N) return;
     Plan p;
@@ -164,7 +164,7 @@ inline Plan choose_v2_plan(int64_t N, int64_t B, int64_t acc, const DeviceModel&
     p.version = 2;
     p.exchange = ex;
     p.col_groups = C;
-    const LayoutV2 base = v2_layout(1, B, N, p, kt, kV2Lanes);
+    const LayoutV2 base = device_v2_layout(B, N, acc, p);
     if (base.threads() > kV2MaxThreads) return;
     p.threads = base.threads();
     const int rt_cap = std::max(1, p.threads / base.max_cols());  // one element per thread and tile
@@ -176,7 +176,7 @@ inline Plan choose_v2_plan(int64_t N, int64_t B, int64_t acc, const DeviceModel&
       p.row_groups = teams;
       const int R = static_cast<int>((B + teams - 1) / teams);
       p.rows_per_tile = std::min(R, rt_cap);
-      LayoutV2 L = v2_layout(1, B, N, p, kt, kV2Lanes);
+      LayoutV2 L = device_v2_layout(B, N, acc, p);
       while (L.shared_bytes(acc) > d.smem_per_block && p.rows_per_tile > 1) L.rows_per_tile = --p.rows_per_tile;
       if (L.shared_bytes(acc) > d.smem_per_block) continue;
       if (ex == Exchange::Grid) {  // co-residency, for the cooperative launch

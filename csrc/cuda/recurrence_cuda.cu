@@ -21,25 +21,20 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "driver.h"
+#include "global_kernels.cuh"
 #include "path.h"
 
 namespace nnrnn::kern {
 namespace {
 
-constexpr int kThreads = 512;  // per block of the persistent kernels
 constexpr int kPointwiseThreads = 256;
 
 template <class Body>
-__global__ void __launch_bounds__(kThreads) persistent_kernel(Body body) {
-  DeviceEnv env(body.barrier);
-  body(env);
-}
-
-template <class Body>
 __global__ void pointwise_kernel(Body body) {
-  DeviceEnv env(nullptr);
+  DeviceEnv env(nullptr, 0);
   body(env);
 }
 
@@ -47,10 +42,34 @@ template <typename scalar_t>
 using Forward = PersistentForward<scalar_t, at::opmath_type<scalar_t>>;
 template <typename scalar_t>
 using Backward = PersistentBackward<scalar_t, at::opmath_type<scalar_t>>;
+// Kernel v2: float32 and float64 (scalar_t is its own accumulation type).
+template <typename scalar_t, Exchange ex>
+using ForwardTeam = TeamKernel<DeviceTileShape<scalar_t>, ForwardV2<scalar_t, scalar_t>, ex>;
+template <typename scalar_t, Exchange ex>
+using BackwardTeam = TeamKernel<DeviceTileShape<scalar_t>, BackwardV2<scalar_t, scalar_t>, ex>;
+
+// The forward and backward v2 kernels of one dtype and exchange.
+template <typename scalar_t, Exchange ex>
+std::vector<const void*> team_kernels() {
+  return {reinterpret_cast<const void*>(&team_kernel<ForwardTeam<scalar_t, ex>>),
+          reinterpret_cast<const void*>(&team_kernel<BackwardTeam<scalar_t, ex>>)};
+}
 
 bool fallback_forced() {
   const char* v = std::getenv("NNRNN_CUDA_FORCE_FALLBACK");
   return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+// NNRNN_CUDA_WATCHDOG_MS: the grid barrier's deadlock watchdog (kernel_env.h), in
+// milliseconds; unset or 0: off. Read at every launch, so tests can set it.
+unsigned long long watchdog_ns() {
+  const char* v = std::getenv("NNRNN_CUDA_WATCHDOG_MS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const double ms = std::strtod(v, &end);
+  TORCH_CHECK_VALUE(*end == '\0' && ms >= 0 && ms < 1e9,
+                    "NNRNN_CUDA_WATCHDOG_MS must be a number of milliseconds >= 0 (0: off), got '", v, "'");
+  return ms > 0 ? std::max(1ull, static_cast<unsigned long long>(ms * 1e6)) : 0;
 }
 
 int device_attribute(cudaDeviceAttr attr, int device) {
@@ -59,17 +78,22 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
-// The persistent plan for (N, B, dtype) on `device`, or the reason for the fallback.
-Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
-  if (!device_attribute(cudaDevAttrCooperativeLaunch, device)) {
+// NNRNN_CUDA_KERNEL: auto (default: the cost model picks), v1 or v2 (that kernel
+// wherever it fits, to measure the two side by side).
+KernelChoice kernel_choice() {
+  const char* v = std::getenv("NNRNN_CUDA_KERNEL");
+  return parse_kernel_choice(v ? std::string(v) : std::string(), "NNRNN_CUDA_KERNEL");
+}
+
+// Kernel v1's plan for (N, B, dtype) on `device`, or the reason it does not fit.
+Plan v1_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, const DeviceModel& d) {
+  if (!d.cooperative) {
     Plan p;
     p.reason = "the device does not support cooperative launches";
     return p;
   }
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int64_t budget = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  Plan p = choose_persistent_plan(N, B, acc, sms, budget, kThreads);
+  Plan p = choose_persistent_plan(N, B, acc, d.sms, d.smem_per_block, kThreads);
   if (!p.persistent) return p;
   const int grid = p.col_groups * p.row_groups;
   const int64_t bytes =
@@ -77,42 +101,142 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
 
   // Every block of the grid must be resident at once (the grid barrier would
   // otherwise wait forever; the cooperative launch would refuse it).
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   int per_sm = 1 << 30;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nnrnn_cuda_plan", [&] {
     for (const void* kernel : {reinterpret_cast<const void*>(&persistent_kernel<Forward<scalar_t>>),
                                reinterpret_cast<const void*>(&persistent_kernel<Backward<scalar_t>>)}) {
       // Allow the device's maximum once; a launch passes its own size.
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(budget)));
+                                          static_cast<int>(d.smem_per_block)));
       int n = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, bytes));
       per_sm = std::min(per_sm, n);
     }
   });
-  if (static_cast<int64_t>(per_sm) * sms < grid) {
+  if (static_cast<int64_t>(per_sm) * d.sms < grid) {
     p.persistent = false;
-    p.reason = "only " + std::to_string(per_sm) + " block(s) per SM x " + std::to_string(sms) +
+    p.reason = "only " + std::to_string(per_sm) + " block(s) per SM x " + std::to_string(d.sms) +
                " SMs can be co-resident with " + std::to_string(bytes) + " bytes of shared memory, the grid needs " +
                std::to_string(grid);
   }
   return p;
 }
 
+// Sets the attributes kernel v2 needs on `kernel` (the device's whole shared
+// memory; clusters of 16 where the device allows them).
+void prepare_team_kernel(const void* kernel, const DeviceModel& d) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(d.smem_per_block)));
+  if (d.clusters) {
+    // Refused where the device has no non-portable sizes: then clusters stay at 8 (the plan asks the occupancy).
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      (void)cudaGetLastError();
+  }
+}
+
+// Kernel v2's plan on `device`: the model's choice with the device's figures
+// (registers of the compiled kernels, resident clusters of each size), then the
+// Grid exchange's co-residency checked with the occupancy calculator.
+Plan v2_plan(int64_t N, int64_t B, at::ScalarType dtype, DeviceModel d) {
+  if (dtype != at::kFloat && dtype != at::kDouble) return v2_plan_for(N, B, dtype, d);
+  std::vector<const void*> block, cluster, grid;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "nnrnn_cuda_v2_plan", [&] {
+    block = team_kernels<scalar_t, Exchange::Block>();
+    cluster = team_kernels<scalar_t, Exchange::Cluster>();
+    grid = team_kernels<scalar_t, Exchange::Grid>();
+  });
+  const int64_t acc = dtype == at::kDouble ? 8 : 4;
+  for (const auto* kernels : {&block, &cluster, &grid})
+    for (const void* kernel : *kernels) {
+      prepare_team_kernel(kernel, d);
+      cudaFuncAttributes attr{};
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      d.v2_regs = std::max(d.v2_regs, attr.numRegs);
+    }
+  if (d.clusters) {
+    for (int C = 2; C <= 16; C *= 2) {
+      if (C > N) break;
+      Plan one;  // one row per team: the smallest block of a cluster of C
+      one.exchange = Exchange::Cluster;
+      one.col_groups = C;
+      const LayoutV2 L = device_v2_layout(1, N, acc, one);
+      if (L.threads() > kV2MaxThreads) continue;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(C);
+      config.blockDim = dim3(L.threads());
+      config.dynamicSmemBytes = L.shared_bytes(acc);
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = C;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      int fewest = 1 << 30;
+      for (const void* kernel : cluster) {
+        int n = 0;
+        if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
+          (void)cudaGetLastError();  // a size the device refuses: none
+          n = 0;
+        }
+        fewest = std::min(fewest, n);
+      }
+      d.active_clusters[C] = std::max(fewest, 0);
+      if (C == 16 && fewest < 1) d.max_cluster = 8;
+    }
+  }
+  Plan p = v2_plan_for(N, B, dtype, d);
+  if (p.persistent && p.exchange == Exchange::Grid) {
+    const LayoutV2 L = device_v2_layout(B, N, acc, p);
+    int per_sm = 1 << 30;
+    for (const void* kernel : grid) {
+      int n = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, L.threads(), L.shared_bytes(acc)));
+      per_sm = std::min(per_sm, n);
+    }
+    if (static_cast<int64_t>(per_sm) * d.sms < L.grid()) {  // the estimate was off: plan without the Grid exchange
+      d.cooperative = false;
+      p = v2_plan_for(N, B, dtype, d);
+    }
+  }
+  return p;
+}
+
+// The plan for (N, B, dtype) on `device`: kernel v2, v1 or the fallback (plan.h).
+Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, KernelChoice choice) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  DeviceModel d;
+  d.sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  d.smem_per_block = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  d.smem_per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  d.regs_per_sm = device_attribute(cudaDevAttrMaxRegistersPerMultiprocessor, device);
+  d.max_threads_per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device);
+  d.cooperative = device_attribute(cudaDevAttrCooperativeLaunch, device) != 0;
+  d.clusters = device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9 &&
+               device_attribute(cudaDevAttrClusterLaunch, device) != 0;
+  d.v2_regs = 0;
+  const Plan v2 = v2_plan(N, B, dtype, d);
+  const Plan v1 = v1_plan(N, B, dtype, device, d);
+  return pick_plan(v2, v1, B, N, choice);
+}
+
 Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   if (fallback_forced()) {
     Plan p;
     p.reason = "forced by NNRNN_CUDA_FORCE_FALLBACK";
+    const StepCost cost = fallback_cost(B, N);
+    p.forward_us = cost.forward_us;
+    p.backward_us = cost.backward_us;
     return p;
   }
+  const KernelChoice choice = kernel_choice();
   // Cached: the occupancy queries cost microseconds.
-  using Key = std::tuple<int, int64_t, int64_t, int>;
+  using Key = std::tuple<int, int64_t, int64_t, int, int>;
   static std::mutex mutex;
   static std::map<Key, Plan> cache;
-  const Key key{device, N, B, static_cast<int>(dtype)};
+  const Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice)};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, compute_plan(N, B, dtype, device)).first;
+  if (it == cache.end()) it = cache.emplace(key, compute_plan(N, B, dtype, device, choice)).first;
   return it->second;
 }
 
@@ -140,9 +264,39 @@ struct CudaLauncher {
 
   template <class Body>
   void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
-    void* args[] = {const_cast<Body*>(&body)};
+    unsigned long long watchdog = watchdog_ns();
+    void* args[] = {const_cast<Body*>(&body), &watchdog};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>), dim3(L.grid()),
                                                dim3(threads), args, bytes, stream));
+  }
+
+  template <typename acc_t>
+  using V2Shape = DeviceTileShape<acc_t>;
+
+  // Kernel v2: a plain launch (Block), a launch in clusters of team_blocks (Cluster),
+  // or a cooperative launch, all blocks resident (Grid).
+  template <class Body>
+  void team(const Body& body, const LayoutV2& L, size_t bytes) const {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(L.grid());
+    config.blockDim = dim3(L.threads());
+    config.dynamicSmemBytes = bytes;
+    config.stream = stream;
+    cudaLaunchAttribute attr{};
+    if (L.exchange == Exchange::Cluster) {
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = L.team_blocks;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+    } else if (L.exchange == Exchange::Grid) {
+      attr.id = cudaLaunchAttributeCooperative;
+      attr.val.cooperative = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+    }
+    // The attributes were set when the plan was made (prepare_team_kernel).
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, &team_kernel<Body>, body, watchdog_ns()));
   }
 
   template <class Body>
@@ -187,8 +341,7 @@ std::string describe_path(int64_t N, int64_t B, c10::ScalarType dtype, int devic
   if (device < 0) device = c10::cuda::current_device();
   TORCH_CHECK_VALUE(device < count, "cuda_path: no CUDA device ", device, " (", count, " visible)");
   if (N == 0 || B == 0) return "empty: no kernel runs";
-  const kern::Plan p = kern::cuda_plan(N, B, dtype, device);
-  return p.persistent ? std::string("persistent") : "fallback: " + p.reason;
+  return kern::describe(kern::cuda_plan(N, B, dtype, device));
 }
 
 }  // namespace nnrnn::cuda
