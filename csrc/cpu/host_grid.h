@@ -84,10 +84,19 @@ class HostBarrier {
   unsigned long long generation_ = 0;
 };
 
-// An mbarrier: `expected` arrivals complete a phase; waits test a phase's parity.
+// An mbarrier: a phase completes when its `expected` arrivals have come and its
+// transaction count (bytes expected minus bytes stored) is back to 0; waits test
+// a phase's parity.
 struct HostMbarrier {
   unsigned expected = 0, pending = 0;
+  long long tx = 0;
   unsigned long long completed = 0;  // phases completed
+  void complete_if_done() {
+    if (pending == 0 && tx == 0) {
+      pending = expected;
+      ++completed;
+    }
+  }
 };
 
 struct HostGrid {
@@ -136,27 +145,36 @@ class HostEnv {
   // ---- clusters
   void sync_cluster() const { g_->cluster_barriers[block_ / g_->cluster_size]->arrive_and_wait(); }
   template <typename T>
-  void store_peer(T* local, int rank, T v) const {
-    *reinterpret_cast<T*>(peer_bytes(local, rank)) = v;
-  }
-  void mbar_init(uint64_t* bar, unsigned count) const {
-    std::lock_guard<std::mutex> lock(g_->mbar_mutex);
-    g_->mbars[{block_, offset(bar)}] = HostMbarrier{count, count, 0};
-  }
-  void mbar_arrive_peer(uint64_t* bar, int rank) const {
+  void store_async_peer(T* local, int rank, T v, uint64_t* bar) const {
     const int peer = peer_block(rank);
     {
       std::lock_guard<std::mutex> lock(g_->mbar_mutex);
       auto it = g_->mbars.find({peer, offset(bar)});
       if (it == g_->mbars.end()) {
+        g_->abort.fail("st.async signalling an mbarrier that was not initialised");
+        return;
+      }
+      *reinterpret_cast<T*>(peer_bytes(local, rank)) = v;
+      it->second.tx -= static_cast<long long>(sizeof(T));
+      it->second.complete_if_done();
+    }
+    g_->mbar_changed.notify_all();
+  }
+  void mbar_init(uint64_t* bar, unsigned count) const {
+    std::lock_guard<std::mutex> lock(g_->mbar_mutex);
+    g_->mbars[{block_, offset(bar)}] = HostMbarrier{count, count, 0, 0};
+  }
+  void mbar_expect(uint64_t* bar, unsigned bytes) const {
+    {
+      std::lock_guard<std::mutex> lock(g_->mbar_mutex);
+      auto it = g_->mbars.find({block_, offset(bar)});
+      if (it == g_->mbars.end()) {
         g_->abort.fail("arrival on an mbarrier that was not initialised");
         return;
       }
-      HostMbarrier& m = it->second;
-      if (--m.pending == 0) {
-        m.pending = m.expected;
-        ++m.completed;
-      }
+      it->second.tx += bytes;
+      --it->second.pending;
+      it->second.complete_if_done();
     }
     g_->mbar_changed.notify_all();
   }

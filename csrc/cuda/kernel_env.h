@@ -134,16 +134,22 @@ struct DeviceEnv {
 #endif
   }
 
-  // The value at `local`'s offset in the shared memory of the cluster's block `rank`.
+  // Stores v at `local`'s offset in the shared memory of the cluster's block `rank`
+  // and signals the mbarrier at `bar`'s offset there with the store's bytes
+  // (st.async: no fence; the data is visible to whoever sees that phase complete).
   template <typename T>
-  __device__ void store_peer(T* local, int rank, T v) const {
+  __device__ void store_async_peer(T* local, int rank, T v, uint64_t* bar) const {
 #if __CUDA_ARCH__ >= 900
-    const uint32_t remote = peer_address(local, rank);
+    const uint32_t remote = peer_address(local, rank), remote_bar = peer_address(bar, rank);
     if constexpr (sizeof(T) == 4) {
-      asm volatile("st.shared::cluster.b32 [%0], %1;" ::"r"(remote), "r"(__float_as_uint(v)) : "memory");
+      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(remote),
+                   "r"(__float_as_uint(v)), "r"(remote_bar)
+                   : "memory");
     } else {
       static_assert(sizeof(T) == 8, "float or double");
-      asm volatile("st.shared::cluster.b64 [%0], %1;" ::"r"(remote), "l"(__double_as_longlong(v)) : "memory");
+      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];" ::"r"(remote),
+                   "l"(__double_as_longlong(v)), "r"(remote_bar)
+                   : "memory");
     }
 #else
     __trap();
@@ -151,7 +157,7 @@ struct DeviceEnv {
   }
 
   // An mbarrier in this block's shared memory expecting `count` arrivals per phase,
-  // visible to the cluster's arrivals once the cluster barrier that follows is passed.
+  // visible to the cluster once the cluster barrier that follows is passed.
   __device__ void mbar_init(uint64_t* bar, unsigned count) const {
 #if __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory");
@@ -161,17 +167,17 @@ struct DeviceEnv {
 #endif
   }
 
-  // One arrival (release at cluster scope) on the mbarrier at `bar`'s offset in block `rank`.
-  __device__ void mbar_arrive_peer(uint64_t* bar, int rank) const {
+  // One arrival on the local mbarrier, which also expects `bytes` more of stores (st.async) in this phase.
+  __device__ void mbar_expect(uint64_t* bar, unsigned bytes) const {
 #if __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(peer_address(bar, rank))
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
                  : "memory");
 #else
     __trap();
 #endif
   }
 
-  // Until the phase of parity `parity` of the local mbarrier has completed (acquire at cluster scope).
+  // Until the phase of parity `parity` of the local mbarrier has completed.
   __device__ void mbar_wait(uint64_t* bar, uint32_t parity) const {
 #if __CUDA_ARCH__ >= 900
     const uint32_t address = shared_address(bar);
@@ -180,7 +186,7 @@ struct DeviceEnv {
       uint32_t done;
       asm volatile(
           "{\n\t.reg .pred p;\n\t"
-          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
           "selp.b32 %0, 1, 0, p;\n\t}"
           : "=r"(done)
           : "r"(address), "r"(parity)

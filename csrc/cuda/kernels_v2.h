@@ -9,9 +9,10 @@
 // product (h_t in the forward, da_{t-1} in the backward), in one of three ways:
 //   Block:   one block per team; the exchange is the block's own shared memory.
 //   Cluster: one thread-block cluster per team (sm_90). A block writes its slice of
-//            A_{s+1} into every peer's shared memory (distributed shared memory),
-//            then arrives on the peer's mbarrier of that producer and that slot;
-//            each warp waits only for the producers of its own k-chunk.
+//            A_{s+1} into every peer's shared memory (distributed shared memory)
+//            with st.async, which counts the bytes on the peer's mbarrier of that
+//            producer and slot (no fence, no separate signal); each warp waits
+//            only for the producers of its own k-chunk.
 //   Grid:    the team's blocks anywhere in a cooperative grid. Slices go through
 //            global memory; a producer publishes a step counter (release); a warp
 //            waits (acquire) for the producers of its k-chunk, then copies its
@@ -81,6 +82,9 @@ struct LayoutV2 {
   NNRNN_HD int threads() const { return k_warps() * col_warps() * lanes; }
   NNRNN_HD int grid() const { return teams * team_blocks; }
   NNRNN_HD int64_t col_begin(int q) const { return static_cast<int64_t>(q) * N / team_blocks; }
+  NNRNN_HD unsigned slice_bytes(int rows, int q, int64_t acc_size) const {  // rows x block q's columns
+    return static_cast<unsigned>(rows * (col_begin(q + 1) - col_begin(q)) * acc_size);
+  }
   NNRNN_HD int64_t row_begin(int g) const { return static_cast<int64_t>(g) * B / teams; }
   NNRNN_HD int max_rows() const { return static_cast<int>((B + teams - 1) / teams); }
   // Shared memory: A (slots x max_rows x a_stride, k padded with zeros to the
@@ -275,10 +279,18 @@ struct TeamKernel {
       for (int j = 0; j < CT; ++j)
         w[i][j] = col + j * LC < ncols && k0 + i < N ? pb.weight(k0 + i, c0 + col + j * LC) : acc_t(0);
 
+    // Cluster: barrier [slot][p] of each block expects the bytes block p sends per
+    // step (the team's rows x p's columns), armed one phase ahead by thread p.
+    auto expected_bytes = [&](int p) { return L.slice_bytes(rows, p, sizeof(acc_t)); };
     if constexpr (ex == Exchange::Cluster) {
       if (env.thread() == 0)
-        for (int i = 0; i < 2 * C; ++i) env.mbar_init(bars + i, 1);  // one arrival per producer and step
-      env.sync_cluster();  // the barriers initialised before any peer arrives on them
+        for (int i = 0; i < 2 * C; ++i) env.mbar_init(bars + i, 1);
+      env.sync_block();
+      for (int p = env.thread(); p < C; p += env.threads()) {  // A_1 (slot 1) and A_2 (slot 0)
+        env.mbar_expect(bars + C + p, expected_bytes(p));
+        env.mbar_expect(bars + p, expected_bytes(p));
+      }
+      env.sync_cluster();  // the barriers initialised and armed before any peer stores
     } else {
       env.sync_block();
     }
@@ -353,6 +365,12 @@ struct TeamKernel {
           for (int j = 0; j < CT; ++j) p[j * LC] = sum[j];
         }
         env.sync_block();  // all partial sums of the tile written
+        if constexpr (ex == Exchange::Cluster) {
+          // Every warp has passed its wait for A_s: arm slot s & 1 for A_{s+2}, before
+          // this block publishes A_{s+1} (no producer sends A_{s+2} before that).
+          if (rt0 == 0 && s > 0 && s + 2 < T)
+            for (int p = env.thread(); p < C; p += env.threads()) env.mbar_expect(bars + (s & 1) * C + p, expected_bytes(p));
+        }
 
         if (mine) {
           acc_t dot = acc_t(0);
@@ -364,7 +382,8 @@ struct TeamKernel {
             if constexpr (ex == Exchange::Block) {
               *dst = v;
             } else if constexpr (ex == Exchange::Cluster) {
-              for (int peer = 0; peer < C; ++peer) env.store_peer(dst, peer, v);
+              uint64_t* bar = bars + ((s + 1) & 1) * C + q;
+              for (int peer = 0; peer < C; ++peer) env.store_async_peer(dst, peer, v, bar);
             } else {
               pb.exchange(s + 1)[static_cast<int64_t>(b) * N + j] = v;
             }
@@ -375,12 +394,10 @@ struct TeamKernel {
         env.sync_block();
       }
       if (s + 1 < T) {
-        // Signal A_{s+1}: what this block's threads wrote is ordered before the
+        // Grid: signal A_{s+1}. What this block's threads wrote is ordered before the
         // release by the block barrier above (causality is transitive in the PTX
-        // memory model), so one thread releases for the block.
-        if constexpr (ex == Exchange::Cluster) {
-          for (int peer = env.thread(); peer < C; peer += env.threads()) env.mbar_arrive_peer(bars + ((s + 1) & 1) * C + q, peer);
-        } else if constexpr (ex == Exchange::Grid) {
+        // memory model), so one thread releases for the block: no other fence.
+        if constexpr (ex == Exchange::Grid) {
           if (env.thread() == 0) env.flag_publish(pb.flags + g * C + q, static_cast<unsigned long long>(s + 1));
         }
       }

@@ -51,7 +51,7 @@ struct DeviceModel {
 struct CostConstants {
   double clock_ghz = 1.755;
   double block_barrier_us = 0.03;     // __syncthreads with up to 32 warps
-  double cluster_exchange_us = 0.35;  // DSMEM stores, remote mbarrier arrive, the waiter wakes
+  double cluster_exchange_us = 0.25;  // st.async into a peer's shared memory until its waiter wakes
   double grid_exchange_us = 1.0;      // release store to L2, the poller's acquire, L2 loads
   double grid_barrier_us = 1.5;       // v1's barrier over the whole grid (two fences, one counter)
   double launch_us = 5.0;             // one op of the fallback's host loop (ATen dispatch, launch, a view)
