@@ -39,21 +39,31 @@ class _SkewExpEigh(torch.autograd.Function):
     float16/bfloat16 are computed in float32 (complex64); float64 in complex128.
     """
 
+    # forward and setup_context apart (the form torch.func transforms need): the
+    # eigenvectors and eigenvalues go to the backward as extra, non-differentiable outputs
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, A):
+    def forward(A):
         complex_dtype = torch.complex128 if A.dtype == torch.float64 else torch.complex64
         h, V = torch.linalg.eigh(1j * A.to(complex_dtype))  # iA = V diag(h) V^H, so w = -h
         w = -h
-        ctx.save_for_backward(V, w)
         # copy=True: the output must be a new tensor. torch 2.11's torch.compile gives an
         # autograd.Function whose output is a same-dtype .to() (which returns its input)
         # zero gradients (docs/torch_versions.md has the three-line reproduction).
-        return ((V * torch.exp(1j * w)) @ V.mH).real.to(A.dtype, copy=True)
+        return ((V * torch.exp(1j * w)) @ V.mH).real.to(A.dtype, copy=True), V, w
 
     @staticmethod
-    def backward(ctx, G):
+    def setup_context(ctx, inputs, output):
+        _, V, w = output
+        ctx.mark_non_differentiable(V, w)
+        ctx.save_for_backward(V, w)
+
+    @staticmethod
+    def backward(ctx, G, _grad_V, _grad_w):
         V, w = ctx.saved_tensors
-        phi = torch.exp(-0.5j * (w[:, None] + w[None, :])) * torch.sinc((w[:, None] - w[None, :]) / (2 * math.pi))
+        phi = torch.exp(-0.5j * (w[..., :, None] + w[..., None, :])) * torch.sinc(
+            (w[..., :, None] - w[..., None, :]) / (2 * math.pi))
         return (V @ ((V.mH @ G.to(V.dtype) @ V) * phi) @ V.mH).real.to(G.dtype, copy=True)
 
 
@@ -64,7 +74,7 @@ def orthogonal_from(log_P: torch.Tensor) -> torch.Tensor:
     (_SkewExpEigh), accurate in float32 and 2-4x faster than torch.linalg.matrix_exp on
     the CPU for N = 128-512.
     """
-    return _SkewExpEigh.apply(skew(log_P))
+    return _SkewExpEigh.apply(skew(log_P))[0]
 
 
 def block_rotations(thetas: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
@@ -130,14 +140,24 @@ class SchurRecurrence(nn.Module):
         super().__init__()
         if hidden_size % 2:
             raise ValueError(f"recurrent='nnrnn' needs an even hidden_size (2x2 rotation blocks), got {hidden_size}")
-        self.hidden_size, self.exact_spectrum = hidden_size, exact_spectrum
-        log_P, thetas, gammas = _rotation_init(hidden_size, init, generator)
+        self.hidden_size, self.init, self.exact_spectrum = hidden_size, init, exact_spectrum
         kw = dict(dtype=dtype or torch.get_default_dtype(), device=device)
-        self.log_P = nn.Parameter(log_P.to(**kw))
-        self.thetas = nn.Parameter(thetas.to(**kw))
-        self.gammas = nn.Parameter(gammas.to(**kw))
-        self.T = nn.Parameter(torch.zeros(hidden_size, hidden_size, **kw))
-        self.register_buffer("mask", schur_mask(hidden_size, exact_spectrum, **kw), persistent=False)
+        self.log_P = nn.Parameter(torch.empty(hidden_size, hidden_size, **kw))
+        self.thetas = nn.Parameter(torch.empty(hidden_size // 2, **kw))
+        self.gammas = nn.Parameter(torch.empty(hidden_size // 2, **kw))
+        self.T = nn.Parameter(torch.empty(hidden_size, hidden_size, **kw))
+        self.register_buffer("mask", torch.empty(hidden_size, hidden_size, **kw), persistent=False)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The initial state of SPEC section 2 (and the mask, for modules made with to_empty())."""
+        log_P, thetas, gammas = _rotation_init(self.hidden_size, self.init, generator)
+        self.log_P.copy_(log_P)
+        self.thetas.copy_(thetas)
+        self.gammas.copy_(gammas)
+        self.T.zero_()
+        self.mask.copy_(schur_mask(self.hidden_size, self.exact_spectrum))
 
     def orthogonal(self) -> torch.Tensor:
         return orthogonal_from(self.log_P)
@@ -160,9 +180,14 @@ class OrthogonalRecurrence(nn.Module):
     def __init__(self, hidden_size: int, init: str = "cayley", generator: torch.Generator | None = None,
                  dtype=None, device=None):
         super().__init__()
-        self.hidden_size = hidden_size
-        self.log_P = nn.Parameter(init_log_P(hidden_size, init, generator).to(
-            dtype=dtype or torch.get_default_dtype(), device=device))
+        self.hidden_size, self.init = hidden_size, init
+        self.log_P = nn.Parameter(torch.empty(hidden_size, hidden_size, dtype=dtype or torch.get_default_dtype(),
+                                              device=device))
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.log_P.copy_(init_log_P(self.hidden_size, self.init, generator))
 
     def forward(self) -> torch.Tensor:
         return orthogonal_from(self.log_P)
@@ -178,9 +203,14 @@ class DenseRecurrence(nn.Module):
     def __init__(self, hidden_size: int, init: str = "cayley", generator: torch.Generator | None = None,
                  dtype=None, device=None):
         super().__init__()
-        self.hidden_size = hidden_size
-        W = orthogonal_from(init_log_P(hidden_size, init, generator))
-        self.weight = nn.Parameter(W.to(dtype=dtype or torch.get_default_dtype(), device=device))
+        self.hidden_size, self.init = hidden_size, init
+        self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size, dtype=dtype or torch.get_default_dtype(),
+                                               device=device))
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.weight.copy_(orthogonal_from(init_log_P(self.hidden_size, self.init, generator)))
 
     def forward(self) -> torch.Tensor:
         return self.weight

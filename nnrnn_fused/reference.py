@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ._amp import under_autocast_policy
 from ._checks import as_lengths, check_inputs, check_length_values
 
 
@@ -17,7 +18,11 @@ def activation(z, b, nonlinearity):
 
 
 def nnrnn_recurrence(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None):
-    """Same signature and results as :func:`nnrnn_fused.fused_nnrnn`."""
+    """Same signature and results as :func:`nnrnn_fused.fused_nnrnn` (under torch.autocast too)."""
+    return under_autocast_policy(_loop, x, W, b, h0, nonlinearity, lengths)
+
+
+def _loop(x, W, b, h0, nonlinearity, lengths):
     lengths = as_lengths(lengths)
     T, B, N = check_inputs(x, W, b, h0, lengths, nonlinearity)
     check_length_values(lengths, T)

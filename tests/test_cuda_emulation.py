@@ -169,6 +169,22 @@ def test_persistent_and_fallback_agree():
             torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("launch,kernel", [((3, 1, 8, 2, True), "the persistent kernel"),
+                                           (("cluster", 3, 1, 1), "persistent kernel v2"),
+                                           (("grid", 3, 1, 1), "persistent kernel v2")], ids=["v1", "v2-cluster", "v2-grid"])
+def test_refused_cooperative_launch_takes_the_fallback(monkeypatch, capfd, launch, kernel):
+    # A GPU refuses a cooperative launch whose blocks cannot all be resident (MPS, SMs held by
+    # others), or a cluster launch it cannot place: the driver warns (TORCH_WARN: on stderr,
+    # torch.ops calls do not turn it into a Python warning) and runs the fallback instead of
+    # raising. Nothing ran: a result equal to the reference's comes from the fallback.
+    monkeypatch.setenv("NNRNN_EMULATE_REFUSED_LAUNCH", "1")
+    check_against_reference(5, 3, 7, "modrelu", True, True, launch)
+    err = capfd.readouterr().err
+    assert f"refused the cooperative launch of {kernel} (emulated refusal" in err or \
+        f"refused the launch of {kernel} (emulated refusal" in err, err
+    assert "take the fallback path" in err
+
+
 def test_bad_arguments_raise_value_errors():
     x, W, b, h0, lengths, go, ghn = make_case(4, 3, 5, True, True)
     with pytest.raises(ValueError, match="nonlinearity"):

@@ -65,6 +65,9 @@ LAYER_CASES = [
     (dict(input_size=3, hidden_size=4, recurrent="lstm"), "recurrent must be one of"),
     (dict(input_size=3, hidden_size=4, backend="cudnn"), "backend must be one of"),
     (dict(input_size=3, hidden_size=4, dropout=1.5), "dropout must be in"),
+    (dict(input_size=3, hidden_size=4, proj_size=2), "proj_size is not supported"),
+    (dict(input_size=3, hidden_size=4, bias=1), "bias must be a bool"),
+    (dict(input_size=3, hidden_size=4, bidirectional="yes"), "bidirectional must be a bool"),
 ]
 
 
@@ -76,16 +79,29 @@ def test_bad_layer_arguments(kwargs, message):
 
 def test_bad_layer_inputs():
     layer = NNRNN(3, 4, num_layers=2)
-    with pytest.raises(ValueError, match="input must have shape \\(T, B, input_size\\) with input_size=3"):
+    shape = "input must have shape \\(T, B, input_size\\), or \\(T, input_size\\) unbatched, with input_size=3"
+    with pytest.raises(ValueError, match=shape):
         layer(torch.randn(5, 2, 4))
-    with pytest.raises(ValueError, match="input must have shape"):
-        layer(torch.randn(5, 3))
-    with pytest.raises(ValueError, match="h0 must have shape \\(num_layers, B, hidden_size\\)"):
+    for rank in (1, 4):
+        with pytest.raises(ValueError, match=shape):
+            layer(torch.randn(*[3] * rank))
+    with pytest.raises(ValueError, match="input must have shape \\(B, T, input_size\\)"):
+        NNRNN(3, 4, batch_first=True)(torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="h0 must have shape \\(num_layers \\* num_directions, B, hidden_size\\)"):
         layer(torch.randn(5, 2, 3), torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match="= \\[4, 2, 4\\]"):
+        NNRNN(3, 4, num_layers=2, bidirectional=True)(torch.randn(5, 2, 3), torch.randn(2, 2, 4))
+    # unbatched input takes an unbatched h0, as torch.nn.RNN does
+    with pytest.raises(ValueError, match="h0 must have shape \\(num_layers \\* num_directions, hidden_size\\)"):
+        layer(torch.randn(5, 3), torch.randn(2, 1, 4))
     with pytest.raises(ValueError, match="layer's parameters are"):
         layer(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="only under torch.autocast"):
+        layer(torch.randn(5, 2, 3, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="lengths must lie in"):
         layer(torch.randn(5, 2, 3), lengths=[6, 1])
+    with pytest.raises(ValueError, match="lengths must lie in"):  # checked before the reverse direction uses them
+        NNRNN(3, 4, bidirectional=True)(torch.randn(5, 2, 3), lengths=[6, 1])
     # odd hidden sizes are fine where there are no 2x2 blocks
     out, _ = NNRNN(3, 5, recurrent="free")(torch.randn(2, 1, 3))
     assert out.shape == (2, 1, 5)

@@ -8,60 +8,124 @@ from nnrnn_fused import NNRNN
 
 
 def rnn_twin(layer: NNRNN) -> torch.nn.RNN:
-    """torch.nn.RNN computing what a recurrent='free', tanh NNRNN computes: weight_ih = U,
-    weight_hh = W^T, bias_ih = b, bias_hh = 0."""
-    rnn = torch.nn.RNN(layer.input_size, layer.hidden_size, num_layers=layer.num_layers, nonlinearity="tanh",
-                       batch_first=layer.batch_first, dtype=layer.layers[0].b.dtype)
+    """torch.nn.RNN computing what a recurrent='free' tanh/relu NNRNN computes: per layer and
+    direction weight_ih = U, weight_hh = W^T, bias_ih = b, bias_hh = 0."""
+    rnn = torch.nn.RNN(layer.input_size, layer.hidden_size, layer.num_layers, layer.nonlinearity, bias=layer.bias,
+                       batch_first=layer.batch_first, bidirectional=layer.bidirectional,
+                       dtype=layer.layers[0].U.weight.dtype)
     with torch.no_grad():
-        for i, l in enumerate(layer.layers):
-            getattr(rnn, f"weight_ih_l{i}").copy_(l.U.weight)
-            getattr(rnn, f"weight_hh_l{i}").copy_(l.recurrent.weight.T)
-            getattr(rnn, f"bias_ih_l{i}").copy_(l.b)
-            getattr(rnn, f"bias_hh_l{i}").zero_()
+        for suffix, i, l in twin_pairs(layer):
+            getattr(rnn, f"weight_ih_l{i}{suffix}").copy_(l.U.weight)
+            getattr(rnn, f"weight_hh_l{i}{suffix}").copy_(l.recurrent.weight.T)
+            if layer.bias:
+                getattr(rnn, f"bias_ih_l{i}{suffix}").copy_(l.b)
+                getattr(rnn, f"bias_hh_l{i}{suffix}").zero_()
     return rnn
 
 
-@pytest.mark.parametrize("batch_first", [False, True])
+def twin_pairs(layer):
+    """(torch.nn.RNN's name suffix, layer index, NNRNN's RecurrentLayer) for every layer and direction."""
+    for i in range(layer.num_layers):
+        yield "", i, layer.layers[i]
+        if layer.bidirectional:
+            yield "_reverse", i, layer.layers_reverse[i]
+
+
+def assert_twin_gradients(layer, rnn):
+    for suffix, i, l in twin_pairs(layer):
+        torch.testing.assert_close(l.U.weight.grad, getattr(rnn, f"weight_ih_l{i}{suffix}").grad)
+        torch.testing.assert_close(l.recurrent.weight.grad, getattr(rnn, f"weight_hh_l{i}{suffix}").grad.T)
+        if layer.bias:
+            torch.testing.assert_close(l.b.grad, getattr(rnn, f"bias_ih_l{i}{suffix}").grad)
+
+
+def f64(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_matches_torch_rnn(batch_first, num_layers):
-    layer = NNRNN(5, 8, nonlinearity="tanh", recurrent="free", num_layers=num_layers, batch_first=batch_first,
+def test_matches_torch_rnn(batch_first, num_layers, bias, bidirectional):
+    layer = NNRNN(5, 8, num_layers, "tanh", bias, batch_first, bidirectional=bidirectional, recurrent="free",
                   dtype=torch.float64)
     rnn = rnn_twin(layer)
-    x = torch.randn(4, 11, 5, dtype=torch.float64) if batch_first else torch.randn(11, 4, 5, dtype=torch.float64)
-    h0 = torch.randn(num_layers, 4, 8, dtype=torch.float64)
+    x = f64(4, 11, 5) if batch_first else f64(11, 4, 5)
+    h0 = f64(num_layers * (2 if bidirectional else 1), 4, 8).requires_grad_()
     out, h_n = layer(x, h0)
     out_t, h_t = rnn(x, h0)
     torch.testing.assert_close(out, out_t)
     torch.testing.assert_close(h_n, h_t)
-    (out.sum() + h_n.sum()).backward()
-    (out_t.sum() + h_t.sum()).backward()
-    torch.testing.assert_close(layer.layers[-1].recurrent.weight.grad, getattr(rnn, f"weight_hh_l{num_layers - 1}").grad.T)
-    torch.testing.assert_close(layer.layers[0].U.weight.grad, rnn.weight_ih_l0.grad)
+    g_h0, = torch.autograd.grad(out.sum() + h_n.square().sum(), h0, retain_graph=True)
+    g_h0_t, = torch.autograd.grad(out_t.sum() + h_t.square().sum(), h0, retain_graph=True)
+    torch.testing.assert_close(g_h0, g_h0_t)
+    (out.sum() + h_n.square().sum()).backward()
+    (out_t.sum() + h_t.square().sum()).backward()
+    assert_twin_gradients(layer, rnn)
 
 
-def test_packed_sequence_matches_torch_rnn():
-    layer = NNRNN(3, 6, nonlinearity="tanh", recurrent="free", num_layers=2, dtype=torch.float64)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_packed_sequence_matches_torch_rnn(nonlinearity, bidirectional):
+    layer = NNRNN(3, 6, 2, nonlinearity, bidirectional=bidirectional, recurrent="free", dtype=torch.float64)
     rnn = rnn_twin(layer)
     lengths = torch.tensor([5, 9, 1, 7])  # unsorted
-    padded = torch.randn(9, 4, 3, dtype=torch.float64)
+    padded = f64(9, 4, 3)
+    h0 = 0.5 * f64(2 * (2 if bidirectional else 1), 4, 6)
     packed = pack_padded_sequence(padded, lengths, enforce_sorted=False)
-    out, h_n = layer(packed)
-    out_t, h_t = rnn(packed)
+    out, h_n = layer(packed, h0)
+    out_t, h_t = rnn(packed, h0)
     assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
     torch.testing.assert_close(out.data, out_t.data)
     torch.testing.assert_close(h_n, h_t)
+    (out.data.square().sum() + h_n.sum()).backward()
+    (out_t.data.square().sum() + h_t.sum()).backward()
+    assert_twin_gradients(layer, rnn)
     # padded input with lengths gives the same, with zeros past each length
-    out_p, h_p = layer(padded, lengths=lengths)
+    out_p, h_p = layer(padded, h0, lengths=lengths)
     torch.testing.assert_close(out_p, pad_packed_sequence(out_t, total_length=9)[0])
     torch.testing.assert_close(h_p, h_t)
 
 
-@pytest.mark.parametrize("recurrent", ["nnrnn", "orthogonal", "free"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+def test_unbatched_input_matches_torch_rnn(batch_first, bidirectional):
+    layer = NNRNN(3, 6, 2, "relu", batch_first=batch_first, bidirectional=bidirectional, recurrent="free",
+                  dtype=torch.float64)
+    rnn = rnn_twin(layer)
+    x, h0 = f64(7, 3), f64(2 * (2 if bidirectional else 1), 6)  # (T, input_size), whatever batch_first says
+    for args in ((x,), (x, h0)):
+        out, h_n = layer(*args)
+        out_t, h_t = rnn(*args)
+        assert out.shape == out_t.shape == (7, 6 * (2 if bidirectional else 1)) and h_n.shape == h_t.shape
+        torch.testing.assert_close(out, out_t)
+        torch.testing.assert_close(h_n, h_t)
+
+
+def test_bidirectional_reverse_direction_reads_each_sequence_backwards():
+    """The reverse direction alone, against the op on sequences reversed by hand."""
+    layer = NNRNN(2, 4, bidirectional=True, nonlinearity="tanh", dtype=torch.float64)
+    lengths = [4, 1, 3]
+    x = f64(4, 3, 2)
+    out, h_n = layer(x, lengths=lengths)
+    rev = layer.layers_reverse[0]
+    for b, L in enumerate(lengths):
+        o, h = nnrnn_fused.reference.nnrnn_recurrence(rev.U(x[:L, b:b + 1].flip(0)), layer.recurrent_matrix(0, True),
+                                                      rev.b, nonlinearity="tanh")
+        torch.testing.assert_close(out[:L, b, 4:], o.flip(0)[:, 0])
+        torch.testing.assert_close(h_n[1, b], h[0])
+        assert torch.all(out[L:, b] == 0)
+
+
+@pytest.mark.parametrize("recurrent,bidirectional", [("nnrnn", False), ("orthogonal", False), ("free", False),
+                                                    ("nnrnn", True)])
 @pytest.mark.parametrize("nonlinearity", ["modrelu", "tanh", "relu"])
-def test_fused_and_reference_backends_agree(recurrent, nonlinearity):
-    fused = NNRNN(4, 10, nonlinearity=nonlinearity, recurrent=recurrent, num_layers=2, dtype=torch.float64)
-    ref = NNRNN(4, 10, nonlinearity=nonlinearity, recurrent=recurrent, num_layers=2, dtype=torch.float64,
-                backend="reference")
+def test_fused_and_reference_backends_agree(recurrent, bidirectional, nonlinearity):
+    kw = dict(nonlinearity=nonlinearity, recurrent=recurrent, num_layers=2, bidirectional=bidirectional,
+              dtype=torch.float64)
+    fused = NNRNN(4, 10, **kw)
+    ref = NNRNN(4, 10, **kw, backend="reference")
     ref.load_state_dict(fused.state_dict())
     x = torch.randn(30, 3, 4, dtype=torch.float64)
     for model in (fused, ref):
@@ -87,6 +151,45 @@ def test_parameter_names_and_recurrent_matrix():
     _, h_n = layer(torch.zeros(1, 2, 3), h0)
     expected = nnrnn_fused.reference.activation(h0[0] @ W, layer.layers[0].b, "modrelu")
     torch.testing.assert_close(h_n[0], expected)
+
+
+def test_parameter_names_without_bias_and_bidirectional():
+    layer = NNRNN(3, 4, num_layers=2, bias=False, bidirectional=True, recurrent="free")
+    assert {n for n, _ in layer.named_parameters()} == {
+        f"{stack}.{i}.{p}" for stack in ("layers", "layers_reverse") for i in (0, 1) for p in ("U.weight", "recurrent.weight")}
+    assert layer.layers_reverse[1].U.weight.shape == (4, 8)  # layer 1 reads both directions
+    # without a bias modReLU is the identity: a linear RNN
+    linear = NNRNN(3, 4, bias=False, dtype=torch.float64)
+    x = f64(5, 2, 3)
+    h, out = torch.zeros(2, 4, dtype=torch.float64), []
+    for t in range(5):
+        h = linear.layers[0].U(x[t]) + h @ linear.recurrent_matrix()
+        out.append(h)
+    torch.testing.assert_close(linear(x)[0], torch.stack(out))
+
+
+def test_reset_parameters_draws_the_initial_state_again():
+    layer = NNRNN(3, 8, num_layers=2, bidirectional=True, generator=torch.Generator().manual_seed(5))
+    initial = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(1.0)
+    layer.reset_parameters(torch.Generator().manual_seed(5))
+    for name, p in layer.named_parameters():
+        if ".recurrent." in name:  # the constructor's draws from the same generator, in the same order
+            assert torch.equal(p, initial[name]), name
+        elif name.endswith(".b"):  # modReLU's U(-0.01, 0.01)
+            assert p.abs().max() <= 0.01 and not torch.equal(p, initial[name]), name
+        else:  # U: a fresh xavier-normal draw (std 0.5 or 0.4), not the shifted values
+            assert p.mean().abs() < 0.3 and 0.2 < p.std() < 0.7, name
+
+
+def test_reset_parameters_after_meta_initialisation():
+    """The usual pattern for large models: build on the meta device, allocate, reset."""
+    layer = NNRNN(3, 8, device="meta").to_empty(device="cpu")
+    layer.reset_parameters(torch.Generator().manual_seed(0))
+    fresh = NNRNN(3, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer.recurrent_matrix(), fresh.recurrent_matrix())
 
 
 def test_inits_and_modrelu_bias_range():

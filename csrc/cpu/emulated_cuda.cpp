@@ -6,6 +6,9 @@
 // with the launch shape as arguments. Slow; for small sizes.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../cuda/driver.h"
 #include "host_grid.h"
 
@@ -25,9 +28,18 @@ struct HostLauncher {
     return l.to(at::kInt).contiguous();
   }
 
+  // Test hook: NNRNN_EMULATE_REFUSED_LAUNCH=1 refuses every persistent launch, as
+  // a GPU refuses a cooperative launch whose blocks cannot all be resident.
+  static bool refused() {
+    const char* refuse = std::getenv("NNRNN_EMULATE_REFUSED_LAUNCH");
+    return refuse != nullptr && std::string(refuse) == "1";
+  }
+
   template <class Body>
-  void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+  std::string persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+    if (refused()) return "emulated refusal: NNRNN_EMULATE_REFUSED_LAUNCH=1";
     host_launch(L.grid(), threads, bytes, body);
+    return "";
   }
 
   // Kernel v2 with a small register tile (4 values of k for 2 columns, warps of 4
@@ -36,12 +48,15 @@ struct HostLauncher {
   template <typename acc_t>
   using V2Shape = TileShape<4, 2, 4>;
 
+  // The GPU can refuse cluster and cooperative launches, not plain ones (Block).
   template <class Body>
-  void team(const Body& body, const LayoutV2& L, size_t bytes) const {
+  std::string team(const Body& body, const LayoutV2& L, size_t bytes) const {
+    if (refused() && L.exchange != Exchange::Block) return "emulated refusal: NNRNN_EMULATE_REFUSED_LAUNCH=1";
     TORCH_CHECK_VALUE(static_cast<int64_t>(L.grid()) * L.threads() <= kMaxHostThreads,
                       "emulated_recurrence_v2: at most ", kMaxHostThreads, " host threads, the layout needs ",
                       static_cast<int64_t>(L.grid()) * L.threads());
     host_launch(L.grid(), L.threads(), bytes, body, L.exchange == Exchange::Cluster ? L.team_blocks : 1, L.lanes);
+    return "";
   }
 
   template <class Body>

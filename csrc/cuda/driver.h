@@ -4,9 +4,10 @@
 // backward's time loop. Only `Launcher` differs between the two:
 //   Plan plan(int64_t B, int64_t N, at::ScalarType)       which path, which layout
 //   at::Tensor lengths(const at::Tensor&, int64_t T)     validated int32 lengths on x's device
-//   void persistent(const Body&, const Layout&, int threads, size_t shared_bytes)   kernel v1
-//   void team(const Body&, const LayoutV2&, size_t shared_bytes)                    kernel v2
-//   template <typename acc_t> using V2Shape = TileShape<KT, LANES>                 v2's register tile
+//   std::string persistent(const Body&, const Layout&, int threads, size_t shared_bytes)   kernel v1
+//   std::string team(const Body&, const LayoutV2&, size_t shared_bytes)                    kernel v2
+//       "" when launched; else why the device refused the cooperative or cluster launch
+//   template <typename acc_t> using V2Shape = TileShape<KT, CT, LANES>                    v2's register tile
 //   void pointwise(const Body&, int64_t elements)
 #pragma once
 
@@ -29,19 +30,29 @@ inline int64_t shared_bytes(const Layout& L, size_t acc_size) { return L.shared_
 
 // One launch of a persistent kernel Body over `a`, laid out by the plan, with its
 // grid barrier's counter zeroed (stream-ordered, like everything else here).
+// false, with a warning saying why, when the device refused the cooperative
+// launch (MPS, SMs taken by others): the caller then runs the fallback, which
+// needs no co-residency. Nothing was written then.
 template <class Body, class Launcher, class Args>
-void launch_persistent(Launcher& launcher, Args& a, const Plan& plan, size_t acc_size,
+bool launch_persistent(Launcher& launcher, Args& a, const Plan& plan, size_t acc_size,
                        const at::TensorOptions& options) {
   a.L = make_layout(a.L.T, a.L.B, a.L.N, plan.col_groups, plan.row_groups, plan.threads, plan.rows_per_tile);
   auto counter = at::zeros({1}, options.dtype(at::kLong));
   Body body{a, reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>())};
-  launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, acc_size));
+  const std::string refused = launcher.persistent(body, a.L, plan.threads, shared_bytes(a.L, acc_size));
+  if (refused.empty()) return true;
+  TORCH_WARN("fused_nnrnn: the device refused the cooperative launch of the persistent kernel (", refused,
+             "); this call and later ones of this shape take the fallback path (a GEMM per step) instead; "
+             "nnrnn_fused.cuda_path() says so");
+  return false;
 }
 
 // One launch of kernel v2 for Problem `a` (ForwardV2 or BackwardV2), laid out by
 // the plan with the launcher's tile shape; Grid's step counters zeroed.
+// false, with the same warning as launch_persistent, when the device refused the
+// cluster or cooperative launch.
 template <class Launcher, class Problem>
-void launch_v2(Launcher& launcher, Problem& a, const Plan& plan, const at::TensorOptions& options) {
+bool launch_v2(Launcher& launcher, Problem& a, const Plan& plan, const at::TensorOptions& options) {
   using Shape = typename Launcher::template V2Shape<typename Problem::acc_t>;
   a.L = v2_layout(a.L.T, a.L.B, a.L.N, plan, Shape::KT, Shape::CT, Shape::LANES);
   a.L.derive(sizeof(typename Problem::acc_t));
@@ -52,17 +63,23 @@ void launch_v2(Launcher& launcher, Problem& a, const Plan& plan, const at::Tenso
   auto flags = at::zeros({a.L.grid()}, options.dtype(at::kLong));
   a.flags = reinterpret_cast<unsigned long long*>(flags.template data_ptr<int64_t>());
   const size_t bytes = a.L.shared_bytes(sizeof(typename Problem::acc_t));
+  std::string refused;
   switch (plan.exchange) {
     case Exchange::Block:
-      launcher.team(TeamKernel<Shape, Problem, Exchange::Block>{a}, a.L, bytes);
+      refused = launcher.team(TeamKernel<Shape, Problem, Exchange::Block>{a}, a.L, bytes);
       break;
     case Exchange::Cluster:
-      launcher.team(TeamKernel<Shape, Problem, Exchange::Cluster>{a}, a.L, bytes);
+      refused = launcher.team(TeamKernel<Shape, Problem, Exchange::Cluster>{a}, a.L, bytes);
       break;
     case Exchange::Grid:
-      launcher.team(TeamKernel<Shape, Problem, Exchange::Grid>{a}, a.L, bytes);
+      refused = launcher.team(TeamKernel<Shape, Problem, Exchange::Grid>{a}, a.L, bytes);
       break;
   }
+  if (refused.empty()) return true;
+  TORCH_WARN("fused_nnrnn: the device refused the launch of persistent kernel v2 (", refused,
+             "); this call and later ones of this shape take the fallback path (a GEMM per step) instead; "
+             "nnrnn_fused.cuda_path() says so");
+  return false;
 }
 
 template <class Launcher>
@@ -96,17 +113,19 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                    state.data_ptr<acc_t>(),
                                    Layout{T, B, N, 1, 1, 0, 0, 1},
                                    f};
+    bool launched = false;
     if (plan.persistent && plan.version == 2) {
       if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
         ForwardV2<scalar_t, acc_t> a2{a.x,   a.W,       a.bias,  a.h0, a.lengths, a.out, a.state,
                                       nullptr, LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
-        launch_v2(launcher, a2, plan, x.options());
+        launched = launch_v2(launcher, a2, plan, x.options());
       } else {
         TORCH_CHECK(false, "fused_nnrnn: kernel v2 runs float32 and float64 only, got ", x.scalar_type());
       }
     } else if (plan.persistent) {
-      launch_persistent<PersistentForward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), x.options());
-    } else {
+      launched = launch_persistent<PersistentForward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), x.options());
+    }
+    if (!launched) {
       // A GEMM per step into `dots`, then the pointwise finish.
       auto W_acc = Wc.to(acc.dtype());
       auto h0_acc = h0 ? h0c.to(acc.dtype()) : at::Tensor();
@@ -160,19 +179,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
                                     grad_h0.data_ptr<scalar_t>(),
                                     Layout{T, B, N, 1, 1, 0, 0, 1},
                                     f};
+    bool launched = false;
     if (plan.persistent && plan.version == 2) {
       if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
         auto ghn = grad_h_n.contiguous();
         BackwardV2<scalar_t, acc_t> a2{a.grad_out, a.out,     a.W,       a.lengths, ghn.data_ptr<scalar_t>(),
                                        a.g,        a.da,      a.dx,      a.db_rows, a.grad_h0,
                                        nullptr,    LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
-        launch_v2(launcher, a2, plan, output.options());
+        launched = launch_v2(launcher, a2, plan, output.options());
       } else {
         TORCH_CHECK(false, "fused_nnrnn: kernel v2 runs float32 and float64 only, got ", output.scalar_type());
       }
     } else if (plan.persistent) {
-      launch_persistent<PersistentBackward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), output.options());
-    } else {
+      launched =
+          launch_persistent<PersistentBackward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), output.options());
+    }
+    if (!launched) {
       using Step = PointwiseStep<BackwardArgs<scalar_t, acc_t>, acc_t>;
       auto W_acc = Wc.to(acc.dtype());
       auto dots = at::empty({B, N}, acc);

@@ -78,17 +78,20 @@ struct DeviceEnv {
   __device__ void sync_block() const { __syncthreads(); }
 
   __device__ void sync_grid() {
-    __syncthreads();  // the block's writes happen before thread 0's release
+    // Why one release and one acquire are enough (no __threadfence, which made a
+    // second GPU-scope fence per step): the block's writes happen before thread 0's
+    // release by the block barrier, and causality order is transitive in the PTX
+    // memory model; another block's acquire that reads this increment (or a later
+    // one in its release sequence) then orders them before that block's reads,
+    // which its own block barrier below extends to all its threads.
+    __syncthreads();
     ++passed;
     if (threadIdx.x == 0) {
-      __threadfence();  // as cooperative_groups does: the block's writes visible device-wide
       ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device> c(*counter);
       c.fetch_add(1, ::cuda::memory_order_release);
       const unsigned long long target = passed * gridDim.x;
-      const unsigned long long start = watchdog_ns ? global_ns() : 0;
-      while (c.load(::cuda::memory_order_acquire) < target) {
-        if (watchdog_ns && global_ns() - start > watchdog_ns) __trap();
-      }
+      unsigned long long start = 0;
+      while (c.load(::cuda::memory_order_acquire) < target) watchdog_tick(start);
     }
     __syncthreads();  // thread 0's acquire happens before the block's next reads
   }

@@ -219,6 +219,17 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, Kernel
   return pick_plan(v2, v1, B, N, choice);
 }
 
+struct PlanCache {
+  using Key = std::tuple<int, int64_t, int64_t, int, int>;  // device, N, B, dtype, kernel choice
+  std::mutex mutex;
+  std::map<Key, Plan> plans;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache cache;
+  return cache;
+}
+
 Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   if (fallback_forced()) {
     Plan p;
@@ -230,19 +241,45 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   }
   const KernelChoice choice = kernel_choice();
   // Cached: the occupancy queries cost microseconds.
-  using Key = std::tuple<int, int64_t, int64_t, int, int>;
-  static std::mutex mutex;
-  static std::map<Key, Plan> cache;
-  const Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice)};
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, compute_plan(N, B, dtype, device, choice)).first;
+  PlanCache& c = plan_cache();
+  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice)};
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto it = c.plans.find(key);
+  if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device, choice)).first;
   return it->second;
+}
+
+// After the device refused a shape's cooperative or cluster launch: the fallback from now on.
+void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, const std::string& why) {
+  Plan p;
+  p.reason = "the device refused the launch (" + why + ")";
+  const StepCost cost = fallback_cost(B, N);
+  p.forward_us = cost.forward_us;
+  p.backward_us = cost.backward_us;
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice())}] = p;
+}
+
+// Why a launch was refused, after recording it; "" for success. Too many blocks to
+// be co-resident now (MPS, SMs held by others), no cooperative launch, or clusters
+// that cannot be placed: the caller takes the fallback. Other errors raise.
+std::string refusal(cudaError_t err, int64_t N, int64_t B, at::ScalarType dtype, int device) {
+  if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported ||
+      err == cudaErrorClusterOutOfResources) {
+    (void)cudaGetLastError();  // not a sticky error: clear it for the next launch
+    const std::string why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    record_refusal(N, B, dtype, device, why);
+    return why;
+  }
+  C10_CUDA_CHECK(err);
+  return "";
 }
 
 struct CudaLauncher {
   c10::DeviceIndex device;
   cudaStream_t stream;
+  at::ScalarType dtype;
 
   Plan plan(int64_t B, int64_t N, at::ScalarType dtype) const { return cuda_plan(N, B, dtype, device); }
 
@@ -263,11 +300,12 @@ struct CudaLauncher {
   }
 
   template <class Body>
-  void persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
+  std::string persistent(const Body& body, const Layout& L, int threads, size_t bytes) const {
     unsigned long long watchdog = watchdog_ns();
     void* args[] = {const_cast<Body*>(&body), &watchdog};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>), dim3(L.grid()),
-                                               dim3(threads), args, bytes, stream));
+    const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>),
+                                                        dim3(L.grid()), dim3(threads), args, bytes, stream);
+    return refusal(err, L.N, L.B, dtype, device);
   }
 
   template <typename acc_t>
@@ -276,7 +314,7 @@ struct CudaLauncher {
   // Kernel v2: a plain launch (Block), a launch in clusters of team_blocks (Cluster),
   // or a cooperative launch, all blocks resident (Grid).
   template <class Body>
-  void team(const Body& body, const LayoutV2& L, size_t bytes) const {
+  std::string team(const Body& body, const LayoutV2& L, size_t bytes) const {
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(L.grid());
     config.blockDim = dim3(L.threads());
@@ -296,7 +334,8 @@ struct CudaLauncher {
       config.numAttrs = 1;
     }
     // The attributes were set when the plan was made (prepare_team_kernel).
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, &team_kernel<Body>, body, watchdog_ns()));
+    const cudaError_t err = cudaLaunchKernelEx(&config, &team_kernel<Body>, body, watchdog_ns());
+    return refusal(err, L.N, L.B, dtype, device);
   }
 
   template <class Body>
@@ -309,7 +348,7 @@ struct CudaLauncher {
 
 CudaLauncher launcher_for(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), "fused_nnrnn: the CUDA kernel got a tensor on ", x.device());
-  return {x.device().index(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream()};
+  return {x.device().index(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), x.scalar_type()};
 }
 
 std::tuple<at::Tensor, at::Tensor> recurrence_cuda(const at::Tensor& x, const at::Tensor& W,
