@@ -158,10 +158,12 @@ def analyse(instructions) -> dict:
     with_fma = [(s, e) for s, e in all_loops if count(instructions, s, e, is_fma) > 0]
     if not with_fma:
         return {}
-    # the inner loop: the loop with the most FMAs among those that contain no other loop with FMAs
+    # the inner loop: the densest in FMAs among the loops that contain no other loop with FMAs
+    # (v1's pointwise finish, with tanh's FMAs, is a longer loop than its dot product)
     innermost = [(s, e) for s, e in with_fma
                  if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in with_fma)]
-    inner = max(innermost, key=lambda r: count(instructions, r[0], r[1], is_fma))
+    inner = max(innermost, key=lambda r: count(instructions, r[0], r[1], is_fma) /
+                count(instructions, r[0], r[1], lambda op: True))
     fmas = count(instructions, *inner, is_fma)
     loads = count(instructions, *inner, is_shared_load)
     wide = count(instructions, *inner, lambda op: op == "LDS.128")

@@ -262,11 +262,11 @@ void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, cons
 }
 
 // Why a launch was refused, after recording it; "" for success. Too many blocks to
-// be co-resident now (MPS, SMs held by others), no cooperative launch, or clusters
-// that cannot be placed: the caller takes the fallback. Other errors raise.
+// be co-resident now (MPS, SMs held by others), no cooperative launch, or a cluster
+// size the device does not take: the caller takes the fallback. Other errors raise.
 std::string refusal(cudaError_t err, int64_t N, int64_t B, at::ScalarType dtype, int device) {
   if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported ||
-      err == cudaErrorClusterOutOfResources) {
+      err == cudaErrorInvalidClusterSize) {
     (void)cudaGetLastError();  // not a sticky error: clear it for the next launch
     const std::string why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
     record_refusal(N, B, dtype, device, why);
