@@ -69,7 +69,9 @@ def timings(out_json: str) -> None:
             out, h_n = nnrnn_fused.fused_nnrnn(x, W, b, nonlinearity=nl)
             out.sum().backward()
 
-        for force in ("0", "1"):
+        # kernel v2, v1 and the fallback side by side (v2 where it fits: float32/float64)
+        for kernel, force in (("v2", "0"), ("v1", "0"), ("auto", "1")):
+            os.environ["NNRNN_CUDA_KERNEL"] = kernel
             os.environ["NNRNN_CUDA_FORCE_FALLBACK"] = force
             path = nnrnn_fused.cuda_path(N, B, dtype)
             try:
@@ -80,6 +82,7 @@ def timings(out_json: str) -> None:
                 rows.append(dict(case=label, T=T, B=B, N=N, dtype=dtype_name, impl="nnrnn_fused", path=path,
                                  error=f"{type(e).__name__}: {e}"[:300]))
         os.environ.pop("NNRNN_CUDA_FORCE_FALLBACK", None)
+        os.environ.pop("NNRNN_CUDA_KERNEL", None)
 
         # cuDNN's tanh RNN of the same size (input size N, so its input GEMM is extra work it does)
         rnn = torch.nn.RNN(N, N, nonlinearity="tanh").to("cuda", dtype)

@@ -42,7 +42,7 @@ struct DeviceModel {
   // Clusters of each size (index) that can be resident at once; 0: estimated as sms / size
   // (16: 7, an H100's GPCs). The CUDA side fills it from cudaOccupancyMaxActiveClusters.
   std::array<int, 17> active_clusters{};
-  int v2_regs = 64;  // registers per thread of the v2 kernels (at most 64 at 1024 threads)
+  int v2_regs = 128;  // registers per thread of the v2 kernels (101 to 128 by the static check; the GPU's own)
   bool cooperative = true;
 };
 
