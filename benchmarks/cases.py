@@ -13,12 +13,14 @@ from nnrnn_fused.reference import nnrnn_recurrence
 IMPLS = ("fused", "reference", "torch_rnn", "torch_lstm", "nnrnn_layer")
 MODES = ("fwd", "fwdbwd")
 
-# Grids: (N values, B values, T values). "gpu" is the GPU-verification grid (issue 6).
+# Grids: (N values, B values, T values). "gpu" is the GPU-verification grid (issue 6), "gpucheck"
+# the small one that benchmarks/gpu_check.sh runs with the time it has left.
 GRIDS = {
     "quick": dict(N=(64, 128), B=(10,), T=(50,)),
     "targets": dict(N=(128, 512), B=(10, 100), T=(220,)),
     "full": dict(N=(128, 256, 512, 1024), B=(1, 10, 32, 128), T=(220, 784)),
     "gpu": dict(N=(256, 512, 1024), B=(1, 32, 128), T=(784,)),
+    "gpucheck": dict(N=(512,), B=(32,), T=(200,)),  # what fits the end of benchmarks/gpu_check.sh
 }
 
 

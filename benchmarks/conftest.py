@@ -1,8 +1,11 @@
+import os
+
+import pytest
 import torch
 
 
 def pytest_addoption(parser):
-    parser.addoption("--grid", default="targets", choices=("quick", "targets", "full", "gpu"),
+    parser.addoption("--grid", default="targets", choices=("quick", "targets", "full", "gpu", "gpucheck"),
                      help="benchmark sizes (benchmarks/cases.py: GRIDS)")
     parser.addoption("--rounds", type=int, default=None, help="timed rounds per case")
 
@@ -23,3 +26,15 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     if torch.cuda.is_available():
         machine_info["cuda_device"] = torch.cuda.get_device_name()
         machine_info["cuda"] = torch.version.cuda
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under benchmarks/gpu_check.sh (GPU_CHECK_RESULTS set): each case's result as a JSON line the
+    moment it exists (the --benchmark-json file is written only at the end, lost if the run is killed)."""
+    yield
+    bench = item.funcargs.get("benchmark") if call.when == "call" and os.environ.get("GPU_CHECK_RESULTS") else None
+    if bench is not None and bench.stats:
+        from benchmarks.gpu_check import record
+
+        record("suites", "case", id=item.name, extra_info=dict(bench.extra_info), median_s=bench.stats.stats.median)

@@ -1,105 +1,96 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (under 8 minutes on an H100): build, GPU tests, timings,
-# GPU benchmarks; results as JSON and a markdown table under $OUT (default
-# ./gpu_check_out), the table printed last. On a CPU machine it runs to the end
-# with the GPU parts skipped and says so (tests/test_gpu_check_script.py runs it
-# that way, so the script cannot rot).
+# The one call on a lent GPU (docs/cuda.md, "The GPU check"): ten phases in order of value, each under
+# its own `timeout -k` inside a total deadline; every result a JSON line in $OUT/results.jsonl the
+# moment it exists; an EXIT trap writes $OUT/summary.md from whatever exists, however the script
+# ends, and prints it with the verdict table last. On a CPU machine every phase runs as a dry run
+# or says why not (tests/test_gpu_check_script.py runs it so, in CI).
 #
-#   OUT=dir                 where results go
-#   NNRNN_SKIP_BUILD=1      use the extension already built in the source tree
-#   PYTHON=python3          the interpreter
-#   MAX_JOBS, TORCH_CUDA_ARCH_LIST   build settings (default 16 and 9.0)
-#   GPU_CHECK_TOTAL_S       deadline for the whole script (default 450 s): a phase gets at most what is left
-#   GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_TIMINGS_S, GPU_CHECK_BENCH_S   time caps per phase
-#   GPU_CHECK_BENCH_ARGS    options of the benchmark suites (default: --grid gpu, the GPU-verification grid)
+#   OUT=dir                      results (default ./gpu_check_out): results.jsonl, summary.md, log.txt
+#                                (every phase's output), tests.xml, ncu.txt, benchmarks.json
+#   PYTHON=python3               the interpreter
+#   GPU_CHECK_TOTAL_S=480        deadline of the whole script; keep the device call's timeout_s above it
+#   GPU_CHECK_<PHASE>_S          a phase's cap in s (ENV BUILD SMOKE TIMINGS BARRIER BREAKDOWN TESTS NCU;
+#                                SANITIZER per tool; SUITES: default what is left); 0 skips the phase
+#   GPU_CHECK_COMMIT             the commit, where the tree travels without .git
+#   NNRNN_PREBUILT_DIR           the extension prebuilt for the GPU machine (default .prebuilt/gpu)
+#   NNRNN_SKIP_BUILD=1           use the extension in the tree as it is
+#   MAX_JOBS, TORCH_CUDA_ARCH_LIST   when it must build (default 16 and 9.0)
+#   NNRNN_CUDA_WATCHDOG_MS       the grid barrier's deadlock watchdog (default here 5000)
+#   GPU_CHECK_PATHS              the CUDA paths compared (benchmarks/gpu_phases.py: cuda_paths)
+#   GPU_CHECK_SUITES_ARGS        options of the benchmark suites (default: --grid gpucheck -k cuda)
+#   GPU_CHECK_HANG="phase ..."   these phases hang after their first result (the dry-run test)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_check_out}"
 mkdir -p "$OUT"
-PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
-steps="$OUT/steps.json"
-echo "{}" > "$steps"
-deadline=$(( $(date +%s) + ${GPU_CHECK_TOTAL_S:-450} ))
+OUT=$(cd "$OUT" && pwd)
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+export GPU_CHECK_RESULTS="$OUT/results.jsonl" GPU_CHECK_LOG="$OUT/log.txt"
+export GPU_CHECK_DEADLINE=$(( $(date +%s) + ${GPU_CHECK_TOTAL_S:-480} ))
+export NNRNN_CUDA_WATCHDOG_MS="${NNRNN_CUDA_WATCHDOG_MS:-5000}" PYTHONUNBUFFERED=1
+: > "$GPU_CHECK_RESULTS"
+: > "$GPU_CHECK_LOG"
+rm -f "$OUT/summary.md" "$OUT/tests.xml" "$OUT/ncu.txt" "$OUT/benchmarks.json"
 
-cap() {  # cap SECONDS: the phase's cap, or what is left before the deadline (keeping 20 s for the report)
-  local left=$(( deadline - $(date +%s) - 20 ))
-  [ "$left" -lt 5 ] && left=5
-  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+helper() { "$PYTHON" -m benchmarks.gpu_check "$@"; }
+
+in_flight="" in_flight_step="" in_flight_cap=0 in_flight_t0=0
+status=0
+
+finish() {  # EXIT: end the step in flight, then the summary (the verdict table printed last)
+  trap - EXIT INT TERM
+  if [ -n "$in_flight" ]; then
+    kill -TERM -- "-$in_flight" "$in_flight" 2>/dev/null
+    helper end "$in_flight_step" 143 $(( SECONDS - in_flight_t0 )) "$in_flight_cap"
+  fi
+  helper report "$OUT"
+  local rc=$?
+  [ "$status" -ne 0 ] && exit "$status"
+  exit "$rc"
+}
+trap finish EXIT
+trap 'status=143; exit 143' INT TERM
+
+step() {  # step NAME CMD...: CMD under `timeout -k` with the step's cap, its output appended to log.txt
+  local name=$1 cap
+  shift
+  cap=$(helper start "$name") || cap=0
+  [ "${cap:-0}" -gt 0 ] 2>/dev/null || return 0
+  echo "== $name: running (cap $cap s)" >&2
+  echo "=============== $name (cap $cap s) ===============" >> "$GPU_CHECK_LOG"
+  in_flight_step=$name in_flight_cap=$cap in_flight_t0=$SECONDS
+  # timeout leads its own process group: at the cap everything the step started is killed.
+  GPU_CHECK_PHASE_DEADLINE=$(( $(date +%s) + cap )) timeout -k 10 "$cap" "$@" >> "$GPU_CHECK_LOG" 2>&1 &
+  in_flight=$!
+  wait "$in_flight"
+  local rc=$?
+  in_flight=""
+  helper end "$name" "$rc" $(( SECONDS - in_flight_t0 )) "$cap"
 }
 
-note() {  # note STEP RESULT: record one line of the summary
-  echo "== $1: $2"
-  "$PYTHON" - "$steps" "$1" "$2" <<'EOF'
-import json, sys
-path, key, value = sys.argv[1:]
-d = json.load(open(path)); d[key] = value; json.dump(d, open(path, "w"), indent=1)
-EOF
-}
-
-has_gpu=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-if [ "$has_gpu" = 1 ]; then
-  note "device" "$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name())")"
-else
-  note "device" "no GPU visible: GPU tests, timings and benchmarks are skipped"
+phases=("$PYTHON" -m benchmarks.gpu_phases)
+step env "${phases[@]}" env
+step build "${phases[@]}" build
+step smoke "${phases[@]}" smoke
+if helper fallback-needed; then
+  export NNRNN_CUDA_FORCE_FALLBACK=1
+  echo "== the remaining phases run with NNRNN_CUDA_FORCE_FALLBACK=1" >&2
 fi
-
-# 1. build
-if [ "${NNRNN_SKIP_BUILD:-0}" = 1 ]; then
-  note "build" "skipped (NNRNN_SKIP_BUILD=1)"
-else
-  start=$(date +%s)
-  if MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-     timeout "$(cap "${GPU_CHECK_BUILD_S:-240}")" "$PYTHON" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-    note "build" "ok in $(( $(date +%s) - start )) s"
-  else
-    note "build" "FAILED after $(( $(date +%s) - start )) s (see build.log)"
-    tail -30 "$OUT/build.log"
-  fi
-fi
-note "extension" "$("$PYTHON" -c "import nnrnn_fused as n; s = n.status(); print('loaded, CUDA kernels' if s['cuda_kernels_compiled'] else ('loaded, CPU only' if s['extension_loaded'] else 'NOT loaded: ' + str(s['load_error'])))" 2>&1 | tail -1)"
-
-# 2. GPU tests (on a CPU machine they are collected and skipped, which checks they import)
-start=$(date +%s)
-tests_cap=$(cap "${GPU_CHECK_TESTS_S:-270}")
-PYTHONUNBUFFERED=1 timeout "$tests_cap" "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider \
-  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
-rc=$?
-tail -15 "$OUT/tests.log"
-case $rc in
-  0) note "GPU tests" "passed in $(( $(date +%s) - start )) s$([ "$has_gpu" = 1 ] || echo ' (all skipped: no GPU)')" ;;
-  124) note "GPU tests" "TIMED OUT after $tests_cap s (a hang? see tests.log)" ;;
-  *) note "GPU tests" "FAILED (pytest exit $rc; see tests.log)" ;;
-esac
-
-# 3. timings of the fused op and cuDNN
-if [ "$has_gpu" = 1 ]; then
-  if timeout "$(cap "${GPU_CHECK_TIMINGS_S:-90}")" "$PYTHON" -m benchmarks.gpu_check timings "$OUT/timings.json" > "$OUT/timings.log" 2>&1; then
-    note "timings" "ok"
-  else
-    note "timings" "FAILED or timed out (see timings.log)"
-    tail -5 "$OUT/timings.log"
-  fi
-else
-  note "timings" "skipped (no GPU)"
-fi
-
-# 4. the GPU benchmark suites (test ids containing "cuda")
-if [ "$has_gpu" != 1 ]; then
-  note "benchmarks" "skipped (no GPU)"
-else
-  # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of options
-  bench_cap=$(cap "${GPU_CHECK_BENCH_S:-150}")
-  timeout "$bench_cap" "$PYTHON" -m pytest benchmarks/ --benchmark-only -k cuda -q -p no:cacheprovider \
-    ${GPU_CHECK_BENCH_ARGS:---grid gpu} --benchmark-json="$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
-  rc=$?
-  case $rc in
-    0) note "benchmarks" "ok" ;;
-    5) note "benchmarks" "none: no CUDA benchmarks in benchmarks/ yet" ;;
-    4) note "benchmarks" "not run: pytest usage error (pytest-benchmark missing?); see benchmarks.log" ;;
-    124) note "benchmarks" "TIMED OUT after $bench_cap s (partial results lost)" ;;
-    *) note "benchmarks" "FAILED (pytest exit $rc; see benchmarks.log)"; tail -5 "$OUT/benchmarks.log" ;;
-  esac
-fi
-
-# 5. results.json and summary.md; the table last
-"$PYTHON" -m benchmarks.gpu_check report "$OUT"
+step timings "${phases[@]}" timings
+step barrier "${phases[@]}" barrier
+step breakdown "${phases[@]}" breakdown
+step tests "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider -k "not compute_sanitizer" \
+  --junitxml="$OUT/tests.xml"
+sanitizer=$(helper which compute-sanitizer)
+for tool in memcheck racecheck synccheck; do
+  # only our kernels are instrumented (kns=nnrnn); no caching allocator, so memcheck sees the true bounds
+  step "sanitizer:$tool" env NNRNN_CUDA_WATCHDOG_MS=20000 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "${sanitizer:-compute-sanitizer}" --tool "$tool" --kernel-name kns=nnrnn --error-exitcode 99 --print-limit 20 \
+    "${phases[@]}" sanitizer-case
+done
+step ncu "$(helper which ncu)" --clock-control none --target-processes all --kernel-name regex:persistent \
+  --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
+  --log-file "$OUT/ncu.txt" "${phases[@]}" ncu-case
+# shellcheck disable=SC2086  # GPU_CHECK_SUITES_ARGS is a list of options
+step suites "$PYTHON" -m pytest benchmarks/test_speed.py benchmarks/test_memory.py --benchmark-only -q \
+  -p no:cacheprovider ${GPU_CHECK_SUITES_ARGS:---grid gpucheck -k cuda} --benchmark-json="$OUT/benchmarks.json"

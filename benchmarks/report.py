@@ -22,15 +22,19 @@ KEY_FIELDS = ("device", "dtype", "mode", "N", "B", "T")
 def load(path):
     with open(path) as f:
         data = json.load(f)
+    return (data,) + tables((b["extra_info"], b["stats"]["median"]) for b in data["benchmarks"])
+
+
+def tables(entries):
+    """(speed, memory) from (extra_info, median seconds) pairs: µs per step by case and implementation."""
     speed, memory = defaultdict(dict), defaultdict(dict)
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
+    for info, median in entries:
         key = tuple(info[k] for k in KEY_FIELDS)
         if info["mode"] == "memory":
             memory[key][info["impl"]] = info
         else:
-            speed[key][info["impl"]] = bench["stats"]["median"] / info["T"] * 1e6  # us per step
-    return data, speed, memory
+            speed[key][info["impl"]] = median / info["T"] * 1e6  # us per step
+    return speed, memory
 
 
 def header(data) -> str:

@@ -1,9 +1,9 @@
 // Extra ops around the CUDA kernels, defined in every build (with or without CUDA):
 //
 //   cuda_path(N, B, dtype, device) -> str
-//       which path recurrence takes on that device: "persistent", or
-//       "fallback: <reason>", or "unavailable: <reason>"; no tensor arguments,
-//       so one implementation serves every backend.
+//       which path recurrence takes on that device: "persistent <kernel version>:
+//       <plan>", or "fallback: <reason>", or "unavailable: <reason>"; no tensor
+//       arguments, so one implementation serves every backend.
 //   emulated_recurrence(..., col_groups, row_groups, threads, rows_per_tile, persistent)
 //   emulated_recurrence_backward(..., col_groups, row_groups, threads, rows_per_tile, persistent)
 //       the CUDA kernels' source run on CPU tensors by a host emulation of the
@@ -16,7 +16,7 @@
 //       kernel v1's layout that the CUDA side would choose on a device with
 //       that many SMs and that much shared memory per block, before its occupancy
 //       check: [col_groups, row_groups, rows_per_tile, shared_bytes], or [] when W
-//       does not fit (the fallback).
+//       does not fit (the fallback). Honours NNRNN_CUDA_PLAN as the CUDA side does.
 //   model_plan(N, B, dtype, kernel="auto", sms=132, smem_bytes=232448) -> (str, float[])
 //       the plan that the cost model (cuda/plan.h) picks on an H100 SXM (the
 //       DeviceModel defaults; sms and smem_bytes may be changed) for kernel choice
@@ -54,8 +54,7 @@ std::vector<int64_t> emulated_plan(int64_t N, int64_t B, c10::ScalarType dtype, 
   TORCH_CHECK_VALUE(N >= 1 && B >= 1 && sms >= 1 && smem_bytes >= 1 && threads >= 1,
                     "emulated_plan: N, B, sms, smem_bytes and threads must be >= 1");
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
-  const kern::Plan p = kern::choose_persistent_plan(N, B, acc, static_cast<int>(sms), smem_bytes,
-                                                    static_cast<int>(threads));
+  const kern::Plan p = kern::persistent_plan(N, B, acc, static_cast<int>(sms), smem_bytes, static_cast<int>(threads));
   if (!p.persistent) return {};
   const auto L = kern::make_layout(1, B, N, p.col_groups, p.row_groups, p.threads, p.rows_per_tile);
   return {p.col_groups, p.row_groups, p.rows_per_tile, kern::shared_bytes(L, acc)};
@@ -65,14 +64,15 @@ std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c1
                                                        c10::string_view kernel, int64_t sms, int64_t smem_bytes) {
   TORCH_CHECK_VALUE(N >= 1 && B >= 1 && sms >= 1 && smem_bytes >= 1,
                     "model_plan: N, B, sms and smem_bytes must be >= 1");
-  const kern::KernelChoice choice = kern::parse_kernel_choice(std::string(kernel), "model_plan: kernel");
+  const kern::KernelChoice choice =
+      kern::effective_choice(kern::parse_kernel_choice(std::string(kernel), "model_plan: kernel"));
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
   kern::DeviceModel h100;  // an H100 SXM, with `sms` SMs and `smem_bytes` of shared memory per block and SM
   h100.sms = static_cast<int>(sms);
   h100.smem_per_block = smem_bytes;
   h100.smem_per_sm = std::max<int64_t>(smem_bytes, h100.smem_per_sm);
   const kern::Plan v2 = kern::v2_plan_for(N, B, dtype, h100);
-  const kern::Plan v1 = kern::choose_persistent_plan(N, B, acc, h100.sms, h100.smem_per_block, 512);
+  const kern::Plan v1 = kern::persistent_plan(N, B, acc, h100.sms, h100.smem_per_block, 512);
   const kern::Plan p = kern::pick_plan(v2, v1, B, N, choice);
   return {kern::describe(p),
           {static_cast<double>(p.persistent ? p.version : 0), static_cast<double>(p.exchange),

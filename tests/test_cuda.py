@@ -118,12 +118,12 @@ def test_cuda_path_reports_every_path(monkeypatch):
     monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
     monkeypatch.delenv("NNRNN_CUDA_KERNEL", raising=False)
     v2 = nnrnn_fused.cuda_path(1024, 128, torch.float32)  # the issue's minimum
-    assert v2.startswith("persistent: v2 ") and "us/step forward" in v2, v2
+    assert v2.startswith("persistent v2 ") and "us/step forward" in v2, v2
     half = nnrnn_fused.cuda_path(512, 100, torch.bfloat16)
-    assert half.startswith("persistent: v1 "), half  # no v2 for float16/bfloat16 yet
+    assert half.startswith("persistent v1: "), half  # no v2 for float16/bfloat16 yet
     monkeypatch.setenv("NNRNN_CUDA_KERNEL", "v1")
     v1 = nnrnn_fused.cuda_path(1024, 128, torch.float32)
-    assert v1.startswith("persistent: v1 grid barrier: "), v1
+    assert v1.startswith("persistent v1: "), v1
     monkeypatch.setenv("NNRNN_CUDA_KERNEL", "v3")
     with pytest.raises(ValueError, match="NNRNN_CUDA_KERNEL must be 'auto', 'v1' or 'v2'"):
         nnrnn_fused.cuda_path(1024, 128, torch.float32)
@@ -143,9 +143,32 @@ def test_v2_on_the_compass_shapes(monkeypatch, N, B, exchange, dtype):
     monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
     monkeypatch.setenv("NNRNN_CUDA_KERNEL", "v2")
     path = nnrnn_fused.cuda_path(N, B, dtype)
-    assert path.startswith("persistent: v2 "), path
+    assert path.startswith("persistent v2 "), path
     print(f"N={N} B={B} {dtype}: {path} (the H100 model: {exchange})")
     check(7, B, N, dtype, "modrelu", True, True)
+
+
+def test_cuda_path_names_the_kernel_version_and_plan(monkeypatch):
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    monkeypatch.delenv("NNRNN_CUDA_PLAN", raising=False)
+    monkeypatch.setenv("NNRNN_CUDA_KERNEL", "v1")
+    props = torch.cuda.get_device_properties(0)
+    cols, rows, tile, shared = torch.ops.nnrnn_fused.emulated_plan(
+        512, 32, torch.float32, props.multi_processor_count, props.shared_memory_per_block_optin, 512)
+    assert nnrnn_fused.cuda_path(512, 32, torch.float32).startswith(
+        f"persistent v1: {cols} x {rows} blocks (column x row groups) of 512 threads, {tile} rows per tile, "
+        f"{shared} bytes of shared memory per block; predicted ")
+
+
+def test_plan_override_sets_the_grid(monkeypatch):
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    monkeypatch.setenv("NNRNN_CUDA_PLAN", "3x4")
+    path = nnrnn_fused.cuda_path(40, 10, torch.float32)
+    assert path.startswith("persistent v1: 3 x 4 blocks") and "; layout set by NNRNN_CUDA_PLAN=3x4; predicted" in path, path
+    check(6, 10, 40, torch.float32, "tanh", True, True)
+    monkeypatch.setenv("NNRNN_CUDA_PLAN", "3 by 4")
+    with pytest.raises(ValueError, match="NNRNN_CUDA_PLAN must be"):
+        nnrnn_fused.cuda_path(40, 10, torch.float32)
 
 
 def test_fallback_when_w_does_not_fit(monkeypatch):
@@ -330,24 +353,6 @@ def test_watchdog_setting_is_checked(monkeypatch):
     fused_nnrnn(x, W, b, h0)
 
 
-SANITIZER_SCRIPT = textwrap.dedent("""
-    import os, torch
-    import nnrnn_fused
-    torch.manual_seed(0)
-    for fallback in ("0", "1"):
-        os.environ["NNRNN_CUDA_FORCE_FALLBACK"] = fallback
-        T, B, N = 4, 3, 40
-        x = torch.randn(T, B, N, device="cuda", requires_grad=True)
-        W = (0.3 * torch.randn(N, N, device="cuda")).requires_grad_()
-        b = torch.zeros(N, device="cuda", requires_grad=True)
-        h0 = torch.randn(B, N, device="cuda", requires_grad=True)
-        out, h_n = nnrnn_fused.fused_nnrnn(x, W, b, h0, lengths=torch.tensor([4, 0, 2]))
-        (out.sum() + h_n.sum()).backward()
-    torch.cuda.synchronize()
-    print("sanitizer case done")
-""")
-
-
 def compute_sanitizer():
     found = shutil.which("compute-sanitizer")
     if found:
@@ -357,13 +362,15 @@ def compute_sanitizer():
     return candidate if os.path.exists(candidate) else None
 
 
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
 def test_compute_sanitizer(tool):
     sanitizer = compute_sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found (CUDA_HOME/bin or PATH)")
-    # every kernel of the small case is checked (torch's too: a filter would be one more thing to get wrong)
-    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, "-c", SANITIZER_SCRIPT]
+    # every kernel of the small case (both paths, h0, lengths, backward) is checked, torch's too;
+    # benchmarks/gpu_check.sh runs the same case with only ours instrumented, to fit its window
+    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, "-m", "benchmarks.gpu_phases",
+           "sanitizer-case"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
     report = proc.stdout[-4000:] + proc.stderr[-4000:]

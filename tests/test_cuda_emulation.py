@@ -220,7 +220,7 @@ def test_cuda_path_reports_a_string():
     elif not torch.cuda.is_available():
         assert path == "unavailable: no CUDA device is visible"
     else:
-        assert path.startswith("persistent: ") or path.startswith("fallback: ")
+        assert path.startswith(("persistent v1: ", "persistent v2 ", "fallback: "))
     with pytest.raises(ValueError, match="unsupported dtype"):
         nnrnn_fused.cuda_path(128, 10, torch.int32)
     with pytest.raises(ValueError, match="must be a CUDA device"):
@@ -247,6 +247,21 @@ def test_plan_on_an_h100(N, B, dtype, expected):
     p = plan(N, B, dtype, **H100)
     assert p[:3] == expected
     assert p[3] <= H100["smem_bytes"]
+
+
+def test_plan_set_by_environment(monkeypatch):
+    # NNRNN_CUDA_PLAN=<col_groups>x<row_groups>: the grid barrier's microbenchmark (gpu_check.sh)
+    monkeypatch.setenv("NNRNN_CUDA_PLAN", "1x8")
+    assert plan(32, 8, **H100)[:3] == [1, 8, 1]
+    monkeypatch.setenv("NNRNN_CUDA_PLAN", "8x2")  # 64 columns of W: 43 rows of 577 fit beside them, of 50
+    assert plan(512, 100, **H100)[:3] == [8, 2, 43]
+    monkeypatch.setenv("NNRNN_CUDA_PLAN", "1x1")
+    with pytest.raises(ValueError, match=r"NNRNN_CUDA_PLAN=1x1: a block's slice of W \(3000 x 3000\)"):
+        plan(3000, 4, **H100)
+    for bad in ("eight", "1x", "0x4", "2x3x4"):
+        monkeypatch.setenv("NNRNN_CUDA_PLAN", bad)
+        with pytest.raises(ValueError, match="NNRNN_CUDA_PLAN must be <col_groups>x<row_groups>"):
+            plan(32, 8, **H100)
 
 
 def test_plan_falls_back_when_w_does_not_fit():
@@ -299,7 +314,7 @@ def model(N, B, dtype=torch.float32, kernel="auto", **device):
 def test_model_takes_v2_where_it_predicts_it_faster(N, B, dtype, exchange):
     text, p = model(N, B, dtype)
     assert p["version"] == 2 and p["exchange"] == exchange, text
-    assert text.startswith(f"persistent: v2 {exchange}: ") and "us/step forward" in text
+    assert text.startswith(f"persistent v2 {exchange}: ") and "us/step forward" in text
     _, v1 = model(N, B, dtype, "v1")
     assert v1["version"] == 1
     assert p["forward_us"] + p["backward_us"] < v1["forward_us"] + v1["backward_us"]
@@ -324,9 +339,14 @@ def test_model_plan_invariants(N, B, dtype):
         assert C * G <= 132 * (2048 // threads)  # co-resident for the cooperative launch
 
 
-def test_model_plan_kernel_choice():
+def test_model_plan_kernel_choice(monkeypatch):
+    monkeypatch.setenv("NNRNN_CUDA_PLAN", "1x8")  # forces kernel v1's layout, hence v1
+    text, p = model(32, 8, torch.float32)
+    assert p["version"] == 1 and (p["col_groups"], p["row_groups"]) == (1, 8), text
+    assert "; layout set by NNRNN_CUDA_PLAN=1x8; predicted" in text
+    monkeypatch.delenv("NNRNN_CUDA_PLAN")
     text, p = model(512, 32, torch.float32, "v1")
-    assert p["version"] == 1 and text.startswith("persistent: v1 grid barrier: ")
+    assert p["version"] == 1 and text.startswith("persistent v1: ")
     text, p = model(512, 32, torch.float16)  # float16/bfloat16 keep v1
     assert p["version"] == 1, text
     text, p = model(512, 32, torch.bfloat16, "v2")

@@ -6,7 +6,7 @@ import torch
 
 import nnrnn_fused
 from nnrnn_fused.parametrization import (DenseRecurrence, OrthogonalRecurrence, SchurRecurrence, init_log_P,
-                                         schur_mask)
+                                         schur_mask, skew)
 
 from helpers import relative_gradient_error
 
@@ -46,6 +46,22 @@ def test_random_init_is_a_rotation():
     P = torch.linalg.matrix_exp(log_P - log_P.T)
     torch.testing.assert_close(P @ P.T, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-10)
     assert (P - torch.eye(10, dtype=torch.float64)).abs().max() > 0.1  # not a trivial rotation
+
+
+def test_random_init_is_haar_on_SO_n():
+    # SPEC section 2's "random orthogonal": Haar on the rotations. Cheap statistics of
+    # Haar Q in SO(n), n >= 3: det +1, E[tr Q] = 0, E[tr(Q)^2] = 1, P(Q_ii > 0) = 1/2. The
+    # authors' sign fix, diag(q) instead of diag(r), makes every Q_ii >= 0, so E[tr Q] is
+    # about sqrt(2n/pi) there: these checks tell the two apart.
+    n, draws = 6, 400
+    g = torch.Generator().manual_seed(0)
+    Q = torch.stack([torch.linalg.matrix_exp(skew(init_log_P(n, "random", g))) for _ in range(draws)])
+    torch.testing.assert_close(torch.linalg.det(Q), torch.ones(draws, dtype=torch.float64), rtol=0, atol=1e-10)
+    diagonal = torch.diagonal(Q, dim1=1, dim2=2)
+    trace = diagonal.sum(1)
+    assert abs(trace.mean()) < 0.15  # standard error 1/sqrt(400) = 0.05
+    assert abs(trace.square().mean() - 1) < 0.3
+    assert 0.4 < (diagonal > 0).double().mean() < 0.6
 
 
 def test_vectorised_lambda_matches_explicit():

