@@ -4,13 +4,16 @@ Compiles benchmarks/static_check.cu (the persistent kernels of csrc/cuda/global_
 no torch) with nvcc -cubin for sm_90, then reads
   - ptxas's report: registers, stack frame and spills of every kernel;
   - the SASS (cuobjdump): in each kernel's inner loop (the innermost loop with the
-    most FMAs) shared-memory loads per FMA; in its step loop (the outermost loop
-    around it) the barrier, fence, mbarrier and L1-invalidate instructions;
+    most FMAs; for the tensor-core kernels, the loop around the MMAs) shared-memory
+    loads per FMA (per MMA); in its step loop (the outermost loop around it) the
+    barrier, fence, mbarrier and L1-invalidate instructions;
 and prints the cost model's predictions for the compass cases (nnrnn_fused.model_plan,
 when the extension is built).
 
-Fails (exit status 1) on any spill, or on a kernel v2 inner loop with more than
-MAX_SHARED_LOADS_PER_FMA shared loads per FMA. Run from the repository root:
+Fails (exit status 1) on any spill, on a kernel v2 inner loop with more than
+MAX_SHARED_LOADS_PER_FMA shared loads per FMA, or on a tensor-core inner loop without
+exactly KT MMA instructions, with more than MAX_SHARED_LOADS_PER_MMA shared loads per
+MMA, or with local memory in its step loop. Run from the repository root:
 
     python -m benchmarks.static_check [--out benchmarks/results/static_check]
 
@@ -38,6 +41,11 @@ COMPASS = [(128, 10, "float32"), (256, 1, "float32"), (512, 32, "float32"), (102
            (512, 100, "float32"), (768, 16, "float32"), (128, 10, "float64"), (512, 32, "float64"),
            (768, 16, "float16")]
 TARGETS = {(512, 32): (1.0, 2.5), (128, 10): (0.5, 1.2), (256, 1): (0.5, 1.2), (1024, 128): (8.0, 20.0)}
+# The tensor-core path (issue 12): (N, B, dtype, TF32 allowed, target forward / forward+backward on an H100)
+TC_COMPASS = [(768, 16, "float16", False, (0.5, 1.0)), (1024, 128, "bfloat16", False, (1.5, 4.0)),
+              (512, 32, "bfloat16", False, (0.6, 1.5)), (128, 10, "bfloat16", False, None),
+              (512, 100, "bfloat16", False, None), (1024, 128, "float32", True, None), (768, 16, "float32", True, None)]
+MAX_SHARED_LOADS_PER_MMA = 2  # the tensor-core path: one 4-byte load per B-fragment register
 
 # Instructions counted in a step loop: block/cluster barriers, fences, mbarrier
 # operations, L1 invalidation (what an acquire costs), atomics.
@@ -68,9 +76,16 @@ def find_cuobjdump() -> str | None:
 
 
 def kernel_label(mangled: str) -> str:
-    """'v2 forward float32 cluster' from the mangled name of a kernel of static_check.cu."""
+    """'v2 forward float32 cluster' (or 'tc forward bfloat16 cluster KT16') from the mangled name of a
+    kernel of static_check.cu."""
     dtype = "float64" if re.search(r"V2Idd|Idd", mangled) else "float32"
     direction = "backward" if "Backward" in mangled else "forward"
+    exchanges = {"0": "block", "1": "cluster", "2": "grid"}
+    if "tc_kernel" in mangled:
+        m = re.search(r"MmaKindE(\d)ELi(\d+)E", mangled)
+        kind = {"0": "float16", "1": "bfloat16", "2": "tf32"}[m.group(1)]
+        exchange = exchanges[re.search(r"ExchangeE(\d)E", mangled).group(1)]
+        return f"tc {direction} {kind} {exchange} KT{m.group(2)}"
     if "team_kernel" in mangled:
         exchange = {"0": "block", "1": "cluster", "2": "grid"}[re.search(r"ExchangeE(\d)E", mangled).group(1)]
         return f"v2 {direction} {dtype} {exchange}"
@@ -153,6 +168,37 @@ def is_shared_load(op: str) -> bool:
     return op.startswith(("LDS", "LDSM"))
 
 
+def is_mma(op: str) -> bool:
+    return op.startswith(("HMMA", "HGMMA"))
+
+
+def analyse_mma(instructions) -> dict:
+    """The tensor-core kernels: the inner loop is the loop around the MMAs (one n-tile
+    of a warp: KT instructions, fully unrolled); its MMAs and shared loads, and the
+    synchronisation in the step loop around it."""
+    all_loops = loops(instructions)
+    with_mma = [(s, e) for s, e in all_loops if count(instructions, s, e, is_mma) > 0]
+    if not with_mma:
+        return {"inner_mma": 0}
+    innermost = [(s, e) for s, e in with_mma
+                 if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in with_mma)]
+    inner = max(innermost, key=lambda r: count(instructions, r[0], r[1], is_mma))
+    mmas = count(instructions, *inner, is_mma)
+    loads = count(instructions, *inner, is_shared_load)
+    around = [(s, e) for s, e in all_loops if s <= inner[0] and inner[1] <= e]
+    step = min(around, key=lambda r: r[0]) if around else inner
+    sync = {}
+    for address, text in instructions:
+        op = opcode(text)
+        if step[0] <= address <= step[1] and not (inner[0] <= address <= inner[1]) and op.startswith(SYNC_OPCODES):
+            sync[op] = sync.get(op, 0) + 1
+    mma_ops = sorted({opcode(t) for a, t in instructions if inner[0] <= a <= inner[1] and is_mma(opcode(t))})
+    return {"inner_loop": [hex(inner[0]), hex(inner[1])], "inner_mma": mmas, "mma_instruction": ", ".join(mma_ops),
+            "inner_shared_loads": loads, "shared_loads_per_mma": round(loads / mmas, 4),
+            "local_memory": count(instructions, *step, lambda op: op.startswith(("LDL", "STL"))),
+            "step_loop": [hex(step[0]), hex(step[1])], "step_sync_instructions": dict(sorted(sync.items()))}
+
+
 def analyse(instructions) -> dict:
     all_loops = loops(instructions)
     with_fma = [(s, e) for s, e in all_loops if count(instructions, s, e, is_fma) > 0]
@@ -193,6 +239,12 @@ def model_predictions() -> list[dict] | str:
     except Exception as e:  # noqa: BLE001  (any import failure: say so and go on)
         return f"nnrnn_fused does not import: {e}"
     rows = []
+    for N, B, dtype, tf32, target in TC_COMPASS:
+        for kernel in ("auto", "v1"):
+            text, v = torch.ops.nnrnn_fused.model_plan(N, B, getattr(torch, dtype), kernel, allow_tf32=tf32)
+            rows.append({"N": N, "B": B, "dtype": dtype + (" (TF32 allowed)" if tf32 else ""), "kernel": kernel,
+                         "plan": text, "forward_us": round(v[6], 2), "backward_us": round(v[7], 2),
+                         "forward_backward_us": round(v[6] + v[7], 2), "target": target if kernel == "auto" else None})
     for N, B, dtype in COMPASS:
         for kernel in ("auto", "v1"):
             text, v = torch.ops.nnrnn_fused.model_plan(N, B, getattr(torch, dtype), kernel)
@@ -216,15 +268,25 @@ def run(out: str | None) -> int:
     kernels, failures = [], []
     for mangled, info in sorted(ptxas.items(), key=lambda kv: kernel_label(kv[0])):
         label = kernel_label(mangled)
-        entry = {"kernel": label, **info, **analyse(sass.get(mangled, []))}
+        tc = label.startswith("tc")
+        entry = {"kernel": label, **info, **(analyse_mma if tc else analyse)(sass.get(mangled, []))}
         kernels.append(entry)
         if info.get("spill_stores", 0) or info.get("spill_loads", 0):
             failures.append(f"{label}: spills ({info['spill_stores']} bytes stored, {info['spill_loads']} loaded)")
+        if tc:
+            kt = int(label.rsplit("KT", 1)[1])
+            if entry["inner_mma"] != kt:  # one n-tile of a warp: KT instructions, none outside the unrolled loop
+                failures.append(f"{label}: {entry['inner_mma']} MMA instructions in the inner loop, expected KT = {kt}")
+            elif entry["shared_loads_per_mma"] > MAX_SHARED_LOADS_PER_MMA or entry["local_memory"]:
+                failures.append(f"{label}: {entry['shared_loads_per_mma']} shared loads per MMA, "
+                                f"{entry['local_memory']} local-memory accesses in the step loop")
+            continue
         ratio = entry.get("shared_loads_per_fma")
         if label.startswith("v2") and (ratio is None or ratio > MAX_SHARED_LOADS_PER_FMA):
             failures.append(f"{label}: {ratio} shared loads per FMA in the inner loop (bound {MAX_SHARED_LOADS_PER_FMA})")
     model = model_predictions()
     result = {"arch": ARCH, "nvcc": nvcc_version, "bound_shared_loads_per_fma": MAX_SHARED_LOADS_PER_FMA,
+              "bound_shared_loads_per_mma": MAX_SHARED_LOADS_PER_MMA,
               "kernels": kernels, "model": model, "failures": failures, "passed": not failures}
     text = report_markdown(result)
     print(text)
@@ -246,13 +308,30 @@ def report_markdown(r: dict) -> str:
              "| step loop: barriers, fences, mbarrier ops |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for k in r["kernels"]:
+        if k["kernel"].startswith("tc"):
+            continue
         sync = ", ".join(f"{n} {op}" for op, n in k.get("step_sync_instructions", {}).items())
         lines.append(f"| {k['kernel']} | {k.get('registers')} | {k.get('stack')} / {k.get('spill_stores')}+"
                      f"{k.get('spill_loads')} | {k.get('inner_fma')} | {k.get('inner_shared_loads')} "
                      f"({k.get('inner_lds128')}) | {k.get('shared_loads_per_fma')} | {sync} |")
-    lines += ["", f"Bound: at most {r['bound_shared_loads_per_fma']} shared loads per FMA in a v2 inner loop; "
-              "no spills. " + ("PASSED" if r["passed"] else "FAILED: " + "; ".join(r["failures"])), ""]
-    lines += ["## The cost model's predictions (csrc/cuda/plan.h, H100 SXM constants), µs per step", ""]
+    lines += ["", "Tensor-core kernels (docs/tensor_cores.md): the inner loop is one warp's n-tile (8 batch rows), "
+              "KT MMA instructions; a step runs it ceil(rows / 8) times per warp.", "",
+              "| kernel | registers | stack / spills (B) | inner loop: MMA | instruction | shared loads | loads per MMA "
+              "| local memory in the step loop | step loop: barriers, fences, mbarrier ops |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for k in r["kernels"]:
+        if not k["kernel"].startswith("tc"):
+            continue
+        sync = ", ".join(f"{n} {op}" for op, n in k.get("step_sync_instructions", {}).items())
+        lines.append(f"| {k['kernel']} | {k.get('registers')} | {k.get('stack')} / {k.get('spill_stores')}+"
+                     f"{k.get('spill_loads')} | {k.get('inner_mma')} | {k.get('mma_instruction')} | "
+                     f"{k.get('inner_shared_loads')} | {k.get('shared_loads_per_mma')} | {k.get('local_memory')} | "
+                     f"{sync} |")
+    lines += ["", f"Bounds: at most {r['bound_shared_loads_per_fma']} shared loads per FMA in a v2 inner loop; "
+              f"KT MMA instructions and at most {r['bound_shared_loads_per_mma']} shared loads per MMA in a tensor-core "
+              "inner loop, no local memory in its step loop; no spills. "
+              + ("PASSED" if r["passed"] else "FAILED: " + "; ".join(r["failures"])), ""]
+    lines += ["## The cost model's predictions (csrc/cuda/plan.h, tc_plan.h; H100 SXM constants), µs per step", ""]
     if isinstance(r["model"], str):
         lines.append(f"Not available: {r['model']}")
     else:

@@ -12,17 +12,22 @@
 //   emulated_recurrence_v2(..., exchange, team_blocks, teams, rows_per_tile)
 //   emulated_recurrence_v2_backward(..., exchange, team_blocks, teams, rows_per_tile)
 //       the same for kernel v2 (exchange: "block", "cluster" or "grid").
+//   emulated_recurrence_tc(..., exchange, team_blocks, teams, rows_per_tile, kt)
+//   emulated_recurrence_tc_backward(..., exchange, team_blocks, teams, rows_per_tile, kt)
+//       the same for the tensor-core path (float16, bfloat16 CPU tensors; float32
+//       as TF32), its mma.sync emulated per lane; kt 1 or 2.
 //   emulated_plan(N, B, dtype, sms, smem_bytes, threads) -> int[]
 //       kernel v1's layout that the CUDA side would choose on a device with
 //       that many SMs and that much shared memory per block, before its occupancy
 //       check: [col_groups, row_groups, rows_per_tile, shared_bytes], or [] when W
 //       does not fit (the fallback). Honours NNRNN_CUDA_PLAN as the CUDA side does.
-//   model_plan(N, B, dtype, kernel="auto", sms=132, smem_bytes=232448) -> (str, float[])
-//       the plan that the cost model (cuda/plan.h) picks on an H100 SXM (the
-//       DeviceModel defaults; sms and smem_bytes may be changed) for kernel choice
-//       "auto", "v1" or "v2", as cuda_path describes it, and [version (0: fallback),
-//       exchange (0 block, 1 cluster, 2 grid), col_groups, row_groups, threads,
-//       rows_per_tile, forward_us, backward_us].
+//   model_plan(N, B, dtype, kernel="auto", sms=132, smem_bytes=232448, allow_tf32=False) -> (str, float[])
+//       the plan that the cost model (cuda/plan.h, tc_plan.h) picks on an H100 SXM
+//       (the DeviceModel defaults; sms and smem_bytes may be changed) for kernel
+//       choice "auto", "v1", "v2" or "tc", as cuda_path describes it, and [version
+//       (0: fallback, 3: tensor cores), exchange (0 block, 1 cluster, 2 grid),
+//       col_groups, row_groups, threads, rows_per_tile, forward_us, backward_us, kt].
+//       allow_tf32: float32 may take the tensor-core path as TF32.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -61,7 +66,8 @@ std::vector<int64_t> emulated_plan(int64_t N, int64_t B, c10::ScalarType dtype, 
 }
 
 std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c10::ScalarType dtype,
-                                                       c10::string_view kernel, int64_t sms, int64_t smem_bytes) {
+                                                       c10::string_view kernel, int64_t sms, int64_t smem_bytes,
+                                                       bool allow_tf32) {
   TORCH_CHECK_VALUE(N >= 1 && B >= 1 && sms >= 1 && smem_bytes >= 1,
                     "model_plan: N, B, sms and smem_bytes must be >= 1");
   const kern::KernelChoice choice =
@@ -73,11 +79,12 @@ std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c1
   h100.smem_per_sm = std::max<int64_t>(smem_bytes, h100.smem_per_sm);
   const kern::Plan v2 = kern::v2_plan_for(N, B, dtype, h100);
   const kern::Plan v1 = kern::persistent_plan(N, B, acc, h100.sms, h100.smem_per_block, 512);
-  const kern::Plan p = kern::pick_plan(v2, v1, B, N, choice);
+  const kern::Plan tc = kern::tc_plan_for(N, B, dtype, allow_tf32, h100);
+  const kern::Plan p = kern::pick_plan_with_tc(tc, v2, v1, B, N, choice);
   return {kern::describe(p),
           {static_cast<double>(p.persistent ? p.version : 0), static_cast<double>(p.exchange),
            static_cast<double>(p.col_groups), static_cast<double>(p.row_groups), static_cast<double>(p.threads),
-           static_cast<double>(p.rows_per_tile), p.forward_us, p.backward_us}};
+           static_cast<double>(p.rows_per_tile), p.forward_us, p.backward_us, static_cast<double>(p.kt)}};
 }
 
 }  // namespace
@@ -88,8 +95,8 @@ TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
   m.def("emulated_plan(int N, int B, ScalarType dtype, int sms, int smem_bytes, int threads) -> int[]",
         &nnrnn::emulated_plan);
   m.def(
-      "model_plan(int N, int B, ScalarType dtype, str kernel=\"auto\", int sms=132, int smem_bytes=232448)"
-      " -> (str, float[])",
+      "model_plan(int N, int B, ScalarType dtype, str kernel=\"auto\", int sms=132, int smem_bytes=232448,"
+      " bool allow_tf32=False) -> (str, float[])",
       &nnrnn::model_plan);
   m.def(
       "emulated_recurrence(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"
@@ -106,4 +113,11 @@ TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
       "emulated_recurrence_v2_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor W,"
       " Tensor? h0, Tensor? lengths, str nonlinearity, str exchange, int team_blocks, int teams,"
       " int rows_per_tile) -> (Tensor grad_x, Tensor grad_W, Tensor grad_b, Tensor grad_h0)");
+  m.def(
+      "emulated_recurrence_tc(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"
+      " str exchange, int team_blocks, int teams, int rows_per_tile, int kt) -> (Tensor output, Tensor h_n)");
+  m.def(
+      "emulated_recurrence_tc_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor W,"
+      " Tensor? h0, Tensor? lengths, str nonlinearity, str exchange, int team_blocks, int teams,"
+      " int rows_per_tile, int kt) -> (Tensor grad_x, Tensor grad_W, Tensor grad_b, Tensor grad_h0)");
 }

@@ -347,7 +347,9 @@ def test_model_plan_kernel_choice(monkeypatch):
     monkeypatch.delenv("NNRNN_CUDA_PLAN")
     text, p = model(512, 32, torch.float32, "v1")
     assert p["version"] == 1 and text.startswith("persistent v1: ")
-    text, p = model(512, 32, torch.float16)  # float16/bfloat16 keep v1
+    text, p = model(512, 32, torch.float16)  # float16/bfloat16: the tensor-core path (test_tc_emulation.py)
+    assert p["version"] == 3, text
+    text, p = model(512, 32, torch.float16, "v1")
     assert p["version"] == 1, text
     text, p = model(512, 32, torch.bfloat16, "v2")
     assert p["version"] == 0 and text.startswith("fallback: kernel v2 runs float32 and float64 only"), text
@@ -355,5 +357,5 @@ def test_model_plan_kernel_choice(monkeypatch):
     assert p["version"] == 0 and "kernel v2: no team layout fits" in text, text
     text, p = model(3000, 4, torch.float32)
     assert p["version"] == 0 and "W does not fit on chip" in text, text
-    with pytest.raises(ValueError, match="kernel must be 'auto', 'v1' or 'v2'"):
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'v1', 'v2' or 'tc'"):
         model(128, 10, torch.float32, "v3")

@@ -20,8 +20,15 @@ def test_static_check_passes(tmp_path):
     for dtype in ("float32", "float64"):
         for exchange in ("block", "cluster", "grid"):
             assert f"v2 forward {dtype} {exchange}" in labels and f"v2 backward {dtype} {exchange}" in labels
+    for exchange in ("block", "cluster", "grid"):  # the tensor-core path (docs/tensor_cores.md)
+        for kt in (8, 16):
+            assert f"tc forward bfloat16 {exchange} KT{kt}" in labels and f"tc backward bfloat16 {exchange} KT{kt}" in labels
     for k in result["kernels"]:
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0, k
+        if k["kernel"].startswith("tc"):
+            assert k["inner_mma"] == int(k["kernel"].rsplit("KT", 1)[1]) and k["shared_loads_per_mma"] == 2, k
+            assert k["local_memory"] == 0, k
+            continue
         if k["kernel"].startswith("v2"):
             assert 0 < k["shared_loads_per_fma"] <= static_check.MAX_SHARED_LOADS_PER_FMA, k
             assert k["inner_lds128"] == k["inner_shared_loads"], k  # 16-byte loads only
@@ -66,3 +73,27 @@ def test_inner_and_step_loops_are_found():
     assert (a["inner_fma"], a["inner_shared_loads"], a["shared_loads_per_fma"]) == (4, 2, 0.5)
     assert a["step_sync_instructions"] == {"BAR.SYNC.DEFER_BLOCKING": 1, "CCTL.IVALL": 1, "MEMBAR.ALL.GPU": 1,
                                            "SYNCS.PHASECHK.TRANS64.TRYWAIT": 1}
+
+
+def test_tensor_core_inner_loop_is_found():
+    sass = [(0x00, "MOV R1, c[0x0][0x28]"),
+            (0x10, "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R3+URZ], R6"),  # step loop starts
+            (0x20, "LDS R8, [R2]"),                                      # inner loop: an n-tile, KT = 2
+            (0x30, "LDS R9, [R2+0x10]"),
+            (0x40, "HMMA.16816.F32.BF16 R12, R16, R8, RZ"),
+            (0x50, "LDS R8, [R2+0x20]"),
+            (0x60, "LDS R9, [R2+0x30]"),
+            (0x70, "HMMA.16816.F32.BF16 R20, R24, R8, RZ"),
+            (0x80, "@!P1 BRA 0x20"),
+            (0x90, "BAR.SYNC.DEFER_BLOCKING 0x0"),
+            (0xa0, "STL [R1], R4"),
+            (0xb0, "@P2 BRA 0x10"),
+            (0xc0, "EXIT")]
+    a = static_check.analyse_mma(sass)
+    assert a["inner_loop"] == ["0x20", "0x80"] and a["step_loop"] == ["0x10", "0xb0"]
+    assert (a["inner_mma"], a["inner_shared_loads"], a["shared_loads_per_mma"]) == (2, 4, 2.0)
+    assert a["mma_instruction"] == "HMMA.16816.F32.BF16" and a["local_memory"] == 1
+    assert a["step_sync_instructions"] == {"BAR.SYNC.DEFER_BLOCKING": 1, "SYNCS.PHASECHK.TRANS64.TRYWAIT": 1}
+    assert static_check.kernel_label(
+        "_ZN5nnrnn4kern9tc_kernelINS0_12TcTeamKernelILNS0_7MmaKindE1ELi16ENS0_10BackwardV2I13__nv_bfloat16fEELNS0_8"
+        "ExchangeE1EEEEEvT_y") == "tc backward bfloat16 cluster KT16"

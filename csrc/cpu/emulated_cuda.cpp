@@ -2,8 +2,9 @@
 // (../cuda/driver.h), run on CPU tensors with the grid emulated by host threads
 // (host_grid.h): the CPU test of the kernels' logic (tests/test_cuda_emulation.py).
 // Registered as nnrnn_fused::emulated_recurrence[_backward] (kernel v1 and the
-// fallback) and emulated_recurrence_v2[_backward] (schemas in ../cuda_ops.cpp)
-// with the launch shape as arguments. Slow; for small sizes.
+// fallback), emulated_recurrence_v2[_backward] and emulated_recurrence_tc[_backward]
+// (the tensor-core path; schemas in ../cuda_ops.cpp) with the launch shape as
+// arguments. Slow; for small sizes.
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -19,6 +20,7 @@ constexpr int64_t kMaxHostThreads = 1024;
 
 struct HostLauncher {
   Plan p;
+  static constexpr bool kHostEmulation = true;  // float16/bfloat16 CPU tensors are accepted
 
   Plan plan(int64_t, int64_t, at::ScalarType) const { return p; }
 
@@ -56,6 +58,21 @@ struct HostLauncher {
                       "emulated_recurrence_v2: at most ", kMaxHostThreads, " host threads, the layout needs ",
                       static_cast<int64_t>(L.grid()) * L.threads());
     host_launch(L.grid(), L.threads(), bytes, body, L.exchange == Exchange::Cluster ? L.team_blocks : 1, L.lanes);
+    return "";
+  }
+
+  // The tensor-core path with 1 or 2 instructions along k per warp, so that small N
+  // already has several k-chunks (the GPU's 8 and 16 run the same code).
+  using TcKts = KtList<1, 2>;
+
+  template <class Body>
+  std::string tc(const Body& body, const TcLayout& L) const {
+    if (refused() && L.exchange != Exchange::Block) return "emulated refusal: NNRNN_EMULATE_REFUSED_LAUNCH=1";
+    TORCH_CHECK_VALUE(static_cast<int64_t>(L.grid()) * L.threads() <= kMaxHostThreads,
+                      "emulated_recurrence_tc: at most ", kMaxHostThreads, " host threads, the layout needs ",
+                      static_cast<int64_t>(L.grid()) * L.threads());
+    host_launch(L.grid(), L.threads(), L.shared_bytes(), body, L.exchange == Exchange::Cluster ? L.team_blocks : 1,
+                32);
     return "";
   }
 
@@ -107,7 +124,7 @@ Exchange parse_exchange(c10::string_view name) {
   if (name == "block") return Exchange::Block;
   if (name == "cluster") return Exchange::Cluster;
   if (name == "grid") return Exchange::Grid;
-  TORCH_CHECK_VALUE(false, "emulated_recurrence_v2: exchange must be 'block', 'cluster' or 'grid', got '", name, "'");
+  TORCH_CHECK_VALUE(false, "emulated_recurrence: exchange must be 'block', 'cluster' or 'grid', got '", name, "'");
 }
 
 HostLauncher make_v2_launcher(const at::Tensor& x, c10::string_view exchange, int64_t team_blocks, int64_t teams,
@@ -146,6 +163,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_backward_v2(
   return run_backward(launcher, grad_output, grad_h_n, output, W, h0, lengths, nonlinearity);
 }
 
+HostLauncher make_tc_launcher(const at::Tensor& x, c10::string_view exchange, int64_t team_blocks, int64_t teams,
+                              int64_t rows_per_tile, int64_t kt) {
+  TORCH_CHECK_VALUE(x.is_cpu(), "emulated_recurrence_tc: runs on CPU tensors, got ", x.device());
+  TORCH_CHECK_VALUE(x.scalar_type() != at::kDouble, "emulated_recurrence_tc: tensor cores have no float64");
+  TORCH_CHECK_VALUE(team_blocks >= 1 && teams >= 1, "emulated_recurrence_tc: team_blocks and teams must be >= 1, got ",
+                    team_blocks, ", ", teams);
+  TORCH_CHECK_VALUE(rows_per_tile >= kTcMmaN && rows_per_tile % kTcMmaN == 0,
+                    "emulated_recurrence_tc: rows_per_tile must be a positive multiple of 8, got ", rows_per_tile);
+  TORCH_CHECK_VALUE(kt == 1 || kt == 2, "emulated_recurrence_tc: kt must be 1 or 2, got ", kt);
+  Plan p;
+  p.persistent = true;
+  p.version = 3;
+  p.exchange = parse_exchange(exchange);
+  TORCH_CHECK_VALUE(p.exchange != Exchange::Block || team_blocks == 1,
+                    "emulated_recurrence_tc: the block exchange has one block per team, got ", team_blocks);
+  p.col_groups = static_cast<int>(team_blocks);
+  p.row_groups = static_cast<int>(teams);
+  p.rows_per_tile = static_cast<int>(rows_per_tile);
+  p.kt = static_cast<int>(kt);
+  return {p};
+}
+
+std::tuple<at::Tensor, at::Tensor> emulated_forward_tc(const at::Tensor& x, const at::Tensor& W,
+                                                       const std::optional<at::Tensor>& b,
+                                                       const std::optional<at::Tensor>& h0,
+                                                       const std::optional<at::Tensor>& lengths,
+                                                       c10::string_view nonlinearity, c10::string_view exchange,
+                                                       int64_t team_blocks, int64_t teams, int64_t rows_per_tile,
+                                                       int64_t kt) {
+  auto launcher = make_tc_launcher(x, exchange, team_blocks, teams, rows_per_tile, kt);
+  return run_forward(launcher, x, W, b, h0, lengths, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_backward_tc(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output, const at::Tensor& W,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity,
+    c10::string_view exchange, int64_t team_blocks, int64_t teams, int64_t rows_per_tile, int64_t kt) {
+  auto launcher = make_tc_launcher(output, exchange, team_blocks, teams, rows_per_tile, kt);
+  return run_backward(launcher, grad_output, grad_h_n, output, W, h0, lengths, nonlinearity);
+}
+
 }  // namespace
 }  // namespace nnrnn::kern
 
@@ -154,4 +212,6 @@ TORCH_LIBRARY_IMPL(nnrnn_fused, CPU, m) {
   m.impl("emulated_recurrence_backward", &nnrnn::kern::emulated_backward);
   m.impl("emulated_recurrence_v2", &nnrnn::kern::emulated_forward_v2);
   m.impl("emulated_recurrence_v2_backward", &nnrnn::kern::emulated_backward_v2);
+  m.impl("emulated_recurrence_tc", &nnrnn::kern::emulated_forward_tc);
+  m.impl("emulated_recurrence_tc_backward", &nnrnn::kern::emulated_backward_tc);
 }

@@ -7,11 +7,13 @@
 // store into a peer's shared memory, and mbarriers (arrive from any block of the
 // cluster, wait for a phase's parity) and step counters in global memory
 // (release store, acquire wait) behave as the PTX instructions they stand for.
+// The tensor-core path's mma.sync runs through a per-warp exchange area
+// (warp_scratch(); ../cuda/mma.h says how).
 //
 // What it checks: indexing, the split of work over blocks and threads, the
 // placement of barriers and waits (a missing one is a real race here too, though
 // it may not fire on every run), the algorithm. What it cannot: warp-level
-// behaviour beyond __syncwarp, the GPU memory model (here every barrier and wait
+// behaviour beyond __syncwarp and mma.sync, the GPU memory model (here every barrier and wait
 // is a full fence), timing.
 //
 // A wait that lasts longer than kHostWatchdog (a deadlock: an arrival that never
@@ -34,6 +36,7 @@
 #include <vector>
 
 #include "../cuda/kernel_env.h"
+#include "../cuda/mma.h"
 
 namespace nnrnn::kern {
 
@@ -109,6 +112,7 @@ struct HostGrid {
       for (int w = 0; w < warps; ++w)
         warp_barriers.push_back(std::make_unique<HostBarrier>(std::min(warp, threads - w * warp), &abort));
       shared.emplace_back(shared_bytes, static_cast<unsigned char>(0xFF));  // NaN in float and double
+      mma_scratch.resize(mma_scratch.size() + warps);
     }
     for (int c = 0; c < grid / cluster; ++c)
       cluster_barriers.push_back(std::make_unique<HostBarrier>(static_cast<std::ptrdiff_t>(cluster) * threads, &abort));
@@ -118,6 +122,8 @@ struct HostGrid {
   HostBarrier grid_barrier;
   std::vector<std::unique_ptr<HostBarrier>> block_barriers, warp_barriers, cluster_barriers;
   std::vector<std::vector<unsigned char>> shared;
+  // Per warp: the exchange area of the emulated mma.sync (../cuda/mma.h), zeroed.
+  std::vector<MmaWarpScratch> mma_scratch;
   // mbarriers by (block, offset in its shared memory)
   std::mutex mbar_mutex;
   std::condition_variable mbar_changed;
@@ -133,6 +139,11 @@ class HostEnv {
   int blocks() const { return g_->grid_size; }
   void sync_block() const { g_->block_barriers[block_]->arrive_and_wait(); }
   void sync_grid() const { g_->grid_barrier.arrive_and_wait(); }
+  // The warp's exchange area for the emulated mma.sync (../cuda/mma.h); 32-thread warps.
+  void* warp_scratch() const {
+    const int warps = (g_->block_size + g_->warp_size - 1) / g_->warp_size;
+    return &g_->mma_scratch[block_ * warps + thread_ / g_->warp_size];
+  }
   void sync_warp() const {
     const int warps = (g_->block_size + g_->warp_size - 1) / g_->warp_size;
     g_->warp_barriers[block_ * warps + thread_ / g_->warp_size]->arrive_and_wait();

@@ -8,6 +8,9 @@
 //   std::string team(const Body&, const LayoutV2&, size_t shared_bytes)                    kernel v2
 //       "" when launched; else why the device refused the cooperative or cluster launch
 //   template <typename acc_t> using V2Shape = TileShape<KT, CT, LANES>                    v2's register tile
+//   std::string tc(const Body&, const TcLayout&)                                  the tensor-core path (as team)
+//   using TcKts = KtList<...>                                                     its kernels' KT values
+//   static constexpr bool kHostEmulation                                         float16/bfloat16 on CPU tensors
 //   void pointwise(const Body&, int64_t elements)
 #pragma once
 
@@ -23,6 +26,7 @@
 #include "kernels.h"
 #include "kernels_v2.h"
 #include "plan.h"
+#include "tc_plan.h"
 
 namespace nnrnn::kern {
 
@@ -82,6 +86,59 @@ bool launch_v2(Launcher& launcher, Problem& a, const Plan& plan, const at::Tenso
   return false;
 }
 
+// The tensor-core path's operands for a scalar type: float16, bfloat16, TF32 (float32).
+template <typename scalar_t>
+constexpr MmaKind tc_kind() {
+  return std::is_same<scalar_t, at::Half>::value ? MmaKind::F16
+         : std::is_same<scalar_t, at::BFloat16>::value ? MmaKind::BF16 : MmaKind::TF32;
+}
+
+template <int... KTs>
+struct KtList {};
+
+template <MmaKind kind, class Problem, class Launcher, int KT, int... Rest>
+std::string launch_tc_kt(Launcher& launcher, const Problem& a, const TcLayout& L, KtList<KT, Rest...>) {
+  if (L.kt == KT) {
+    switch (L.exchange) {
+      case Exchange::Block:
+        return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Block>{a, L}, L);
+      case Exchange::Cluster:
+        return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Cluster>{a, L}, L);
+      case Exchange::Grid:
+        return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Grid>{a, L}, L);
+    }
+  }
+  if constexpr (sizeof...(Rest) > 0) {
+    return launch_tc_kt<kind>(launcher, a, L, KtList<Rest...>{});
+  } else {
+    TORCH_CHECK(false, "fused_nnrnn: no tensor-core kernel with KT = ", L.kt);
+  }
+}
+
+// One launch of the tensor-core path (tc_kernels.h) for Problem `a` (ForwardV2 or
+// BackwardV2 with float32 accumulation), laid out by the plan; Grid's step counters
+// zeroed. false, with the same warning as launch_v2, when the device refused the
+// cluster or cooperative launch.
+template <typename scalar_t, class Launcher, class Problem>
+bool launch_tc(Launcher& launcher, Problem& a, const Plan& plan, const at::TensorOptions& options) {
+  const int64_t B = a.L.B, N = a.L.N;
+  const TcLayout L = tc_layout(a.L.T, B, N, plan.exchange, plan.col_groups, plan.row_groups, plan.rows_per_tile,
+                               plan.kt, tc_kind<scalar_t>());
+  TORCH_CHECK(2 * static_cast<int64_t>(plan.col_groups) <= N + 1 && plan.row_groups <= B &&
+                  plan.rows_per_tile >= kTcMmaN && plan.rows_per_tile % kTcMmaN == 0 &&
+                  (plan.exchange != Exchange::Block || plan.col_groups == 1),
+              "fused_nnrnn: invalid tensor-core layout (", plan.row_groups, " teams x ", plan.col_groups,
+              " blocks, ", plan.rows_per_tile, " rows per tile) for B = ", B, ", N = ", N);
+  auto flags = at::zeros({L.grid()}, options.dtype(at::kLong));
+  a.flags = reinterpret_cast<unsigned long long*>(flags.template data_ptr<int64_t>());
+  const std::string refused = launch_tc_kt<tc_kind<scalar_t>()>(launcher, a, L, typename Launcher::TcKts{});
+  if (refused.empty()) return true;
+  TORCH_WARN("fused_nnrnn: the device refused the launch of the tensor-core kernel (", refused,
+             "); this call and later ones of this shape take the fallback path (a GEMM per step) instead; "
+             "nnrnn_fused.cuda_path() says so");
+  return false;
+}
+
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Tensor& x, const at::Tensor& W,
                                                const std::optional<at::Tensor>& b,
@@ -89,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                                const std::optional<at::Tensor>& lengths,
                                                c10::string_view nonlinearity) {
   const Nonlinearity f = parse_nonlinearity(nonlinearity);
-  const Sizes s = check_forward_inputs(x, W, b, h0, lengths);
+  const Sizes s = check_forward_inputs(x, W, b, h0, lengths, Launcher::kHostEmulation);
   const int64_t T = s.T, B = s.B, N = s.N;
   TORCH_CHECK_VALUE(T < (int64_t{1} << 31), "fused_nnrnn: CUDA kernels support T < 2^31, got T = ", T);
   const at::Tensor len = lengths ? launcher.lengths(*lengths, T) : at::Tensor();
@@ -114,7 +171,15 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                    Layout{T, B, N, 1, 1, 0, 0, 1},
                                    f};
     bool launched = false;
-    if (plan.persistent && plan.version == 2) {
+    if (plan.persistent && plan.version == 3) {
+      if constexpr (std::is_same<acc_t, float>::value) {  // float16, bfloat16, float32 (TF32)
+        ForwardV2<scalar_t, float> a3{a.x,   a.W,       a.bias,  a.h0, a.lengths, a.out, a.state,
+                                      nullptr, LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
+        launched = launch_tc<scalar_t>(launcher, a3, plan, x.options());
+      } else {
+        TORCH_CHECK(false, "fused_nnrnn: the tensor-core path has no float64, got ", x.scalar_type());
+      }
+    } else if (plan.persistent && plan.version == 2) {
       if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
         ForwardV2<scalar_t, acc_t> a2{a.x,   a.W,       a.bias,  a.h0, a.lengths, a.out, a.state,
                                       nullptr, LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
@@ -148,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor& W, const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths,
     c10::string_view nonlinearity) {
   const Nonlinearity f = parse_nonlinearity(nonlinearity);
-  const Sizes s = check_backward_inputs(grad_output, grad_h_n, output, W, h0, lengths);
+  const Sizes s = check_backward_inputs(grad_output, grad_h_n, output, W, h0, lengths, Launcher::kHostEmulation);
   const int64_t T = s.T, B = s.B, N = s.N;
   TORCH_CHECK_VALUE(T < (int64_t{1} << 31), "fused_nnrnn: CUDA kernels support T < 2^31, got T = ", T);
   const at::Tensor len = lengths ? launcher.lengths(*lengths, T) : at::Tensor();
@@ -180,7 +245,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
                                     Layout{T, B, N, 1, 1, 0, 0, 1},
                                     f};
     bool launched = false;
-    if (plan.persistent && plan.version == 2) {
+    if (plan.persistent && plan.version == 3) {
+      if constexpr (std::is_same<acc_t, float>::value) {  // float16, bfloat16, float32 (TF32)
+        auto ghn = grad_h_n.contiguous();
+        BackwardV2<scalar_t, float> a3{a.grad_out, a.out,     a.W,       a.lengths, ghn.data_ptr<scalar_t>(),
+                                       a.g,        a.da,      a.dx,      a.db_rows, a.grad_h0,
+                                       nullptr,    LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
+        launched = launch_tc<scalar_t>(launcher, a3, plan, output.options());
+      } else {
+        TORCH_CHECK(false, "fused_nnrnn: the tensor-core path has no float64, got ", output.scalar_type());
+      }
+    } else if (plan.persistent && plan.version == 2) {
       if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
         auto ghn = grad_h_n.contiguous();
         BackwardV2<scalar_t, acc_t> a2{a.grad_out, a.out,     a.W,       a.lengths, ghn.data_ptr<scalar_t>(),

@@ -5,6 +5,7 @@
 
 #include "kernels.h"
 #include "kernels_v2.h"
+#include "tc_kernels.h"
 
 namespace nnrnn::kern {
 
@@ -19,6 +20,13 @@ __global__ void __launch_bounds__(kThreads) persistent_kernel(Body body, unsigne
 
 template <class Body>
 __global__ void __launch_bounds__(kV2MaxThreads) team_kernel(Body body, unsigned long long watchdog) {
+  DeviceEnv env(nullptr, watchdog);
+  body(env);
+}
+
+// The tensor-core path (tc_kernels.h).
+template <class Body>
+__global__ void __launch_bounds__(kTcMaxThreads) tc_kernel(Body body, unsigned long long watchdog) {
   DeviceEnv env(nullptr, watchdog);
   body(env);
 }

@@ -144,14 +144,18 @@ struct DeviceEnv {
   __device__ void store_async_peer(T* local, int rank, T v, uint64_t* bar) const {
 #if __CUDA_ARCH__ >= 900
     const uint32_t remote = peer_address(local, rank), remote_bar = peer_address(bar, rank);
-    if constexpr (sizeof(T) == 4) {
+    if constexpr (sizeof(T) == 4) {  // float, or two 16-bit operands (the tensor-core path)
+      uint32_t bits;
+      memcpy(&bits, &v, 4);
       asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(remote),
-                   "r"(__float_as_uint(v)), "r"(remote_bar)
+                   "r"(bits), "r"(remote_bar)
                    : "memory");
     } else {
-      static_assert(sizeof(T) == 8, "float or double");
+      static_assert(sizeof(T) == 8, "4 or 8 bytes");
+      unsigned long long bits;
+      memcpy(&bits, &v, 8);
       asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];" ::"r"(remote),
-                   "l"(__double_as_longlong(v)), "r"(remote_bar)
+                   "l"(bits), "r"(remote_bar)
                    : "memory");
     }
 #else

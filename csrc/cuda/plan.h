@@ -22,13 +22,14 @@ namespace nnrnn::kern {
 
 struct Plan {
   bool persistent = false;  // false: the fallback
-  int version = 0;          // persistent kernel version: 1 or 2
+  int version = 0;          // persistent kernel version: 1, 2, or 3 (the tensor-core path, tc_plan.h)
   // The split: col_groups blocks share a row group's columns, row_groups groups of rows.
   // v1: one grid barrier over all of them; v2: col_groups = blocks of a team, row_groups = teams.
   int col_groups = 1, row_groups = 1;
   int threads = 1, rows_per_tile = 1;
   int64_t shared_bytes = 0;             // per block
-  Exchange exchange = Exchange::Block;  // v2
+  Exchange exchange = Exchange::Block;  // v2 and the tensor-core path
+  int kt = 0;                           // the tensor-core path (version 3): its kernel's KT
   double forward_us = 0, backward_us = 0;  // the model's prediction per step
   std::string reason;  // the fallback's reason, or why v1 rather than v2
 };
@@ -288,7 +289,7 @@ inline Plan persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t 
 }
 
 // Which kernel versions the plan may take: NNRNN_CUDA_KERNEL (auto, v1, v2).
-enum class KernelChoice { Auto, V1, V2 };
+enum class KernelChoice { Auto, V1, V2, TC };
 
 // The choice in effect: NNRNN_CUDA_PLAN forces kernel v1's layout, hence v1.
 inline KernelChoice effective_choice(KernelChoice c) { return plan_override().empty() ? c : KernelChoice::V1; }
@@ -332,9 +333,10 @@ inline std::string describe(const Plan& p) {
   const std::string predicted =
       "predicted " + us(p.forward_us) + " us/step forward, " + us(p.backward_us) + " us/step backward";
   if (!p.persistent) return "fallback: " + p.reason + "; " + predicted;
-  if (p.version == 2) {
+  if (p.version == 2 || p.version == 3) {
     const char* ex = p.exchange == Exchange::Block ? "block" : p.exchange == Exchange::Cluster ? "cluster" : "grid";
-    return "persistent v2 " + std::string(ex) + ": " + std::to_string(p.row_groups) + " teams x " +
+    const std::string kernel = p.version == 2 ? "v2 " : "tensor cores (KT " + std::to_string(p.kt) + ") ";
+    return "persistent " + kernel + ex + ": " + std::to_string(p.row_groups) + " teams x " +
            std::to_string(p.col_groups) + " blocks of " + std::to_string(p.threads) + " threads, " +
            std::to_string(p.rows_per_tile) + " rows per tile, " + std::to_string(p.shared_bytes) +
            " bytes of shared memory per block; " + predicted;
@@ -347,12 +349,13 @@ inline std::string describe(const Plan& p) {
          "; " + predicted;
 }
 
-// "auto", "v1" or "v2" (NNRNN_CUDA_KERNEL; empty: auto).
+// "auto", "v1", "v2" or "tc" (NNRNN_CUDA_KERNEL; empty: auto).
 inline KernelChoice parse_kernel_choice(const std::string& v, const char* what) {
   if (v.empty() || v == "auto") return KernelChoice::Auto;
   if (v == "v1") return KernelChoice::V1;
   if (v == "v2") return KernelChoice::V2;
-  TORCH_CHECK_VALUE(false, what, " must be 'auto', 'v1' or 'v2', got '", v, "'");
+  if (v == "tc") return KernelChoice::TC;
+  TORCH_CHECK_VALUE(false, what, " must be 'auto', 'v1', 'v2' or 'tc', got '", v, "'");
 }
 
 // Kernel v2's plan for a dtype: float32 and float64; float16/bfloat16 keep v1

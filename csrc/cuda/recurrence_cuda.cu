@@ -55,6 +55,41 @@ std::vector<const void*> team_kernels() {
           reinterpret_cast<const void*>(&team_kernel<BackwardTeam<scalar_t, ex>>)};
 }
 
+// The tensor-core path: float16, bfloat16, float32 (TF32); float32 accumulation.
+template <typename scalar_t, int KT, Exchange ex>
+using ForwardTc = TcTeamKernel<tc_kind<scalar_t>(), KT, ForwardV2<scalar_t, float>, ex>;
+template <typename scalar_t, int KT, Exchange ex>
+using BackwardTc = TcTeamKernel<tc_kind<scalar_t>(), KT, BackwardV2<scalar_t, float>, ex>;
+
+template <typename scalar_t, int KT>
+std::vector<const void*> tc_kernels_kt(Exchange ex) {
+  auto pair = [](auto forward, auto backward) {
+    return std::vector<const void*>{reinterpret_cast<const void*>(forward), reinterpret_cast<const void*>(backward)};
+  };
+  switch (ex) {
+    case Exchange::Block:
+      return pair(&tc_kernel<ForwardTc<scalar_t, KT, Exchange::Block>>,
+                  &tc_kernel<BackwardTc<scalar_t, KT, Exchange::Block>>);
+    case Exchange::Cluster:
+      return pair(&tc_kernel<ForwardTc<scalar_t, KT, Exchange::Cluster>>,
+                  &tc_kernel<BackwardTc<scalar_t, KT, Exchange::Cluster>>);
+    default:
+      return pair(&tc_kernel<ForwardTc<scalar_t, KT, Exchange::Grid>>,
+                  &tc_kernel<BackwardTc<scalar_t, KT, Exchange::Grid>>);
+  }
+}
+
+// The forward and backward tensor-core kernels of one dtype, KT and exchange.
+std::vector<const void*> tc_kernels(at::ScalarType dtype, int kt, Exchange ex) {
+  std::vector<const void*> kernels;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nnrnn_tc_kernels", [&] {
+    if constexpr (!std::is_same<scalar_t, double>::value) {
+      kernels = kt == kTcKtSmall ? tc_kernels_kt<scalar_t, kTcKtSmall>(ex) : tc_kernels_kt<scalar_t, kTcKtLarge>(ex);
+    }
+  });
+  return kernels;
+}
+
 bool fallback_forced() {
   const char* v = std::getenv("NNRNN_CUDA_FORCE_FALLBACK");
   return v != nullptr && *v != '\0' && std::string(v) != "0";
@@ -201,7 +236,54 @@ Plan v2_plan(int64_t N, int64_t B, at::ScalarType dtype, DeviceModel d) {
   return p;
 }
 
-// The plan for (N, B, dtype) on `device`: kernel v2, v1 or the fallback (plan.h).
+// TF32 for float32 matmuls allowed (torch.backends.cuda.matmul.allow_tf32)?
+bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
+
+// The tensor-core path's plan on the device: the model's choice with the device's
+// figures, then checked with the occupancy calculator (its kernels' attributes set
+// as kernel v2's are); where the check fails, the reason.
+Plan tc_plan(int64_t N, int64_t B, at::ScalarType dtype, const DeviceModel& d) {
+  Plan p = tc_plan_for(N, B, dtype, tf32_allowed(), d);
+  if (!p.persistent) return p;
+  const TcLayout L = tc_layout(1, B, N, p.exchange, p.col_groups, p.row_groups, p.rows_per_tile, p.kt,
+                               dtype == at::kHalf ? MmaKind::F16 : dtype == at::kBFloat16 ? MmaKind::BF16 : MmaKind::TF32);
+  int fewest = 1 << 30;
+  for (const void* kernel : tc_kernels(dtype, p.kt, p.exchange)) {
+    prepare_team_kernel(kernel, d);
+    int n = 0;
+    if (p.exchange == Exchange::Cluster) {
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(L.grid());
+      config.blockDim = dim3(L.threads());
+      config.dynamicSmemBytes = L.shared_bytes();
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = L.team_blocks;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();  // a size the device refuses: none
+        n = 0;
+      }
+    } else {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, L.threads(), L.shared_bytes()));
+      if (p.exchange == Exchange::Grid) n *= d.sms;  // blocks resident at once
+    }
+    fewest = std::min(fewest, n);
+  }
+  const int needed = p.exchange == Exchange::Grid ? L.grid() : 1;
+  if (fewest < needed) {
+    p.persistent = false;
+    p.reason = "tensor-core path: its layout (" + describe(p) + ") does not fit on the device (" +
+               std::to_string(fewest) + (p.exchange == Exchange::Cluster ? " clusters" : " blocks") +
+               " resident, " + std::to_string(needed) + " needed)";
+  }
+  return p;
+}
+
+// The plan for (N, B, dtype) on `device`: the tensor-core path, kernel v2, v1 or
+// the fallback (plan.h, tc_plan.h).
 Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, KernelChoice choice) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   DeviceModel d;
@@ -216,12 +298,13 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, Kernel
   d.v2_regs = 0;
   const Plan v2 = v2_plan(N, B, dtype, d);
   const Plan v1 = v1_plan(N, B, dtype, device, d);
-  return pick_plan(v2, v1, B, N, choice);
+  const Plan tc = tc_plan(N, B, dtype, d);
+  return pick_plan_with_tc(tc, v2, v1, B, N, choice);
 }
 
 struct PlanCache {
-  // device, N, B, dtype, kernel choice, NNRNN_CUDA_PLAN
-  using Key = std::tuple<int, int64_t, int64_t, int, int, std::string>;
+  // device, N, B, dtype, kernel choice, NNRNN_CUDA_PLAN, TF32 allowed
+  using Key = std::tuple<int, int64_t, int64_t, int, int, std::string, bool>;
   std::mutex mutex;
   std::map<Key, Plan> plans;
 };
@@ -243,7 +326,8 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   const KernelChoice choice = kernel_choice();
   // Cached: the occupancy queries cost microseconds.
   PlanCache& c = plan_cache();
-  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice), plan_override()};
+  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice), plan_override(),
+                           tf32_allowed()};
   std::lock_guard<std::mutex> lock(c.mutex);
   auto it = c.plans.find(key);
   if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device, choice)).first;
@@ -259,7 +343,8 @@ void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, cons
   p.backward_us = cost.backward_us;
   PlanCache& c = plan_cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice()), plan_override()}] = p;
+  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice()), plan_override(),
+                         tf32_allowed()}] = p;
 }
 
 // Why a launch was refused, after recording it; "" for success. Too many blocks to
@@ -312,31 +397,46 @@ struct CudaLauncher {
   template <typename acc_t>
   using V2Shape = DeviceTileShape<acc_t>;
 
-  // Kernel v2: a plain launch (Block), a launch in clusters of team_blocks (Cluster),
-  // or a cooperative launch, all blocks resident (Grid).
+  // Kernel v2 and the tensor-core path: a plain launch (Block), a launch in clusters
+  // of team_blocks (Cluster), or a cooperative launch, all blocks resident (Grid).
   template <class Body>
-  std::string team(const Body& body, const LayoutV2& L, size_t bytes) const {
+  std::string launch_team(void (*kernel)(Body, unsigned long long), const Body& body, int grid, int threads,
+                          size_t bytes, Exchange exchange, int team_blocks, int64_t N, int64_t B) const {
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(L.grid());
-    config.blockDim = dim3(L.threads());
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(threads);
     config.dynamicSmemBytes = bytes;
     config.stream = stream;
     cudaLaunchAttribute attr{};
-    if (L.exchange == Exchange::Cluster) {
+    if (exchange == Exchange::Cluster) {
       attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = L.team_blocks;
+      attr.val.clusterDim.x = team_blocks;
       attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
       config.attrs = &attr;
       config.numAttrs = 1;
-    } else if (L.exchange == Exchange::Grid) {
+    } else if (exchange == Exchange::Grid) {
       attr.id = cudaLaunchAttributeCooperative;
       attr.val.cooperative = 1;
       config.attrs = &attr;
       config.numAttrs = 1;
     }
     // The attributes were set when the plan was made (prepare_team_kernel).
-    const cudaError_t err = cudaLaunchKernelEx(&config, &team_kernel<Body>, body, watchdog_ns());
-    return refusal(err, L.N, L.B, dtype, device);
+    const cudaError_t err = cudaLaunchKernelEx(&config, kernel, body, watchdog_ns());
+    return refusal(err, N, B, dtype, device);
+  }
+
+  template <class Body>
+  std::string team(const Body& body, const LayoutV2& L, size_t bytes) const {
+    return launch_team(&team_kernel<Body>, body, L.grid(), L.threads(), bytes, L.exchange, L.team_blocks, L.N, L.B);
+  }
+
+  static constexpr bool kHostEmulation = false;
+  using TcKts = KtList<kTcKtSmall, kTcKtLarge>;
+
+  template <class Body>
+  std::string tc(const Body& body, const TcLayout& L) const {
+    return launch_team(&tc_kernel<Body>, body, L.grid(), L.threads(), static_cast<size_t>(L.shared_bytes()),
+                       L.exchange, L.team_blocks, L.N, L.B);
   }
 
   template <class Body>
