@@ -1,6 +1,7 @@
 """The recurrence as a plain PyTorch loop: the truth for tests, and a backend a
 user may ask for by name (``NNRNN(..., backend="reference")``). Gradients come
-from autograd through the loop."""
+from autograd through the loop. ``nnrnn_recurrence_rounded`` is the same loop with
+the CUDA tensor-core path's roundings (``backend="reference-bf16"``)."""
 from __future__ import annotations
 
 import torch
@@ -90,8 +91,7 @@ class _RoundedOperandProduct(torch.autograd.Function):
 
 def nnrnn_recurrence_rounded(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None,
                              operand_dtype=torch.bfloat16):
-    """A model of the CUDA tensor-core path's numerics on any device (docs/cuda.md,
-    "Tensor-core path"): x, W, b, h0 and the outputs are `operand_dtype` values (so are
+    """A model of the CUDA tensor-core path's numerics on any device (docs/tensor_cores.md): x, W, b, h0 and the outputs are `operand_dtype` values (so are
     their gradients); the state h_t, each step's sum and the nonlinearity are float32;
     h_t (and, backward, the gradient da_t) is rounded to `operand_dtype` only as the
     matmul's operand. Returns float32 tensors holding `operand_dtype` values. With

@@ -139,7 +139,7 @@ def test_backward_is_deterministic():
             assert torch.equal(a, b_)
 
 
-# Error growth over a long sequence (docs/cuda.md, "Tensor-core path", Accuracy):
+# Error growth over a long sequence (docs/tensor_cores.md, "Accuracy over T = 784"):
 # T = 784, a tiny width (N = 32 over a cluster of 2, B = 8), tanh; W = 0.95 x
 # orthogonal with x ~ N(0, 1), and W orthogonal with x = 0 (the state alone carries
 # the sequence: nothing contracts errors but the nonlinearity). The bound, checked

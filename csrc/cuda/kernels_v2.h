@@ -119,8 +119,9 @@ struct LayoutV2 {
   }
 };
 
-// The block of the team that owns column k.
-NNRNN_HD int producer_of(const LayoutV2& L, int64_t k) {
+// The block of the team that owns column k (LayoutV2, or the tensor-core path's TcLayout).
+template <class TeamLayout>
+NNRNN_HD int producer_of(const TeamLayout& L, int64_t k) {
   int q = static_cast<int>(k * L.team_blocks / L.N);  // col_begin(q) <= k up to rounding
   while (q + 1 < L.team_blocks && L.col_begin(q + 1) <= k) ++q;
   while (q > 0 && L.col_begin(q) > k) --q;

@@ -31,8 +31,7 @@
 // are added to C one by one in k order with float32 rounding. NVIDIA does not
 // document the tensor cores' internal order and rounding of the sum; the
 // difference is of the order of float32 rounding of a K-term sum, far below the
-// rounding of the operands to 16 bits that dominates the error (docs/cuda.md,
-// "Tensor-core path").
+// rounding of the operands to 16 bits that dominates the error (docs/tensor_cores.md).
 #pragma once
 
 #include <cstdint>

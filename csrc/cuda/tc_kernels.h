@@ -1,5 +1,5 @@
-// The tensor-core persistent recurrence (design, cost model and accuracy: docs/cuda.md,
-// "Tensor-core path"), for float16 and bfloat16, and for float32 as TF32 where the
+// The tensor-core persistent recurrence (design, cost model and accuracy:
+// docs/tensor_cores.md), for float16 and bfloat16, and for float32 as TF32 where the
 // user allows it. Written against kernel_env.h like kernels_v2.h, whose team
 // structure, exchanges and problems (ForwardV2, BackwardV2) it shares: only the
 // product differs, so the host emulation (../cpu/host_grid.h) runs this same source,
@@ -114,14 +114,6 @@ struct TcLayout {
   }
 };
 
-// The block of the team that owns column k.
-NNRNN_HD int tc_producer_of(const TcLayout& L, int64_t k) {
-  int q = static_cast<int>(k * L.team_blocks / L.N);
-  while (q + 1 < L.team_blocks && L.col_begin(q + 1) <= k) ++q;
-  while (q > 0 && L.col_begin(q) > k) --q;
-  return q;
-}
-
 // Two adjacent operands as one store: 4 bytes (16-bit types) or 8 (TF32).
 template <MmaKind kind>
 struct OperandPair {
@@ -160,7 +152,7 @@ struct TcTeamKernel {
     const int k0 = kq * KT * K;
     const int kend = static_cast<int>(N < k0 + KT * K ? N : k0 + KT * K);
     const bool computes = mt * kTcMmaM < ncols;
-    const int p_lo = tc_producer_of(L, k0), p_hi = tc_producer_of(L, kend - 1);
+    const int p_lo = producer_of(L, k0), p_hi = producer_of(L, kend - 1);
 
     unsigned char* smem = env.template shared<unsigned char>();
     bits* A = reinterpret_cast<bits*>(smem);

@@ -1,4 +1,4 @@
-// The tensor-core path's layout and cost model (docs/cuda.md, "Tensor-core path"):
+// The tensor-core path's layout and cost model (docs/tensor_cores.md):
 // which team layout, and how long a step takes by the model. Host code only, beside
 // kernel v2's plan (plan.h), whose device model and constants it uses.
 #pragma once
