@@ -4,9 +4,11 @@
 // (HostBarrier); each block has its own shared memory, filled with NaN bytes at
 // the start so that a read of shared memory that no thread wrote shows in the
 // results. Clusters are groups of consecutive blocks as on the GPU: a block can
-// store into a peer's shared memory, and mbarriers (arrive from any block of the
-// cluster, wait for a phase's parity) and step counters in global memory
-// (release store, acquire wait) behave as the PTX instructions they stand for.
+// store into a peer's shared memory (st.async: the store lands, and counts its
+// bytes on the peer's mbarrier, only when the peer next waits, and a block may not
+// exit with its stores in flight), and mbarriers (arrivals and transaction bytes,
+// waits for a phase's parity) and step counters in global memory (release store,
+// acquire wait) behave as the PTX instructions they stand for.
 // The tensor-core path's mma.sync runs through a per-warp exchange area
 // (warp_scratch(); ../cuda/mma.h says how).
 //
@@ -102,6 +104,16 @@ struct HostMbarrier {
   }
 };
 
+// An st.async in flight: it lands in the target block's shared memory, and counts
+// its bytes on the target's mbarrier, only when that block next waits on an
+// mbarrier (as late as the hardware may deliver it).
+struct HostAsyncStore {
+  int source, target;
+  size_t offset, bar_offset;
+  int size;
+  unsigned char bytes[8];
+};
+
 struct HostGrid {
   HostGrid(int grid, int threads, size_t shared_bytes, int cluster, int warp)
       : grid_size(grid), block_size(threads), cluster_size(cluster), warp_size(warp),
@@ -124,10 +136,42 @@ struct HostGrid {
   std::vector<std::vector<unsigned char>> shared;
   // Per warp: the exchange area of the emulated mma.sync (../cuda/mma.h), zeroed.
   std::vector<MmaWarpScratch> mma_scratch;
-  // mbarriers by (block, offset in its shared memory)
+  // mbarriers by (block, offset in its shared memory), and the st.async stores in flight
   std::mutex mbar_mutex;
   std::condition_variable mbar_changed;
   std::map<std::pair<int, size_t>, HostMbarrier> mbars;
+  std::vector<HostAsyncStore> in_flight;
+
+  // Lands the stores in flight to `block` (mbar_mutex held).
+  void land_stores(int block) {
+    for (size_t i = 0; i < in_flight.size();) {
+      const HostAsyncStore& st = in_flight[i];
+      if (st.target != block) {
+        ++i;
+        continue;
+      }
+      auto it = mbars.find({st.target, st.bar_offset});
+      if (it == mbars.end()) {
+        abort.fail("st.async signalling an mbarrier that was not initialised");
+      } else {
+        std::memcpy(shared[st.target].data() + st.offset, st.bytes, st.size);
+        it->second.tx -= st.size;
+        it->second.complete_if_done();
+      }
+      in_flight.erase(in_flight.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+  }
+
+  // A block's thread has returned: none of the block's stores may still be in flight
+  // (on the GPU a block must not exit before its distributed shared memory accesses complete).
+  void check_exit(int block) {
+    std::lock_guard<std::mutex> lock(mbar_mutex);
+    for (const HostAsyncStore& st : in_flight)
+      if (st.source == block) {
+        abort.fail("a block exited while its stores into a peer's shared memory were in flight");
+        return;
+      }
+  }
 };
 
 class HostEnv {
@@ -157,19 +201,10 @@ class HostEnv {
   void sync_cluster() const { g_->cluster_barriers[block_ / g_->cluster_size]->arrive_and_wait(); }
   template <typename T>
   void store_async_peer(T* local, int rank, T v, uint64_t* bar) const {
-    const int peer = peer_block(rank);
-    {
-      std::lock_guard<std::mutex> lock(g_->mbar_mutex);
-      auto it = g_->mbars.find({peer, offset(bar)});
-      if (it == g_->mbars.end()) {
-        g_->abort.fail("st.async signalling an mbarrier that was not initialised");
-        return;
-      }
-      *reinterpret_cast<T*>(peer_bytes(local, rank)) = v;
-      it->second.tx -= static_cast<long long>(sizeof(T));
-      it->second.complete_if_done();
-    }
-    g_->mbar_changed.notify_all();
+    HostAsyncStore store{block_, peer_block(rank), offset(local), offset(bar), static_cast<int>(sizeof(T)), {}};
+    std::memcpy(store.bytes, &v, sizeof(T));
+    std::lock_guard<std::mutex> lock(g_->mbar_mutex);
+    g_->in_flight.push_back(store);
   }
   void mbar_init(uint64_t* bar, unsigned count) const {
     std::lock_guard<std::mutex> lock(g_->mbar_mutex);
@@ -199,8 +234,10 @@ class HostEnv {
     }
     const HostMbarrier& m = it->second;
     const auto deadline = std::chrono::steady_clock::now() + kHostWatchdog;
-    while ((m.completed & 1) == parity && !g_->abort.aborted) {
-      if (g_->mbar_changed.wait_until(lock, deadline) == std::cv_status::timeout && (m.completed & 1) == parity)
+    for (g_->land_stores(block_); (m.completed & 1) == parity && !g_->abort.aborted; g_->land_stores(block_)) {
+      // short waits: stores issued meanwhile land only when this block looks
+      if (g_->mbar_changed.wait_for(lock, std::chrono::milliseconds(1)) == std::cv_status::timeout &&
+          std::chrono::steady_clock::now() > deadline)
         g_->abort.fail("an mbarrier wait lasted longer than the watchdog (a deadlock)");
     }
   }
@@ -250,6 +287,7 @@ void host_launch(int grid, int threads, size_t shared_bytes, const Body& body, i
       workers.emplace_back([&g, &body, b, t] {
         HostEnv env(&g, b, t);
         body(env);
+        g.check_exit(b);
       });
   for (auto& w : workers) w.join();
   if (g.abort.aborted) throw std::runtime_error("emulated launch aborted: " + g.abort.what);

@@ -408,7 +408,9 @@ struct TeamKernel {
     // every producer's part of A_s, which each wrote after its own step s - 1 had
     // read A_{s-1} (Grid: copied it) and passed a block barrier. For the same reason
     // no mbarrier is ever more than one phase ahead of its waiter.
-    if constexpr (ex == Exchange::Cluster) env.sync_cluster();  // no block exits while a peer may still write to it
+    // Cluster: every store into this block was awaited above, but its own last stores into
+    // its peers may still be in flight: no block exits before every peer has received them.
+    if constexpr (ex == Exchange::Cluster) env.sync_cluster();
   }
 };
 

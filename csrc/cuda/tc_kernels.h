@@ -313,7 +313,9 @@ struct TcTeamKernel {
         }
       }
     }
-    if constexpr (ex == Exchange::Cluster) env.sync_cluster();  // no block exits while a peer may still write to it
+    // Cluster: every store into this block was awaited above, but its own last stores into
+    // its peers may still be in flight: no block exits before every peer has received them.
+    if constexpr (ex == Exchange::Cluster) env.sync_cluster();
   }
 };
 
