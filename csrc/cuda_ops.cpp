@@ -21,16 +21,18 @@
 //       that many SMs and that much shared memory per block, before its occupancy
 //       check: [col_groups, row_groups, rows_per_tile, shared_bytes], or [] when W
 //       does not fit (the fallback). Honours NNRNN_CUDA_PLAN as the CUDA side does.
-//   model_plan(N, B, dtype, kernel="auto", sms=132, smem_bytes=232448, allow_tf32=False) -> (str, float[])
+//   model_plan(N, B, dtype, kernel="auto", sms=132, smem_bytes=232448, allow_tf32=None) -> (str, float[])
 //       the plan that the cost model (cuda/plan.h, tc_plan.h) picks on an H100 SXM
 //       (the DeviceModel defaults; sms and smem_bytes may be changed) for kernel
 //       choice "auto", "v1", "v2" or "tc", as cuda_path describes it, and [version
 //       (0: fallback, 3: tensor cores), exchange (0 block, 1 cluster, 2 grid),
 //       col_groups, row_groups, threads, rows_per_tile, forward_us, backward_us, kt].
-//       allow_tf32: float32 may take the tensor-core path as TF32.
+//       allow_tf32: float32 may take the tensor-core path as TF32; None: as the CUDA
+//       side decides, by torch.backends.cuda.matmul.allow_tf32.
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -67,7 +69,7 @@ std::vector<int64_t> emulated_plan(int64_t N, int64_t B, c10::ScalarType dtype, 
 
 std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c10::ScalarType dtype,
                                                        c10::string_view kernel, int64_t sms, int64_t smem_bytes,
-                                                       bool allow_tf32) {
+                                                       std::optional<bool> allow_tf32) {
   TORCH_CHECK_VALUE(N >= 1 && B >= 1 && sms >= 1 && smem_bytes >= 1,
                     "model_plan: N, B, sms and smem_bytes must be >= 1");
   const kern::KernelChoice choice =
@@ -79,7 +81,7 @@ std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c1
   h100.smem_per_sm = std::max<int64_t>(smem_bytes, h100.smem_per_sm);
   const kern::Plan v2 = kern::v2_plan_for(N, B, dtype, h100);
   const kern::Plan v1 = kern::persistent_plan(N, B, acc, h100.sms, h100.smem_per_block, 512);
-  const kern::Plan tc = kern::tc_plan_for(N, B, dtype, allow_tf32, h100);
+  const kern::Plan tc = kern::tc_plan_for(N, B, dtype, allow_tf32.value_or(kern::tf32_allowed_by_torch()), h100);
   const kern::Plan p = kern::pick_plan_with_tc(tc, v2, v1, B, N, choice);
   return {kern::describe(p),
           {static_cast<double>(p.persistent ? p.version : 0), static_cast<double>(p.exchange),
@@ -96,7 +98,7 @@ TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
         &nnrnn::emulated_plan);
   m.def(
       "model_plan(int N, int B, ScalarType dtype, str kernel=\"auto\", int sms=132, int smem_bytes=232448,"
-      " bool allow_tf32=False) -> (str, float[])",
+      " bool? allow_tf32=None) -> (str, float[])",
       &nnrnn::model_plan);
   m.def(
       "emulated_recurrence(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"

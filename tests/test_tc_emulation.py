@@ -220,6 +220,32 @@ def test_float32_takes_tensor_cores_only_with_tf32_allowed():
     assert p["version"] == 0 and "tensor-core path runs float16, bfloat16" in text
 
 
+@pytest.fixture
+def restore_float32_matmul_precision():
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)  # sets the legacy switch and the new one alike
+
+
+def test_float32_follows_torchs_tf32_switch(restore_float32_matmul_precision):
+    # Without allow_tf32, model_plan reads the flag the CUDA side reads when it plans
+    # (tf32_allowed_by_torch in tc_plan.h): PyTorch's switch for TF32 in float32 matmuls.
+    def takes_tensor_cores():
+        text, v = torch.ops.nnrnn_fused.model_plan(1024, 128, torch.float32)
+        return int(v[0]) == 3
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert not takes_tensor_cores()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert takes_tensor_cores()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert not takes_tensor_cores()
+    torch.set_float32_matmul_precision("high")  # PyTorch's other way to allow TF32
+    assert takes_tensor_cores()
+    torch.set_float32_matmul_precision("highest")
+    assert not takes_tensor_cores()
+
+
 @pytest.mark.parametrize("N", [2, 17, 128, 500, 1024, 2048, 4096])
 @pytest.mark.parametrize("B", [1, 9, 128, 1000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -236,14 +236,11 @@ Plan v2_plan(int64_t N, int64_t B, at::ScalarType dtype, DeviceModel d) {
   return p;
 }
 
-// TF32 for float32 matmuls allowed (torch.backends.cuda.matmul.allow_tf32)?
-bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
-
 // The tensor-core path's plan on the device: the model's choice with the device's
 // figures, then checked with the occupancy calculator (its kernels' attributes set
 // as kernel v2's are); where the check fails, the reason.
 Plan tc_plan(int64_t N, int64_t B, at::ScalarType dtype, const DeviceModel& d) {
-  Plan p = tc_plan_for(N, B, dtype, tf32_allowed(), d);
+  Plan p = tc_plan_for(N, B, dtype, tf32_allowed_by_torch(), d);
   if (!p.persistent) return p;
   const TcLayout L = tc_layout(1, B, N, p.exchange, p.col_groups, p.row_groups, p.rows_per_tile, p.kt,
                                dtype == at::kHalf ? MmaKind::F16 : dtype == at::kBFloat16 ? MmaKind::BF16 : MmaKind::TF32);
@@ -327,7 +324,7 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   // Cached: the occupancy queries cost microseconds.
   PlanCache& c = plan_cache();
   const PlanCache::Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice), plan_override(),
-                           tf32_allowed()};
+                           tf32_allowed_by_torch()};
   std::lock_guard<std::mutex> lock(c.mutex);
   auto it = c.plans.find(key);
   if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device, choice)).first;
@@ -344,7 +341,7 @@ void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, cons
   PlanCache& c = plan_cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice()), plan_override(),
-                         tf32_allowed()}] = p;
+                         tf32_allowed_by_torch()}] = p;
 }
 
 // Why a launch was refused, after recording it; "" for success. Too many blocks to

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include <ATen/Context.h>
 #include <c10/core/ScalarType.h>
 
 #include "plan.h"
@@ -127,8 +128,13 @@ inline Plan choose_tc_plan(int64_t N, int64_t B, MmaKind kind, const DeviceModel
   return best;
 }
 
+// PyTorch's own switch for TF32 in float32 CUDA matmuls (torch.backends.cuda.matmul.allow_tf32,
+// also set by torch.set_float32_matmul_precision("high")), read when a plan is made: the
+// CUDA side and model_plan read the same flag.
+inline bool tf32_allowed_by_torch() { return at::globalContext().allowTF32CuBLAS(); }
+
 // The operands of the tensor-core path for a dtype: float16, bfloat16, and float32
-// as TF32 only where the user allows TF32 (torch.backends.cuda.matmul.allow_tf32).
+// as TF32 only where the user allows TF32 (tf32_allowed_by_torch()).
 inline Plan tc_plan_for(int64_t N, int64_t B, c10::ScalarType dtype, bool allow_tf32, const DeviceModel& d) {
   Plan p;
   if (dtype == c10::kHalf) return choose_tc_plan(N, B, MmaKind::F16, d);
