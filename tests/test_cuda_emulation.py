@@ -339,6 +339,24 @@ def test_model_plan_invariants(N, B, dtype):
         assert C * G <= 132 * (2048 // threads)  # co-resident for the cooperative launch
 
 
+def test_model_plan_takes_resident_clusters_from_the_device():
+    # The CUDA side passes cudaOccupancyMaxActiveClusters per cluster size: 0 means that no cluster
+    # of that size fits (no cluster plan), -1 that it is unknown (the model's estimate: SMs / size).
+    _, estimated = model(512, 32, torch.float32)
+    assert estimated["exchange"] == "cluster" and estimated["row_groups"] > 1
+    text, none = model(512, 32, torch.float32, active_clusters=0)
+    assert none["version"] in (1, 2) and none["exchange"] != "cluster", text
+    assert none["forward_us"] + none["backward_us"] > estimated["forward_us"] + estimated["backward_us"]
+    text, one = model(512, 32, torch.float32, active_clusters=1)  # clusters of 8: 16 teams in 16 waves
+    assert one["exchange"] == "grid", text
+    text, seven = model(512, 32, torch.float32, active_clusters=7)  # 7 resident clusters: one wave of 7 teams
+    assert seven["exchange"] == "cluster" and seven["row_groups"] <= 7, text
+    _, small = model(128, 10, torch.float32, active_clusters=0)  # the block exchange needs no cluster
+    assert small["version"] == 2 and small["exchange"] == "block"
+    with pytest.raises(ValueError, match="active_clusters must be >= 0, or -1"):
+        model(512, 32, torch.float32, active_clusters=-2)
+
+
 def test_model_plan_kernel_choice(monkeypatch):
     monkeypatch.setenv("NNRNN_CUDA_PLAN", "1x8")  # forces kernel v1's layout, hence v1
     text, p = model(32, 8, torch.float32)
