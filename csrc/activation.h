@@ -28,7 +28,7 @@ namespace nnrnn {
 // tanh|x| = 1 - 2 / (e^{2|x|} + 1), with e^y = 2^k e^r, |r| <= ln2 / 2, e^r by its
 // degree-7 Taylor polynomial (relative error < 1e-8). Absolute error about 1e-7.
 inline float host_tanh(float x) {
-  const float a = std::min(std::fabs(x), 9.0f);  // tanh(9) rounds to 1; NaN passes through
+  const float a = std::fabs(x) < 9.0f ? std::fabs(x) : 9.0f;  // tanh(9) rounds to 1; NaN becomes 9 here
   const float y = 2.0f * a;
   const int32_t ki = static_cast<int32_t>(y * 1.44269504f + 0.5f);  // y >= 0: truncation rounds
   const float k = static_cast<float>(ki);
@@ -44,7 +44,7 @@ inline float host_tanh(float x) {
   union { int32_t i; float f; } two_k;
   two_k.i = (ki + 127) << 23;
   const float t = 1.0f - 2.0f / (p * two_k.f + 1.0f);
-  return std::copysign(t, x);
+  return x == x ? std::copysign(t, x) : x;  // NaN in, NaN out
 }
 inline double host_tanh(double x) { return std::tanh(x); }
 #endif
@@ -55,9 +55,12 @@ template <typename T>
 NNRNN_HD T activate(Nonlinearity f, T z, T b) {
   switch (f) {
     case Nonlinearity::ModReLU: {
+      // sign(z) relu(|z| + b) literally, so that NaN and inf in z or b give what the formula
+      // gives (sign(0) * inf = NaN); selects only, so that the CPU loop vectorizes.
       const T r = (z < T(0) ? -z : z) + b;
-      if (r > T(0) && z != T(0)) return z > T(0) ? r : -r;
-      return z == z ? T(0) : z;  // keeps NaN
+      const T relu_r = r > T(0) ? r : (r == r ? T(0) : r);  // keeps NaN
+      const T sign_z = z > T(0) ? T(1) : (z < T(0) ? T(-1) : T(0));
+      return sign_z * relu_r;
     }
     case Nonlinearity::Tanh:
 #if defined(__CUDA_ARCH__)

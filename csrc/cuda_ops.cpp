@@ -21,14 +21,17 @@
 //       that many SMs and that much shared memory per block, before its occupancy
 //       check: [col_groups, row_groups, rows_per_tile, shared_bytes], or [] when W
 //       does not fit (the fallback). Honours NNRNN_CUDA_PLAN as the CUDA side does.
-//   model_plan(N, B, dtype, kernel="auto", sms=132, smem_bytes=232448, allow_tf32=None) -> (str, float[])
-//       the plan that the cost model (cuda/plan.h, tc_plan.h) picks on an H100 SXM
-//       (the DeviceModel defaults; sms and smem_bytes may be changed) for kernel
-//       choice "auto", "v1", "v2" or "tc", as cuda_path describes it, and [version
-//       (0: fallback, 3: tensor cores), exchange (0 block, 1 cluster, 2 grid),
-//       col_groups, row_groups, threads, rows_per_tile, forward_us, backward_us, kt].
-//       allow_tf32: float32 may take the tensor-core path as TF32; None: as the CUDA
-//       side decides, by torch.backends.cuda.matmul.allow_tf32.
+//   model_plan(N, B, dtype, kernel="auto", sms=132, smem_bytes=232448, active_clusters=-1, allow_tf32=None)
+//       -> (str, float[])
+//       the plan that the cost model (cuda/plan.h, tc_plan.h) picks on an H100 SXM (the
+//       DeviceModel defaults; sms, smem_bytes and the clusters of every size that can
+//       be resident at once, as cudaOccupancyMaxActiveClusters would say, may be
+//       changed; -1: unknown, the model's estimate) for kernel choice "auto", "v1",
+//       "v2" or "tc", as cuda_path describes it, and [version (0: fallback, 3: tensor
+//       cores), exchange (0 block, 1 cluster, 2 grid), col_groups, row_groups, threads,
+//       rows_per_tile, forward_us, backward_us, kt]. allow_tf32: float32 may take the
+//       tensor-core path as TF32; None: as the CUDA side decides, by PyTorch's switch
+//       (torch.backends.cuda.matmul.allow_tf32).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -69,9 +72,11 @@ std::vector<int64_t> emulated_plan(int64_t N, int64_t B, c10::ScalarType dtype, 
 
 std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c10::ScalarType dtype,
                                                        c10::string_view kernel, int64_t sms, int64_t smem_bytes,
-                                                       std::optional<bool> allow_tf32) {
+                                                       int64_t active_clusters, std::optional<bool> allow_tf32) {
   TORCH_CHECK_VALUE(N >= 1 && B >= 1 && sms >= 1 && smem_bytes >= 1,
                     "model_plan: N, B, sms and smem_bytes must be >= 1");
+  TORCH_CHECK_VALUE(active_clusters >= -1, "model_plan: active_clusters must be >= 0, or -1 (unknown), got ",
+                    active_clusters);
   const kern::KernelChoice choice =
       kern::effective_choice(kern::parse_kernel_choice(std::string(kernel), "model_plan: kernel"));
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
@@ -79,6 +84,7 @@ std::tuple<std::string, std::vector<double>> model_plan(int64_t N, int64_t B, c1
   h100.sms = static_cast<int>(sms);
   h100.smem_per_block = smem_bytes;
   h100.smem_per_sm = std::max<int64_t>(smem_bytes, h100.smem_per_sm);
+  h100.active_clusters = kern::filled(static_cast<int>(active_clusters));
   const kern::Plan v2 = kern::v2_plan_for(N, B, dtype, h100);
   const kern::Plan v1 = kern::persistent_plan(N, B, acc, h100.sms, h100.smem_per_block, 512);
   const kern::Plan tc = kern::tc_plan_for(N, B, dtype, allow_tf32.value_or(kern::tf32_allowed_by_torch()), h100);
@@ -98,7 +104,7 @@ TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
         &nnrnn::emulated_plan);
   m.def(
       "model_plan(int N, int B, ScalarType dtype, str kernel=\"auto\", int sms=132, int smem_bytes=232448,"
-      " bool? allow_tf32=None) -> (str, float[])",
+      " int active_clusters=-1, bool? allow_tf32=None) -> (str, float[])",
       &nnrnn::model_plan);
   m.def(
       "emulated_recurrence(Tensor x, Tensor W, Tensor? b, Tensor? h0, Tensor? lengths, str nonlinearity,"

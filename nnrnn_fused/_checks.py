@@ -3,6 +3,8 @@ fake (meta) implementation used by torch.compile. The C++ kernels make the same
 checks (csrc/checks.cpp) with the same messages."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 NONLINEARITIES = ("modrelu", "tanh", "relu")
@@ -50,6 +52,14 @@ def check_inputs(x, W, b, h0, lengths, nonlinearity):
     return T, B, N
 
 
+def check_backward_inputs(grad_output, grad_h_n, output, W, h0, lengths, nonlinearity):
+    """Validate the backward op's arguments (as csrc/checks.cpp does); returns (T, B, N)."""
+    T, B, N = check_inputs(output, W, None, h0, lengths, nonlinearity)
+    _check_like("grad_output", grad_output, output, (T, B, N), "(T, B, N)")
+    _check_like("grad_h_n", grad_h_n, output, (B, N), "(B, N)")
+    return T, B, N
+
+
 def check_length_values(lengths, T):
     """Values in [0, T]; reads the values (a device sync for CUDA tensors)."""
     if lengths is not None and lengths.numel() > 0:
@@ -59,7 +69,21 @@ def check_length_values(lengths, T):
 
 
 def as_lengths(lengths):
-    """Accept a list/tuple of ints as lengths; tensors pass through."""
+    """Accept a list/tuple of ints (or a NumPy array) as lengths; tensors pass through.
+    Floats are refused, not truncated, as a float tensor is."""
     if lengths is None or isinstance(lengths, torch.Tensor):
         return lengths
-    return torch.as_tensor(lengths, dtype=torch.int64)
+    if isinstance(lengths, (list, tuple)):
+        for value in lengths:
+            try:
+                operator.index(value)
+            except TypeError:
+                raise ValueError(f"fused_nnrnn: lengths must hold ints, got {type(value).__name__} {value!r}") from None
+        return torch.tensor([operator.index(v) for v in lengths], dtype=torch.int64)
+    if hasattr(lengths, "__array__"):  # a NumPy array keeps its dtype, which check_inputs then checks
+        try:
+            return torch.as_tensor(lengths)
+        except (TypeError, RuntimeError) as e:
+            raise ValueError(f"fused_nnrnn: lengths could not be read as a tensor: {e}") from None
+    raise ValueError(f"fused_nnrnn: lengths must be a (B,) int64/int32 tensor or a list of ints, "
+                     f"got {type(lengths).__name__}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 from torch import nn
@@ -115,9 +116,10 @@ class NNRNN(nn.Module):
                  generator: torch.Generator | None = None):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"NNRNN: {name} must be a positive int, got {value!r}")
-        for name, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
+        for name, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional),
+                            ("exact_spectrum", exact_spectrum)):
             if not isinstance(value, bool):
                 raise ValueError(f"NNRNN: {name} must be a bool, got {value!r}")
         if proj_size != 0:
@@ -128,8 +130,12 @@ class NNRNN(nn.Module):
         _one_of("init", init, INITS)
         _one_of("input_init", input_init, INPUT_INITS)
         _one_of("backend", backend, tuple(BACKENDS))
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"NNRNN: dropout must be in [0, 1], got {dropout}")
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"NNRNN: dropout must be a number in [0, 1], got {dropout!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"NNRNN: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"NNRNN: dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         if recurrent == "nnrnn" and hidden_size % 2:
             raise ValueError(
                 f"NNRNN: recurrent='nnrnn' needs an even hidden_size (2x2 rotation blocks), got {hidden_size}")

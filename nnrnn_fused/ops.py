@@ -17,7 +17,7 @@ import torch
 
 from . import _extension
 from ._amp import AUTOCAST_DEVICES, under_autocast_policy
-from ._checks import as_lengths, check_inputs
+from ._checks import as_lengths, check_backward_inputs, check_inputs
 
 __all__ = ["fused_nnrnn", "cuda_path"]
 
@@ -220,7 +220,7 @@ def _register() -> None:
 
     @torch.library.register_fake("nnrnn_fused::recurrence_backward")
     def _(grad_output, grad_h_n, output, W, h0, lengths, nonlinearity):
-        T, B, N = check_inputs(output, W, None, h0, lengths, nonlinearity)
+        T, B, N = check_backward_inputs(grad_output, grad_h_n, output, W, h0, lengths, nonlinearity)
         return output.new_empty((T, B, N)), W.new_empty((N, N)), W.new_empty((N,)), output.new_empty((B, N))
 
     torch.library.register_autograd("nnrnn_fused::recurrence", _backward, setup_context=_setup_context)

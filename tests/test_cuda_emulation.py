@@ -14,6 +14,9 @@ with each exchange (block, cluster, grid), uneven column and row slices, warps w
 k-chunk comes from several producers, several teams and row tiles. What only a GPU
 can show: docs/cuda.md.
 """
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,6 +27,7 @@ from nnrnn_fused.reference import nnrnn_recurrence
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"extension not loaded: {_extension.LOAD_ERROR}")
 
 NONLINEARITIES = ("modrelu", "tanh", "relu")
+ROOT = Path(__file__).resolve().parent.parent
 
 # (col_groups, row_groups, threads, rows_per_tile, persistent) for N = 7, B = 3:
 LAUNCHES = [
@@ -337,6 +341,54 @@ def test_model_plan_invariants(N, B, dtype):
         assert C in (2, 4, 8, 16)
     if p["exchange"] == "grid":
         assert C * G <= 132 * (2048 // threads)  # co-resident for the cooperative launch
+
+
+def test_model_plan_takes_resident_clusters_from_the_device():
+    # The CUDA side passes cudaOccupancyMaxActiveClusters per cluster size: 0 means that no cluster
+    # of that size fits (no cluster plan), -1 that it is unknown (the model's estimate: SMs / size).
+    _, estimated = model(512, 32, torch.float32)
+    assert estimated["exchange"] == "cluster" and estimated["row_groups"] > 1
+    text, none = model(512, 32, torch.float32, active_clusters=0)
+    assert none["version"] in (1, 2) and none["exchange"] != "cluster", text
+    assert none["forward_us"] + none["backward_us"] > estimated["forward_us"] + estimated["backward_us"]
+    text, one = model(512, 32, torch.float32, active_clusters=1)  # clusters of 8: 16 teams in 16 waves
+    assert one["exchange"] == "grid", text
+    text, seven = model(512, 32, torch.float32, active_clusters=7)  # 7 resident clusters: one wave of 7 teams
+    assert seven["exchange"] == "cluster" and seven["row_groups"] <= 7, text
+    _, small = model(128, 10, torch.float32, active_clusters=0)  # the block exchange needs no cluster
+    assert small["version"] == 2 and small["exchange"] == "block"
+    with pytest.raises(ValueError, match="active_clusters must be >= 0, or -1"):
+        model(512, 32, torch.float32, active_clusters=-2)
+
+
+def predicted_tables():
+    """(file, N, B, dtype, kernel, forward, fwd+bwd) for each figure of the predicted tables in README.md
+    (| N=.., B=.. | v2 fwd / fwd+bwd | target | v1 fwd / fwd+bwd |) and docs/cuda.md
+    (| N=.., B=..[, dtype] | plan | fwd | fwd + bwd | target | v1 fwd / fwd+bwd or empty |)."""
+    rows = []
+    for name in ("README.md", "docs/cuda.md"):
+        for line in (ROOT / name).read_text().splitlines():
+            m = re.match(r"\| N=(\d+), B=(\d+)(?:, (float\d+))? \|", line)
+            if not m:
+                continue
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            v2, v1 = (cells[1].split(" / "), cells[3]) if name == "README.md" else (cells[2:4], cells[5])
+            case = (name, int(m[1]), int(m[2]), m[3] or "float32")
+            rows.append((*case, "auto", *map(float, v2)))
+            if v1:
+                rows.append((*case, "v1", *map(float, v1.split(" / "))))
+    return rows
+
+
+def test_predicted_tables_are_the_models():
+    # README's and docs/cuda.md's predicted tables are copied from the model by hand: they must not drift.
+    rows = predicted_tables()
+    assert sum(r[0] == "README.md" for r in rows) == 8 and sum(r[0] == "docs/cuda.md" for r in rows) >= 14
+    for name, N, B, dtype, kernel, forward, both in rows:
+        _, p = model(N, B, getattr(torch, dtype), kernel)
+        case = f"{name}: N={N} B={B} {dtype} {kernel}"
+        assert forward == pytest.approx(p["forward_us"], abs=0.006), case
+        assert both == pytest.approx(p["forward_us"] + p["backward_us"], abs=0.011), case  # a sum of rounded
 
 
 def test_model_plan_kernel_choice(monkeypatch):

@@ -32,7 +32,7 @@ def _worker(rank, world, store_file, cfg):
 
 
 def final_model(out_dir):
-    return torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=True)["model"]
+    return train.load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))["model"]
 
 
 def assert_same_step(a, b):
@@ -46,12 +46,12 @@ def assert_same_step(a, b):
 def test_ddp_step_equals_single_process_step(tmp_path, model):
     single = config(tmp_path / "single", 1, model)
     train.run(single)
-    start = torch.load(os.path.join(tmp_path / "single", "checkpoint.pt"), weights_only=True)
+    start = train.load_checkpoint(os.path.join(tmp_path / "single", "checkpoint.pt"))
     zero = config(tmp_path / "zero", 0, model)  # the initial parameters, from the same seed
     train.run(zero)
     initial = final_model(tmp_path / "zero")
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), config(tmp_path / "ddp", 1, model, distributed=True)), nprocs=2)
-    ddp = torch.load(os.path.join(tmp_path / "ddp", "checkpoint.pt"), weights_only=True)
+    ddp = train.load_checkpoint(os.path.join(tmp_path / "ddp", "checkpoint.pt"))
     assert ddp["step"] == 1
     assert any(not torch.equal(initial[k], start["model"][k]) for k in initial)  # the step moved something
     assert_same_step(ddp["model"], start["model"])

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the problem, from the C++ op (fused), the
 Python checks (reference loop, torch.compile's fake implementation) and the layer."""
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,12 @@ CASES = [
     ("lengths dtype", dict(lengths=torch.tensor([1.0, 2.0, 3.0])), "lengths must be int64 or int32"),
     ("lengths too big", dict(lengths=torch.tensor([1, 2, T + 1])), "lengths must lie in \\[0, T\\]"),
     ("lengths negative", dict(lengths=torch.tensor([1, -1, 2])), "lengths must lie in \\[0, T\\]"),
+    ("lengths float list", dict(lengths=[1.9, 2.5, 3.99]), "lengths must hold ints, got float 1.9"),
+    ("lengths None in list", dict(lengths=[1, None, 2]), "lengths must hold ints, got NoneType"),
+    ("lengths nested list", dict(lengths=[[1, 2, 3]]), "lengths must hold ints, got list"),
+    ("lengths dict", dict(lengths={0: 1, 1: 2, 2: 3}), "lengths must be a \\(B,\\) int64/int32 tensor or a list"),
+    ("lengths str", dict(lengths="123"), "lengths must be a \\(B,\\) int64/int32 tensor or a list"),
+    ("lengths float array", dict(lengths=np.array([1.0, 2.0, 3.0])), "lengths must be int64 or int32"),
     ("nonlinearity", dict(nonlinearity="sigmoid"), "nonlinearity must be one of"),
 ]
 
@@ -47,14 +54,34 @@ def test_bad_input(impl, name, overrides, message):
         call(impl, dict(overrides))
 
 
-def test_backward_op_checks_shapes():
-    out = torch.randn(T, B, N)
-    with pytest.raises(ValueError, match="grad_output must have shape"):
-        torch.ops.nnrnn_fused.recurrence_backward(torch.randn(T, B, N + 1), torch.randn(B, N), out,
-                                                  torch.randn(N, N), None, None, "tanh")
-    with pytest.raises(ValueError, match="grad_h_n must have shape"):
-        torch.ops.nnrnn_fused.recurrence_backward(torch.randn(T, B, N), torch.randn(B + 1, N), out,
-                                                  torch.randn(N, N), None, None, "tanh")
+BACKWARD_CASES = [
+    ("grad_output shape", dict(grad_output=(T, B, N + 1)), "grad_output must have shape"),
+    ("grad_h_n shape", dict(grad_h_n=(B + 1, N)), "grad_h_n must have shape"),
+    ("grad_output dtype", dict(grad_output=torch.float64), "grad_output has dtype"),
+    ("grad_h_n dtype", dict(grad_h_n=torch.float64), "grad_h_n has dtype"),
+    ("output rank", dict(output=(T, B)), "x must have shape \\(T, B, N\\)"),
+    ("W shape", dict(W=(N, N + 1)), "W must have shape"),
+    ("h0 shape", dict(h0=(B + 1, N)), "h0 must have shape"),
+    ("lengths shape", dict(lengths=torch.tensor([1, 2])), "lengths must have shape \\(B,\\)"),
+    ("lengths dtype", dict(lengths=torch.tensor([1.0, 2.0, 3.0])), "lengths must be int64 or int32"),
+    ("nonlinearity", dict(nonlinearity="gelu"), "nonlinearity must be one of"),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("name,change,message", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
+def test_backward_op_checks(device, name, change, message):
+    """The real (CPU) kernel and the fake (meta) kernel used by torch.compile refuse the same arguments."""
+    shapes = dict(grad_output=(T, B, N), grad_h_n=(B, N), output=(T, B, N), W=(N, N), h0=(B, N))
+    args = {}
+    for arg, shape in shapes.items():
+        value = change.get(arg, shape)
+        dtype = value if isinstance(value, torch.dtype) else torch.float32
+        args[arg] = torch.randn(shape if isinstance(value, torch.dtype) else value, dtype=dtype, device=device)
+    lengths = change.get("lengths")
+    with pytest.raises(ValueError, match=message):
+        torch.ops.nnrnn_fused.recurrence_backward(args["grad_output"], args["grad_h_n"], args["output"], args["W"],
+                                                  args["h0"], lengths, change.get("nonlinearity", "tanh"))
 
 
 LAYER_CASES = [
@@ -64,7 +91,16 @@ LAYER_CASES = [
     (dict(input_size=3, hidden_size=4, init="xavier"), "init must be one of"),
     (dict(input_size=3, hidden_size=4, recurrent="lstm"), "recurrent must be one of"),
     (dict(input_size=3, hidden_size=4, backend="cudnn"), "backend must be one of"),
-    (dict(input_size=3, hidden_size=4, dropout=1.5), "dropout must be in"),
+    (dict(input_size=3, hidden_size=4, dropout=1.5), "dropout must be a number in \\[0, 1\\], got 1.5"),
+    (dict(input_size=3, hidden_size=4, dropout="0.5"), "dropout must be a number in \\[0, 1\\], got '0.5'"),
+    (dict(input_size=3, hidden_size=4, dropout=float("nan")), "dropout must be a number in"),
+    (dict(input_size=True, hidden_size=4), "input_size must be a positive int"),
+    (dict(input_size=3, hidden_size=4, num_layers=2.0), "num_layers must be a positive int"),
+    (dict(input_size=3, hidden_size=4, batch_first="yes"), "batch_first must be a bool"),
+    (dict(input_size=3, hidden_size=4, exact_spectrum=1), "exact_spectrum must be a bool"),
+    (dict(input_size=3, hidden_size=4, generator=0), "generator must be a torch.Generator or None"),
+    (dict(input_size=3, hidden_size=4, dtype="float32"), "dtype must be a floating-point torch.dtype"),
+    (dict(input_size=3, hidden_size=4, dtype=torch.int64), "dtype must be a floating-point torch.dtype"),
     (dict(input_size=3, hidden_size=4, proj_size=2), "proj_size is not supported"),
     (dict(input_size=3, hidden_size=4, bias=1), "bias must be a bool"),
     (dict(input_size=3, hidden_size=4, bidirectional="yes"), "bidirectional must be a bool"),
@@ -117,3 +153,4 @@ def test_double_backward_is_refused_clearly():
     out, _ = fused_nnrnn(x, W, nonlinearity="tanh")
     out.sum().backward()
     assert W.grad is not None
+

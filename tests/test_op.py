@@ -1,4 +1,9 @@
 """fused_nnrnn against the reference loop, torch.nn.RNN and float64 gradcheck."""
+import math
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -161,9 +166,16 @@ def test_empty_sizes(shape):
     torch.testing.assert_close(h0.grad, torch.ones_like(h0) if T == 0 else h0.grad)
 
 
-def test_zero_hidden_size():
-    out, h_n = fused_nnrnn(torch.randn(3, 2, 0), torch.randn(0, 0))
-    assert out.shape == (3, 2, 0) and h_n.shape == (2, 0)
+@pytest.mark.parametrize("T", [1, 2, 5])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_zero_hidden_size(T, with_lengths):
+    """N = 0, forward and backward (the backward once refused T >= 2 with a reshape error)."""
+    leaves = [torch.randn(T, 2, 0), torch.randn(0, 0), torch.randn(0), torch.randn(2, 0)]
+    leaves = [t.requires_grad_() for t in leaves]
+    out, h_n = fused_nnrnn(*leaves, lengths=[T, 1] if with_lengths else None)
+    assert out.shape == (T, 2, 0) and h_n.shape == (2, 0)
+    grads = torch.autograd.grad((out.sum() + h_n.sum()), leaves)
+    assert [tuple(g.shape) for g in grads] == [(T, 2, 0), (0, 0), (0,), (2, 0)]
 
 
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
@@ -179,7 +191,65 @@ def test_nan_propagates(nonlinearity):
     assert not torch.isnan(out[:, 1]).any()  # the other sequence is untouched
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+@pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_bias_gives_what_the_reference_gives(dtype, nonlinearity, special):
+    """NaN and +-inf in b: the same output as the reference loop (modReLU once turned a NaN or +inf
+    bias into 0 where z = 0 and hid NaN from the trainer's finite-loss check)."""
+    T, B, N = 4, 3, 5
+    x = torch.randn(T, B, N, dtype=dtype)
+    x[0, 0] = 0  # z = 0 exactly at the first step of sequence 0: sign(0) relu(0 + inf) = 0 * inf = NaN
+    W = stable_W(N, dtype)
+    b = 0.1 * torch.randn(N, dtype=dtype)
+    b[2] = special
+    out, h_n = fused_nnrnn(x, W, b, nonlinearity=nonlinearity)
+    out_r, h_n_r = nnrnn_recurrence(x, W, b, nonlinearity=nonlinearity)
+    torch.testing.assert_close(out, out_r, equal_nan=True)
+    torch.testing.assert_close(h_n, h_n_r, equal_nan=True)
+    if special != -math.inf and nonlinearity != "tanh":  # tanh(inf) = 1 and relu/modReLU(-inf) = 0 are finite
+        assert not torch.isfinite(out[0, :, 2]).any()
+    if math.isnan(special):
+        assert torch.isnan(h_n).all()  # spreads through W to every unit
+
+
+def test_blas_products_are_split_into_row_chunks():
+    """Fortran BLAS takes 32-bit sizes, so products of 2^31 rows or more are split. The split is
+    checked with the limit lowered to 3 rows (NNRNN_BLAS_MAX_ROWS, read once per process, hence a
+    subprocess): the results equal the reference's, and MKL's own log of its calls (where torch's
+    BLAS is MKL) shows the per-step products of B = 8 rows as 3 + 3 + 2 rows."""
+    script = """
+import torch
+from nnrnn_fused import fused_nnrnn
+from nnrnn_fused.reference import nnrnn_recurrence
+torch.manual_seed(0)
+T, B, N = 3, 8, 5
+for dtype in (torch.float32, torch.float64):
+    for lengths in (None, [3, 1, 2, 3, 0, 3, 2, 1]):
+        x, W, b, h0 = (torch.randn(s, dtype=dtype, requires_grad=True) for s in ((T, B, N), (N, N), (N,), (B, N)))
+        results = []
+        for impl in (fused_nnrnn, nnrnn_recurrence):
+            out, h_n = impl(x, W, b, h0, nonlinearity="tanh", lengths=lengths)
+            results.append((out, h_n) + torch.autograd.grad(out.sum() + h_n.square().sum(), (x, W, b, h0)))
+        for a, r in zip(*results):
+            torch.testing.assert_close(a, r)
+x, W, h0 = torch.randn(T, B, N), torch.randn(N, N), torch.randn(B, N)
+print("LOGGED FORWARD", flush=True)
+with torch.backends.mkl.verbose(torch.backends.mkl.VERBOSE_ON):
+    fused_nnrnn(x, W, None, h0, nonlinearity="tanh")
+print("END", flush=True)
+"""
+    env = dict(os.environ, NNRNN_BLAS_MAX_ROWS="3")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logged = proc.stdout.split("LOGGED FORWARD")[1].split("END")[0]
+    calls = [line for line in logged.splitlines() if "SGEMM(" in line]
+    if not calls:
+        pytest.skip("torch's BLAS is not MKL (no call log); the results were checked")
+    # SGEMM(transb, transa, m = N, n = rows, k = N, ...): one product per step, split 3 + 3 + 2
+    rows = [int(line.split("SGEMM(")[1].split(",")[3]) for line in calls]
+    assert rows == [3, 3, 2] * 3, calls
+
     T, B, N = 50, 7, 32
     x, W, b, h0, lengths = make_inputs(T, B, N, torch.float32, True, True)
     grads = []

@@ -117,7 +117,7 @@ def test_copy_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert summary["final_train_loss"] == pytest.approx(rows[-1]["loss"])
     assert summary["baseline"] == pytest.approx(10 * np.log(8) / 26)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt = train.load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 5 and json.loads((tmp_path / "config.json").read_text())["T"] == 6
 
 
@@ -153,8 +153,8 @@ def test_resume_continues_exactly(tmp_path, args):
     a, b = train_rows(full), train_rows(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise the same trajectory
-    sa = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
-    sb = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
+    sa = train.load_checkpoint(full / "checkpoint.pt")["model"]
+    sb = train.load_checkpoint(part / "checkpoint.pt")["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -209,19 +209,20 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
         train.main(["psmnist", "--out-dir", str(tmp_path / "o"), "--no-progress"])
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint(tmp_path, signum):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "nnrnn_fused.train"] + TINY_COPY + ["--steps", "1000000", "--out-dir", str(tmp_path),
                                                                       "--checkpoint-every", "0", "--log-every", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     assert "nnrnn-train copy" in proc.stdout.readline()
     time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+    assert proc.returncode == train.EXIT_INTERRUPTED, out
     assert "interrupted at step" in out
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt = train.load_checkpoint(tmp_path / "checkpoint.pt")
     steps = [r["step"] for r in train_rows(tmp_path)]
     assert ckpt["step"] >= 1 and steps == list(range(1, ckpt["step"] + 1))
     assert train.main(["--resume", str(tmp_path / "checkpoint.pt"), "--steps", str(ckpt["step"] + 2)]) == 0
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 2
+    assert train.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == ckpt["step"] + 2

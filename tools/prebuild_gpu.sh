@@ -12,8 +12,14 @@
 # there to test exactly what is carried (.ci/run does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py312=${PY312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | tail -n 1 || true)}
-[ -n "$py312" ] && [ -x "$py312" ] || { echo "prebuild_gpu: no Python 3.12 found; set PY312" >&2; exit 1; }
+is_python312() { [ -n "$1" ] && "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; }
+py312=""
+# PY312, then python3.12 on PATH (a pyenv shim there may not run), then pyenv's and the system's.
+for candidate in "${PY312:-}" "$(command -v python3.12 || true)" "$HOME"/.pyenv/versions/3.12.*/bin/python3.12 \
+                 /usr/bin/python3.12 /usr/local/bin/python3.12; do
+  if is_python312 "$candidate"; then py312=$candidate; break; fi
+done
+[ -n "$py312" ] || { echo "prebuild_gpu: no working Python 3.12 found; set PY312" >&2; exit 1; }
 venv=${PREBUILT_VENV:-.ci/venv-py312}
 tree=${PREBUILT_TREE:-.ci/tree-py312}
 out=.prebuilt/gpu

@@ -176,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
   // dW = sum_t h_{t-1}^T da_t as GEMMs over all steps: h_{t-1} is out[t-1] for
   // t >= 1 and h0 for t = 0 (where a sequence has finished, da_t is zero).
   auto dW = at::zeros({N, N}, W.options());
-  if (T > 1) at::mm_out(dW, out.narrow(0, 0, T - 1).reshape({-1, N}).t(), dx.narrow(0, 1, T - 1).reshape({-1, N}));
+  const int64_t rows = (T - 1) * B;  // explicit: N = 0 leaves a -1 ambiguous
+  if (T > 1) at::mm_out(dW, out.narrow(0, 0, T - 1).reshape({rows, N}).t(), dx.narrow(0, 1, T - 1).reshape({rows, N}));
   if (T > 0 && h0) dW.addmm_(h0->t(), dx[0]);
   auto db = db_rows.sum(0).to(output.scalar_type());
   return {dx, dW, db, g};

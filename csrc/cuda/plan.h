@@ -31,8 +31,14 @@ struct Plan {
   Exchange exchange = Exchange::Block;  // v2 and the tensor-core path
   int kt = 0;                           // the tensor-core path (version 3): its kernel's KT
   double forward_us = 0, backward_us = 0;  // the model's prediction per step
-  std::string reason;  // the fallback's reason, or why v1 rather than v2
+  std::string reason;  // why the fallback (or why a kernel does not fit)
 };
+
+inline std::array<int, 17> filled(int v) {
+  std::array<int, 17> a{};
+  a.fill(v);
+  return a;
+}
 
 // What the plan knows of a device: attributes and occupancy on the GPU; the
 // defaults are an H100 SXM's (132 SMs, 227 KB of shared memory per block).
@@ -42,9 +48,9 @@ struct DeviceModel {
   int regs_per_sm = 65536, max_threads_per_sm = 2048;
   bool clusters = true;  // sm_90 or later
   int max_cluster = 16;  // 16 where the non-portable size is allowed, else 8
-  // Clusters of each size (index) that can be resident at once; 0: estimated as sms / size
-  // (16: 7, an H100's GPCs). The CUDA side fills it from cudaOccupancyMaxActiveClusters.
-  std::array<int, 17> active_clusters{};
+  // Clusters of each size (index) that can be resident at once; -1: unknown, estimated as
+  // sms / size (16: 7, an H100's GPCs). The CUDA side fills it from cudaOccupancyMaxActiveClusters.
+  std::array<int, 17> active_clusters = filled(-1);
   int v2_regs = 128;  // registers per thread of the v2 kernels (101 to 128 by the static check; the GPU's own)
   bool cooperative = true;
 };
@@ -56,7 +62,7 @@ struct CostConstants {
   double block_barrier_us = 0.03;     // __syncthreads with up to 32 warps
   double cluster_exchange_us = 0.25;  // st.async into a peer's shared memory until its waiter wakes
   double grid_exchange_us = 1.0;      // release store to L2, the poller's acquire, L2 loads
-  double grid_barrier_us = 1.5;       // v1's barrier over the whole grid (two fences, one counter)
+  double grid_barrier_us = 1.5;       // v1's barrier over the whole grid (the review's estimate)
   double launch_us = 5.0;             // one op of the fallback's host loop (ATen dispatch, launch, a view)
   double l2_bytes_per_us = 5.5e6;     // L2 to SMs, all SMs together (5.5 TB/s)
   double dsmem_bytes_per_clock = 32;  // stores from one SM into peers' shared memory
@@ -66,7 +72,7 @@ struct CostConstants {
 
 inline int active_clusters(const DeviceModel& d, int size) {
   if (size < 1 || size > 16) return 0;
-  if (d.active_clusters[size] > 0) return d.active_clusters[size];
+  if (d.active_clusters[size] >= 0) return d.active_clusters[size];
   return size == 16 ? std::min(7, d.sms / 16) : d.sms / size;
 }
 
