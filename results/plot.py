@@ -3,7 +3,8 @@ and prints a table of the final numbers."""
 import json
 import os
 
-from nnrnn_fused.train import plot_curves, read_metrics
+from nnrnn_fused.train.metrics import read_metrics
+from nnrnn_fused.train.plots import plot_curves
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

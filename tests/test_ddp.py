@@ -19,14 +19,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 def config(out_dir, steps, model="nnrnn", **kw):
     args = {"task": "copy", "model": model, "T": 6, "hidden": 16, "batch": 8, "steps": steps, "lr": 1e-2,
             "lr_orth": 1e-3, "progress": False, "threads": 1, "dtype": "float64", "out_dir": str(out_dir), **kw}
-    return train.resolve_config(args)
+    return train.cli.resolve_config(args)
 
 
 def _worker(rank, world, store_file, cfg):
     # A file rendezvous (no TCP port to race for); run() uses the group it finds.
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
-        train.run(cfg)
+        train.loop.run(cfg)
     finally:
         dist.destroy_process_group()
 
@@ -45,10 +45,10 @@ def assert_same_step(a, b):
 @pytest.mark.parametrize("model", ["nnrnn", "lstm"])
 def test_ddp_step_equals_single_process_step(tmp_path, model):
     single = config(tmp_path / "single", 1, model)
-    train.run(single)
+    train.loop.run(single)
     start = train.load_checkpoint(os.path.join(tmp_path / "single", "checkpoint.pt"))
     zero = config(tmp_path / "zero", 0, model)  # the initial parameters, from the same seed
-    train.run(zero)
+    train.loop.run(zero)
     initial = final_model(tmp_path / "zero")
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), config(tmp_path / "ddp", 1, model, distributed=True)), nprocs=2)
     ddp = train.load_checkpoint(os.path.join(tmp_path / "ddp", "checkpoint.pt"))

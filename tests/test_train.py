@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nnrnn_fused import count_free_parameters, tasks, train
-from nnrnn_fused.models import SequenceModel
+from nnrnn_fused.models import MODELS, SequenceModel
+from nnrnn_fused.recipe import delta_penalty, make_optimizers
 
 from test_tasks import fake_mnist, write_mnist_csv, write_ptb
 
@@ -29,13 +30,13 @@ def run_cli(args, out):
 
 
 def train_rows(out):
-    return [r for r in train.read_metrics(str(out / "metrics.csv")) if r["split"] == "train"]
+    return [r for r in train.metrics.read_metrics(str(out / "metrics.csv")) if r["split"] == "train"]
 
 
 # ---------------------------------------------------------------- presets
 
 def test_copy_preset_is_the_paper_recipe():
-    cfg = train.resolve_config({"task": "copy"})
+    cfg = train.cli.resolve_config({"task": "copy"})
     expected = dict(model="nnrnn", hidden=128, batch=10, lr=5e-4, lr_orth=1e-6, alpha=0.99, delta=1e-4,
                     t_decay=1e-6, init="henaff", nonlinearity="modrelu", optimizer="rmsprop", T=200, steps=1500,
                     device="cpu")
@@ -43,38 +44,40 @@ def test_copy_preset_is_the_paper_recipe():
 
 
 def test_presets_overridable_and_variants():
-    cfg = train.resolve_config({"task": "copy", "lr": 1e-3, "init": "cayley"})
+    cfg = train.cli.resolve_config({"task": "copy", "lr": 1e-3, "init": "cayley"})
     assert cfg["lr"] == 1e-3 and cfg["init"] == "cayley" and cfg["lr_orth"] == 1e-6
-    ps = train.resolve_config({"task": "psmnist", "data_dir": "/data"})
+    ps = train.cli.resolve_config({"task": "psmnist", "data_dir": "/data"})
     assert (ps["hidden"], ps["batch"], ps["lr"], ps["lr_orth"], ps["delta"], ps["t_decay"], ps["init"]) == \
         (512, 100, 1.5e-4, 1.5e-5, 0.15, 1e-4, "cayley")
-    ptb = train.resolve_config({"task": "ptb", "data_dir": "/data"})
+    ptb = train.cli.resolve_config({"task": "ptb", "data_dir": "/data"})
     assert (ptb["hidden"], ptb["emb"], ptb["batch"], ptb["lr"], ptb["lr_orth"], ptb["alpha"], ptb["delta"],
             ptb["bptt"], ptb["input_init"]) == (1024, 200, 128, 8e-4, 8e-5, 0.9, 1.0, 150, "kaiming")
-    ptb300 = train.resolve_config({"task": "ptb", "data_dir": "/data", "bptt": 300})
+    ptb300 = train.cli.resolve_config({"task": "ptb", "data_dir": "/data", "bptt": 300})
     assert (ptb300["lr_orth"], ptb300["delta"]) == (6e-5, 1e-4)
-    assert train.resolve_config({"task": "ptb", "data_dir": "/d", "bptt": 300, "delta": 0.5})["delta"] == 0.5
-    offline = train.resolve_config({"task": "psmnist"})  # the 5,000 real digits: the paper's model and recipe
+    ptb300_delta = train.cli.resolve_config({"task": "ptb", "data_dir": "/d", "bptt": 300, "delta": 0.5})
+    assert ptb300_delta["delta"] == 0.5
+    # the 5,000 real digits: the paper's model and recipe
+    offline = train.cli.resolve_config({"task": "psmnist"})
     assert (offline["dataset"], offline["hidden"], offline["lr"], offline["readout_init"]) == \
         ("mnist5k", 512, 1.5e-4, "default")
-    exprnn, lstm = (train.resolve_config({"task": "psmnist", "model": m}) for m in ("exprnn", "lstm"))
+    exprnn, lstm = (train.cli.resolve_config({"task": "psmnist", "model": m}) for m in ("exprnn", "lstm"))
     assert (exprnn["hidden"], exprnn["lr"], exprnn["lr_orth"]) == (722, 5e-4, 5e-5)  # the authors' settings
     assert (lstm["hidden"], lstm["lr"], lstm["alpha"]) == (256, 5e-4, 0.9)
-    assert train.resolve_config({"task": "adding", "model": "lstm"})["hidden"] == 63
-    digits = train.resolve_config({"task": "psmnist", "dataset": "digits8x8", "model": "lstm"})
+    assert train.cli.resolve_config({"task": "adding", "model": "lstm"})["hidden"] == 63
+    digits = train.cli.resolve_config({"task": "psmnist", "dataset": "digits8x8", "model": "lstm"})
     assert (digits["hidden"], digits["lr"], digits["readout_init"]) == (64, 1e-3, "xavier")
     assert ptb["readout_init"] == "uniform"
     with pytest.raises(SystemExit, match="does not go with --data-dir"):
-        train.resolve_config({"task": "psmnist", "data_dir": "/d", "dataset": "digits8x8"})
+        train.cli.resolve_config({"task": "psmnist", "data_dir": "/d", "dataset": "digits8x8"})
     with pytest.raises(SystemExit, match="does not go with the copy task"):
-        train.resolve_config({"task": "copy", "dataset": "mnist5k"})
-    assert train.resolve_config({"task": "copy", "model": "rnn"})["nonlinearity"] == "tanh"
+        train.cli.resolve_config({"task": "copy", "dataset": "mnist5k"})
+    assert train.cli.resolve_config({"task": "copy", "model": "rnn"})["nonlinearity"] == "tanh"
     with pytest.raises(SystemExit, match="fresh batch"):
-        train.resolve_config({"task": "copy", "epochs": 3})
+        train.cli.resolve_config({"task": "copy", "epochs": 3})
 
 
 def test_psmnist_sizes_match_the_paper_parameter_budget():
-    cfg = {m: train.resolve_config({"task": "psmnist", "data_dir": "/d", "model": m}) for m in train.MODELS}
+    cfg = {m: train.cli.resolve_config({"task": "psmnist", "data_dir": "/d", "model": m}) for m in MODELS}
     counts = {m: count_free_parameters(SequenceModel(m, 1, c["hidden"], 10, readout="last", backend="reference"))
               for m, c in cfg.items()}
     assert counts["nnrnn"] == 268_298  # SPEC section 5
@@ -99,9 +102,9 @@ def test_readout_inits_are_the_authors():
 def test_halve_lr_on_plateau():
     p = torch.nn.Parameter(torch.zeros(1))
     opts = [torch.optim.RMSprop([p], lr=1.0), torch.optim.RMSprop([p], lr=0.1)]
-    assert not train.halve_lr_on_plateau(opts, None, 3.0)
-    assert not train.halve_lr_on_plateau(opts, 3.0, 2.9)
-    assert train.halve_lr_on_plateau(opts, 2.9, 2.9)
+    assert not train.loop.halve_lr_on_plateau(opts, None, 3.0)
+    assert not train.loop.halve_lr_on_plateau(opts, 3.0, 2.9)
+    assert train.loop.halve_lr_on_plateau(opts, 2.9, 2.9)
     assert [o.param_groups[0]["lr"] for o in opts] == [0.5, 0.05]
 
 
@@ -120,6 +123,35 @@ def test_copy_end_to_end(tmp_path, capsys):
     ckpt = train.load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 5 and json.loads((tmp_path / "config.json").read_text())["T"] == 6
 
+
+
+def test_copy_steps_are_the_recipe_written_out(tmp_path):
+    """The loop against the paper's recipe (SPEC section 3) written out by hand on the same batches: the
+    model from the seed, RMSprop for all but log_P, log_P's own RMSprop, T decay and the delta penalty.
+    Any change in what the loop does (seeding, order, optimizers, penalty) moves the losses or weights."""
+    steps, lr = 3, 1e-2
+    run_cli(TINY_COPY + ["--steps", str(steps)], tmp_path)  # the copy preset: seed 0, 1 thread
+    torch.manual_seed(0)
+    model = SequenceModel("nnrnn", tasks.COPY_INPUTS, 8, tasks.COPY_CLASSES, readout="every", init="henaff",
+                          input_init="xavier", readout_init="xavier")
+    main_opt, orth_opt = make_optimizers(model, lr=lr, lr_orth=1e-6, t_decay=1e-6, alpha=0.99)
+    batches = train.data.CopyData({"seed": 0, "batch": 4, "T": 6, "dtype": "float32"})
+    losses = []
+    for step in range(steps):
+        x, y = batches.train_batch(step)
+        main_opt.zero_grad()
+        orth_opt.zero_grad()
+        logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        (loss + delta_penalty(model, 1e-4)).backward()
+        main_opt.step()
+        orth_opt.step()
+        losses.append(loss.item())
+    assert [r["loss"] for r in train_rows(tmp_path)] == pytest.approx(losses, rel=1e-6)
+    trained = train.load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    assert trained.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 def test_lstm_json_metrics(tmp_path):
     run_cli(TINY_COPY + ["--model", "lstm", "--steps", "3", "--metrics-format", "json"], tmp_path)
@@ -180,7 +212,7 @@ def test_real_data_paths(tmp_path):
     symbols = (len(text.split()) + 1) * 30  # characters and one end-of-line per line
     assert summary["step"] == -(-(symbols // 4 - 1) // 10)  # one epoch of 10-step chunks over 4 columns
     assert "bpc" in summary["test"]
-    rows = train.read_metrics(str(tmp_path / "ptb_run" / "metrics.csv"))
+    rows = train.metrics.read_metrics(str(tmp_path / "ptb_run" / "metrics.csv"))
     assert [r["split"] for r in rows if r["split"] != "train"] == ["valid", "test"]
 
 
@@ -192,7 +224,7 @@ def test_psmnist_offline_default_is_the_5k_digits(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["dataset"] == "mnist5k" and summary["step"] == 2
     assert summary["test"]["accuracy"] * 500 == round(summary["test"]["accuracy"] * 500)  # 500 test images
-    data = train.MnistData(config)
+    data = train.data.MnistData(config)
     assert data.steps_per_epoch == 2 and data.train_batch(0)[0].shape == (784, 10, 1)  # 784 steps of one pixel
 
 
@@ -219,7 +251,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, signum):
     time.sleep(1.5)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == train.EXIT_INTERRUPTED, out
+    assert proc.returncode == train.cli.EXIT_INTERRUPTED, out
     assert "interrupted at step" in out
     ckpt = train.load_checkpoint(tmp_path / "checkpoint.pt")
     steps = [r["step"] for r in train_rows(tmp_path)]

@@ -1,8 +1,11 @@
 """The training command's guards: option validation, device selection, exit codes and
-signals, checkpoint integrity, non-finite parameters, resume rules."""
+signals, checkpoint integrity, non-finite parameters, resume rules; the package's layout."""
+import ast
+import importlib
 import os
 import re
 import signal
+import tomllib
 
 import pytest
 import torch
@@ -32,7 +35,7 @@ def test_cuda_device_gets_an_index(monkeypatch, device):
     selected = []
     monkeypatch.setattr(torch._C, "_cuda_setDevice", selected.append, raising=False)
     cfg = dict(device=device, distributed=False, model="lstm", backend="fused")
-    assert train.pick_device(cfg) == torch.device("cuda", 0)
+    assert train.devices.pick_device(cfg) == torch.device("cuda", 0)
     assert selected == [0]  # through the real torch.cuda.set_device, which checks its argument
 
 
@@ -85,7 +88,7 @@ def test_second_ctrl_c_during_plotting_exits_cleanly(tmp_path, monkeypatch, caps
     the plots stops at once with the interrupted status, no traceback, and the handlers restored."""
     original = signal.getsignal(signal.SIGINT)
     calls = []
-    penalty = train.delta_penalty
+    penalty = train.loop.delta_penalty
 
     def penalty_then_ctrl_c(model, delta):
         calls.append(1)
@@ -97,10 +100,10 @@ def test_second_ctrl_c_during_plotting_exits_cleanly(tmp_path, monkeypatch, caps
         os.kill(os.getpid(), signal.SIGINT)
         raise AssertionError("the second Ctrl-C did not stop the command")
 
-    monkeypatch.setattr(train, "delta_penalty", penalty_then_ctrl_c)
-    monkeypatch.setattr(train, "plot_curves", plot_then_ctrl_c)
+    monkeypatch.setattr(train.loop, "delta_penalty", penalty_then_ctrl_c)
+    monkeypatch.setattr(train.loop, "plot_curves", plot_then_ctrl_c)
     status = train.main(TINY_COPY + ["--steps", "100", "--checkpoint-every", "0", "--out-dir", str(tmp_path)])
-    assert status == train.EXIT_INTERRUPTED
+    assert status == train.cli.EXIT_INTERRUPTED
     captured = capsys.readouterr()
     assert "interrupted at step 2" in captured.out and "stopped at once" in captured.err
     assert train.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
@@ -109,7 +112,7 @@ def test_second_ctrl_c_during_plotting_exits_cleanly(tmp_path, monkeypatch, caps
 
 def test_sigterm_in_process_is_handled_like_ctrl_c(tmp_path, monkeypatch):
     original = signal.getsignal(signal.SIGTERM)
-    penalty = train.delta_penalty
+    penalty = train.loop.delta_penalty
     calls = []
 
     def penalty_then_sigterm(model, delta):
@@ -118,9 +121,9 @@ def test_sigterm_in_process_is_handled_like_ctrl_c(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return penalty(model, delta)
 
-    monkeypatch.setattr(train, "delta_penalty", penalty_then_sigterm)
+    monkeypatch.setattr(train.loop, "delta_penalty", penalty_then_sigterm)
     status = train.main(TINY_COPY + ["--steps", "100", "--checkpoint-every", "0", "--out-dir", str(tmp_path)])
-    assert status == train.EXIT_INTERRUPTED
+    assert status == train.cli.EXIT_INTERRUPTED
     assert train.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
     assert [r["step"] for r in train_rows(tmp_path)] == [1, 2, 3]
     assert signal.getsignal(signal.SIGTERM) is original
@@ -132,7 +135,7 @@ def test_nan_log_p_is_reported_as_a_nan_loss(tmp_path, checkpoint):
     payload = train.load_checkpoint(checkpoint)
     payload["model"][LOG_P][0, 1] = float("nan")
     path = str(tmp_path / "checkpoint.pt")
-    train.save_checkpoint(path, payload)
+    train.checkpoint.save_checkpoint(path, payload)
     with pytest.raises(SystemExit, match=f"the loss became nan at step 3 .*{LOG_P}.*try a smaller --lr"):
         train.main(["--resume", path, "--steps", "4"])
 
@@ -167,7 +170,7 @@ def damaged_copies(src, tmp_path):
     torch.save(payload, plain)
     out.append(("plain torch.save", plain, "not a checkpoint of nnrnn-train"))
     partial = tmp_path / "partial.pt"
-    train.save_checkpoint(str(partial), {"config": payload["config"], "step": 1})
+    train.checkpoint.save_checkpoint(str(partial), {"config": payload["config"], "step": 1})
     out.append(("lacks entries", partial, "not a training checkpoint: it lacks"))
     out.append(("missing", tmp_path / "no_such_file.pt", "No such file or directory"))
     out.append(("directory", tmp_path, "Is a directory"))
@@ -198,7 +201,7 @@ def test_checkpoint_of_another_task_or_size_is_refused(tmp_path, checkpoint):
     mixed = train.load_checkpoint(checkpoint)
     mixed["model"] = train.load_checkpoint(other / "checkpoint.pt")["model"]
     path = str(tmp_path / "mixed.pt")
-    train.save_checkpoint(path, mixed)
+    train.checkpoint.save_checkpoint(path, mixed)
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", path, "--steps", "3", "--out-dir", str(tmp_path / "out")])
     text = str(e.value.code)
@@ -225,3 +228,26 @@ def test_resume_with_other_threads_says_it_is_not_bit_exact(tmp_path, capsys):
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     assert train.main(["--resume", str(part / "checkpoint.pt"), "--steps", "6", "--threads", "2"]) == 0
     assert "note:" not in capsys.readouterr().out  # the same threads as when it was written
+
+
+# ---------------------------------------------------------------- the package's layout
+
+def test_train_modules_import_only_downwards():
+    """nnrnn_fused.train: cli -> loop -> the lower modules, so no import cycle can form."""
+    layers = ["cli", "loop", "data", "checkpoint", "metrics", "plots", "devices"]
+    package = os.path.dirname(train.__file__)
+    modules = sorted(f[:-3] for f in os.listdir(package) if f.endswith(".py"))
+    assert modules == sorted(layers + ["__init__", "__main__"])
+    for index, name in enumerate(layers):
+        with open(os.path.join(package, name + ".py")) as f:
+            tree = ast.parse(f.read())
+        imported = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert imported <= set(layers[index + 1:]), f"{name} imports {sorted(imported)}"
+
+
+def test_console_script_is_the_package_main():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        module, name = tomllib.load(f)["project"]["scripts"]["nnrnn-train"].split(":")
+    assert getattr(importlib.import_module(module), name) is train.main
