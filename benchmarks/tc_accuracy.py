@@ -52,7 +52,8 @@ def run(source, name, B, N, scale, x_scale):
     if source == "emulation":
         layout = ("cluster", 2, 1, 8, 2)
         out, _ = torch.ops.nnrnn_fused.emulated_recurrence_tc(x, W, b, h0, None, "tanh", *layout)
-        dx = torch.ops.nnrnn_fused.emulated_recurrence_tc_backward(g, zero, out, W, h0, None, "tanh", *layout)[0]
+        backward = torch.ops.nnrnn_fused.emulated_recurrence_tc_backward
+        dx = backward(g, zero, out, W, h0, None, "tanh", *layout)[0]
     else:
         operand = "tf32" if name == "tf32" else dtype
         xf = x.float().requires_grad_()
@@ -76,13 +77,13 @@ def main(argv=None):
     torch.set_num_threads(1)
     header = ["| source | type | N, B | W, x | " + " | ".join(f"t = {s}" for s in STEPS) + " | max over t |",
               "| --- | --- | --- | --- | " + " | ".join("---" for _ in STEPS) + " | --- |"]
-    forward = [f"T = {T}, tanh, inputs in the type (x, W, b, h0 rounded once), float64 reference on the same "
-               "inputs.", "Forward: each cell is max |out - ref| over the batch and units at that step, and that "
-               "error in units of u,", "the operand type's unit roundoff (2^-8 bfloat16, 2^-11 float16 and TF32).",
-               ""] + header
-    backward = ["", "Backward (loss sum(out * g), g ~ N(0, 1)): each cell is max |dx - ref| / max |ref| at that "
-                "step (dx = dL/dx_t), in u;", "the backward runs from t = 784 down to t = 1. The time column: "
-                "forward and backward of the source.", ""]
+    forward = [f"T = {T}, tanh, inputs in the type (x, W, b, h0 rounded once), float64 reference on the",
+               "same inputs. Forward: each cell is max |out - ref| over the batch and units at that step,",
+               "and that error in units of u, the operand type's unit roundoff (2^-8 bfloat16, 2^-11",
+               "float16 and TF32).", ""] + header
+    backward = ["", "Backward (loss sum(out * g), g ~ N(0, 1)): each cell is max |dx - ref| / max |ref|",
+                "at that step (dx = dL/dx_t), in u; the backward runs from t = 784 down to t = 1. The time",
+                "column: forward and backward of the source.", ""]
     backward += [header[0] + " time |", header[1] + " --- |"]
     for source, B, N in (("emulation", 8, 32), ("model", 16, 512)):
         for name in DTYPES:
@@ -90,7 +91,8 @@ def main(argv=None):
                 out_err, dx_err, u, seconds = run(source, name, B, N, scale, x_scale)
                 case = f"| {source} | {name} | {N}, {B} | {scale} orth, {'N(0, 1)' if x_scale else '0'} | "
                 cells = [f"{out_err[s - 1]:.1e} ({out_err[s - 1] / u:.1f} u)" for s in STEPS]
-                forward.append(case + " | ".join(cells) + f" | {out_err.max():.1e} ({out_err.max() / u:.1f} u) |")
+                worst = f" | {out_err.max():.1e} ({out_err.max() / u:.1f} u) |"
+                forward.append(case + " | ".join(cells) + worst)
                 cells = [f"{dx_err[s - 1] / u:.1f} u" for s in STEPS]
                 backward.append(case + " | ".join(cells) + f" | {dx_err.max() / u:.1f} u | {seconds:.1f} s |")
                 print(forward[-1], backward[-1], sep="\n", flush=True)

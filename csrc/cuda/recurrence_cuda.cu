@@ -239,7 +239,7 @@ Plan v2_plan(int64_t N, int64_t B, at::ScalarType dtype, DeviceModel d) {
 // The tensor-core path's plan on the device: the model's choice with the device's
 // figures, then checked with the occupancy calculator (its kernels' attributes set
 // as kernel v2's are); where the check fails, the reason.
-Plan tc_plan(int64_t N, int64_t B, at::ScalarType dtype, const DeviceModel& d) {
+Plan tc_plan(int64_t N, int64_t B, at::ScalarType dtype, DeviceModel d) {
   Plan p = tc_plan_for(N, B, dtype, tf32_allowed_by_torch(), d);
   if (!p.persistent) return p;
   const TcLayout L = tc_layout(1, B, N, p.exchange, p.col_groups, p.row_groups, p.rows_per_tile, p.kt,
@@ -270,6 +270,10 @@ Plan tc_plan(int64_t N, int64_t B, at::ScalarType dtype, const DeviceModel& d) {
     fewest = std::min(fewest, n);
   }
   const int needed = p.exchange == Exchange::Grid ? L.grid() : 1;
+  if (fewest < needed && p.exchange == Exchange::Cluster && L.team_blocks > 8 && d.max_cluster > 8) {
+    d.max_cluster = 8;  // clusters of 16 (non-portable) refused: plan with at most 8, as v2_plan does
+    return tc_plan(N, B, dtype, d);
+  }
   if (fewest < needed) {
     p.persistent = false;
     p.reason = "tensor-core path: its layout (" + describe(p) + ") does not fit on the device (" +
