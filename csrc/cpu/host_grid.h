@@ -5,8 +5,9 @@
 // the start so that a read of shared memory that no thread wrote shows in the
 // results. Clusters are groups of consecutive blocks as on the GPU: a block can
 // store into a peer's shared memory (st.async: the store lands, and counts its
-// bytes on the peer's mbarrier, only when the peer next waits, and a block may not
-// exit with its stores in flight), and mbarriers (arrivals and transaction bytes,
+// bytes on the peer's mbarrier, only when the peer next waits; the peer must have
+// initialised that mbarrier before a cluster barrier the storing thread has passed,
+// and a block may not exit with its stores in flight), and mbarriers (arrivals and transaction bytes,
 // waits for a phase's parity) and step counters in global memory (release store,
 // acquire wait) behave as the PTX instructions they stand for.
 // The tensor-core path's mma.sync runs through a per-warp exchange area
@@ -96,6 +97,7 @@ struct HostMbarrier {
   unsigned expected = 0, pending = 0;
   long long tx = 0;
   unsigned long long completed = 0;  // phases completed
+  int init_epoch = 0;                // cluster barriers its initialising thread had passed
   void complete_if_done() {
     if (pending == 0 && tx == 0) {
       pending = expected;
@@ -150,14 +152,10 @@ struct HostGrid {
         ++i;
         continue;
       }
-      auto it = mbars.find({st.target, st.bar_offset});
-      if (it == mbars.end()) {
-        abort.fail("st.async signalling an mbarrier that was not initialised");
-      } else {
-        std::memcpy(shared[st.target].data() + st.offset, st.bytes, st.size);
-        it->second.tx -= st.size;
-        it->second.complete_if_done();
-      }
+      HostMbarrier& bar = mbars.at({st.target, st.bar_offset});  // checked when the store was issued
+      std::memcpy(shared[st.target].data() + st.offset, st.bytes, st.size);
+      bar.tx -= st.size;
+      bar.complete_if_done();
       in_flight.erase(in_flight.begin() + static_cast<std::ptrdiff_t>(i));
     }
   }
@@ -198,17 +196,27 @@ class HostEnv {
   }
 
   // ---- clusters
-  void sync_cluster() const { g_->cluster_barriers[block_ / g_->cluster_size]->arrive_and_wait(); }
+  void sync_cluster() const {
+    g_->cluster_barriers[block_ / g_->cluster_size]->arrive_and_wait();
+    ++cluster_epoch_;
+  }
+  // The GPU may count the bytes on the peer's mbarrier as soon as the store is issued: the
+  // peer must have initialised it before a cluster barrier that this thread has passed since.
   template <typename T>
   void store_async_peer(T* local, int rank, T v, uint64_t* bar) const {
     HostAsyncStore store{block_, peer_block(rank), offset(local), offset(bar), static_cast<int>(sizeof(T)), {}};
     std::memcpy(store.bytes, &v, sizeof(T));
     std::lock_guard<std::mutex> lock(g_->mbar_mutex);
+    auto it = g_->mbars.find({store.target, store.bar_offset});
+    if (it == g_->mbars.end() || it->second.init_epoch >= cluster_epoch_) {
+      g_->abort.fail("st.async into a peer whose mbarrier was not initialised before a cluster barrier");
+      return;
+    }
     g_->in_flight.push_back(store);
   }
   void mbar_init(uint64_t* bar, unsigned count) const {
     std::lock_guard<std::mutex> lock(g_->mbar_mutex);
-    g_->mbars[{block_, offset(bar)}] = HostMbarrier{count, count, 0, 0};
+    g_->mbars[{block_, offset(bar)}] = HostMbarrier{count, count, 0, 0, cluster_epoch_};
   }
   void mbar_expect(uint64_t* bar, unsigned bytes) const {
     {
@@ -273,6 +281,7 @@ class HostEnv {
 
   HostGrid* g_;
   int block_, thread_;
+  mutable int cluster_epoch_ = 0;  // cluster barriers this thread has passed
 };
 
 // Runs body(env) on grid x threads host threads, like a kernel launch (with
