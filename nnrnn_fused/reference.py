@@ -28,10 +28,17 @@ def _loop(x, W, b, h0, nonlinearity, lengths):
     T, B, N = check_inputs(x, W, b, h0, lengths, nonlinearity)
     check_length_values(lengths, T)
     h = h0 if h0 is not None else x.new_zeros(B, N)
+    return _steps(x, h, b, nonlinearity, lengths, lambda h: h @ W)
+
+
+def _steps(x, h, b, nonlinearity, lengths, product):
+    """The time loop: h_t = phi(x_t + product(h_{t-1}); b); past a row's length the
+    output is zero and h is kept. Returns (output, h_T)."""
+    T, B, N = x.shape
     valid_until = lengths.to(x.device).unsqueeze(1) if lengths is not None else None
     outputs = []
     for t in range(T):
-        h_new = activation(x[t] + h @ W, b, nonlinearity)
+        h_new = activation(x[t] + product(h), b, nonlinearity)
         if valid_until is not None:
             valid = t < valid_until
             outputs.append(torch.where(valid, h_new, torch.zeros_like(h_new)))
@@ -107,16 +114,6 @@ def nnrnn_recurrence_rounded(x, W, b=None, h0=None, *, nonlinearity="modrelu", l
     x, b = rnd(x), rnd(b)
     W = _Rounded.apply(W.float(), operand_dtype, io)  # TF32: W rounded as the operand, its gradient float32
     h = rnd(h0) if h0 is not None else x.new_zeros(B, N)
-    valid_until = lengths.to(x.device).unsqueeze(1) if lengths is not None else None
-    outputs = []
-    for t in range(T):
-        h_new = activation(x[t] + _RoundedOperandProduct.apply(h, W, operand_dtype, io), b, nonlinearity)
-        if valid_until is not None:
-            valid = t < valid_until
-            outputs.append(torch.where(valid, h_new, torch.zeros_like(h_new)))
-            h = torch.where(valid, h_new, h)
-        else:
-            outputs.append(h_new)
-            h = h_new
-    output = rnd(torch.stack(outputs)) if T > 0 else x.new_zeros(0, B, N)
-    return output, rnd(h)
+    output, h = _steps(x, h, b, nonlinearity, lengths,
+                       lambda h: _RoundedOperandProduct.apply(h, W, operand_dtype, io))
+    return (rnd(output) if T > 0 else output), rnd(h)
