@@ -59,14 +59,17 @@ def run_text(cmd: list[str], timeout: float = 30) -> str:
 # ---------------------------------------------------------------- the CUDA paths
 
 
+DEFAULT_PATHS = "v2:NNRNN_CUDA_KERNEL=v2;v1:NNRNN_CUDA_KERNEL=v1;fallback:NNRNN_CUDA_FORCE_FALLBACK=1"
+
+
 def cuda_paths() -> list[tuple[str, dict]]:
     """The paths run side by side: (name, environment settings). GPU_CHECK_PATHS overrides the
-    default, as "name:VAR=value,VAR=value;name:..." (kernel v2 adds its selector here, e.g.
-    "v2:NNRNN_CUDA_KERNEL=v2;v1:NNRNN_CUDA_KERNEL=v1;fallback:NNRNN_CUDA_FORCE_FALLBACK=1").
+    default, as "name:VAR=value,VAR=value;name:...": kernel v2, kernel v1 (float16/bfloat16 have
+    no v2: their "v2" row is the fallback, as cuda_path says) and the fallback.
     Once the fallback is forced for the whole check (after a hang), only the fallback runs."""
     if os.environ.get("NNRNN_CUDA_FORCE_FALLBACK", "0") not in ("", "0"):
         return [("fallback", {})]
-    spec = os.environ.get("GPU_CHECK_PATHS", "default:;fallback:NNRNN_CUDA_FORCE_FALLBACK=1")
+    spec = os.environ.get("GPU_CHECK_PATHS", DEFAULT_PATHS)
     paths = []
     for item in filter(None, spec.split(";")):
         name, _, settings = item.partition(":")

@@ -14,10 +14,10 @@ Nonlinearity parse_nonlinearity(std::string_view name) {
 
 namespace {
 
-bool is_supported_dtype(const at::Tensor& t) {
+bool is_supported_dtype(const at::Tensor& t, bool half_on_cpu) {
   const auto dt = t.scalar_type();
   if (dt == at::kFloat || dt == at::kDouble) return true;
-  return t.is_cuda() && (dt == at::kHalf || dt == at::kBFloat16);
+  return (t.is_cuda() || half_on_cpu) && (dt == at::kHalf || dt == at::kBFloat16);
 }
 
 void check_like(const char* name, const at::Tensor& t, const at::Tensor& ref,
@@ -44,10 +44,10 @@ void check_lengths(const at::Tensor& lengths, const at::Tensor& x, int64_t B) {
 
 Sizes check_forward_inputs(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& b,
                            const std::optional<at::Tensor>& h0,
-                           const std::optional<at::Tensor>& lengths) {
+                           const std::optional<at::Tensor>& lengths, bool half_on_cpu) {
   TORCH_CHECK_VALUE(x.dim() == 3, "fused_nnrnn: x must have shape (T, B, N), got ", x.dim(),
                     " dimensions ", x.sizes());
-  TORCH_CHECK_VALUE(is_supported_dtype(x), "fused_nnrnn: x has dtype ", x.scalar_type(), " on ",
+  TORCH_CHECK_VALUE(is_supported_dtype(x, half_on_cpu), "fused_nnrnn: x has dtype ", x.scalar_type(), " on ",
                     x.device(), "; supported: float32 and float64",
                     x.is_cuda() ? ", float16, bfloat16" : " (float16/bfloat16 on CUDA only)");
   const int64_t T = x.size(0), B = x.size(1), N = x.size(2);
@@ -61,8 +61,8 @@ Sizes check_forward_inputs(const at::Tensor& x, const at::Tensor& W, const std::
 Sizes check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                             const at::Tensor& output, const at::Tensor& W,
                             const std::optional<at::Tensor>& h0,
-                            const std::optional<at::Tensor>& lengths) {
-  const Sizes s = check_forward_inputs(output, W, std::nullopt, h0, lengths);
+                            const std::optional<at::Tensor>& lengths, bool half_on_cpu) {
+  const Sizes s = check_forward_inputs(output, W, std::nullopt, h0, lengths, half_on_cpu);
   check_like("grad_output", grad_output, output, {s.T, s.B, s.N}, "(T, B, N)");
   check_like("grad_h_n", grad_h_n, output, {s.B, s.N}, "(B, N)");
   return s;

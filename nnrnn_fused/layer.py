@@ -1,6 +1,7 @@
 """The nnRNN layer: a drop-in recurrent layer shaped like torch.nn.RNN."""
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -12,10 +13,15 @@ from ._amp import autocast_active, without_autocast
 from ._checks import NONLINEARITIES, as_lengths
 from .ops import fused_nnrnn, refuse_onnx_export
 from .parametrization import INITS, DenseRecurrence, OrthogonalRecurrence, SchurRecurrence
-from .reference import nnrnn_recurrence
+from .reference import nnrnn_recurrence, nnrnn_recurrence_rounded
 
 RECURRENT = {"nnrnn": SchurRecurrence, "orthogonal": OrthogonalRecurrence, "free": DenseRecurrence}
-BACKENDS = {"fused": fused_nnrnn, "reference": nnrnn_recurrence}
+BACKENDS = {
+    "fused": fused_nnrnn,
+    "reference": nnrnn_recurrence,
+    # the tensor-core path's numerics (bfloat16 operands, float32 state and sums) on any device
+    "reference-bf16": functools.partial(nnrnn_recurrence_rounded, operand_dtype=torch.bfloat16),
+}
 INPUT_INITS = ("xavier", "kaiming")
 TORCHSCRIPT_MESSAGE = (
     "NNRNN: TorchScript (torch.jit.script and torch.jit.trace) is not supported (the construction of W is an "
@@ -89,7 +95,9 @@ class NNRNN(nn.Module):
         init: "cayley" (default), "henaff" or "random" (SPEC section 2).
         exact_spectrum: also mask the in-block entries of T (eigenvalues exactly gamma e^{+-i theta}).
         input_init: "xavier" (normal, default) or "kaiming" (normal) for U.
-        backend: "fused" (the C++/CUDA op, default) or "reference" (the PyTorch loop).
+        backend: "fused" (the C++/CUDA op, default), "reference" (the PyTorch loop) or
+            "reference-bf16" (the loop with the CUDA tensor-core path's numerics: bfloat16
+            operands, float32 state and sums; see nnrnn_recurrence_rounded).
         generator: draws the recurrent matrices' initial state (None: the global generator).
 
     forward(input, h0=None, lengths=None) -> (output, h_n), like torch.nn.RNN, with

@@ -18,7 +18,7 @@ done
 # ~269K parameters, 4,000 training images (40 steps per epoch). Run one or two at a time, one thread each.
 $TRAIN psmnist --model nnrnn --epochs 13 --threads 1 --out-dir results/psmnist/nnrnn
 $TRAIN psmnist --model exprnn --epochs 5 --threads 1 --out-dir results/psmnist/exprnn
-$TRAIN psmnist --model lstm --epochs 3 --threads 1 --out-dir results/psmnist/lstm
+$TRAIN psmnist --model lstm --epochs 15 --threads 1 --out-dir results/psmnist/lstm
 # The adding task at T=750 (~17K parameters; lr 1e-3 diverges at this length).
 for model in nnrnn exprnn lstm; do
     $TRAIN adding --model "$model" --T 750 --lr 1e-4 --lr-orth 1e-5 --steps 1500 --out-dir "results/adding/$model"

@@ -1,8 +1,11 @@
 """The CUDA kernels on a GPU, against the float64 reference loop.
 
 Skipped without a GPU or without the CUDA kernels; benchmarks/gpu_check.sh runs
-them on a lent GPU. Both paths are covered: the persistent kernel (chosen by
-default where W fits on chip) and the fallback (forced by NNRNN_CUDA_FORCE_FALLBACK).
+them on a lent GPU. Every path is covered: persistent kernel v2 and v1 and the
+tensor-core path (taken where they fit with NNRNN_CUDA_KERNEL=v2 / v1 / tc;
+float16/bfloat16 have no v2, float32 takes tensor cores only with TF32 allowed and
+float64 never: those take the fallback then) and the fallback (forced by
+NNRNN_CUDA_FORCE_FALLBACK).
 """
 import os
 import shutil
@@ -40,12 +43,13 @@ def _watchdog(monkeypatch):
         monkeypatch.setenv("NNRNN_CUDA_WATCHDOG_MS", "10000")
 
 
-@pytest.fixture(params=["persistent", "fallback"])
+@pytest.fixture(params=["v2", "v1", "tc", "fallback"])
 def path(request, monkeypatch):
     if request.param == "fallback":
         monkeypatch.setenv("NNRNN_CUDA_FORCE_FALLBACK", "1")
     else:
         monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+        monkeypatch.setenv("NNRNN_CUDA_KERNEL", request.param)
     return request.param
 
 
@@ -112,37 +116,112 @@ def test_lengths_on_device_match_lengths_on_cpu(path):
         assert torch.equal(a, c)
 
 
-def test_cuda_path_reports_both_paths(monkeypatch):
+def test_cuda_path_reports_every_path(monkeypatch):
     monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
-    assert nnrnn_fused.cuda_path(1024, 128, torch.float32).startswith("persistent")  # the issue's minimum
-    assert nnrnn_fused.cuda_path(512, 100, torch.bfloat16).startswith("persistent")
+    monkeypatch.delenv("NNRNN_CUDA_KERNEL", raising=False)
+    v2 = nnrnn_fused.cuda_path(1024, 128, torch.float32)  # the issue's minimum
+    assert v2.startswith("persistent v2 ") and "us/step forward" in v2, v2
+    half = nnrnn_fused.cuda_path(512, 100, torch.bfloat16)
+    assert half.startswith("persistent tensor cores "), half  # docs/tensor_cores.md
+    monkeypatch.setenv("NNRNN_CUDA_KERNEL", "v1")
+    v1 = nnrnn_fused.cuda_path(1024, 128, torch.float32)
+    assert v1.startswith("persistent v1: "), v1
+    monkeypatch.setenv("NNRNN_CUDA_KERNEL", "v3")
+    with pytest.raises(ValueError, match="NNRNN_CUDA_KERNEL must be 'auto', 'v1', 'v2' or 'tc'"):
+        nnrnn_fused.cuda_path(1024, 128, torch.float32)
+    monkeypatch.delenv("NNRNN_CUDA_KERNEL")
     big = nnrnn_fused.cuda_path(1 << 15, 8, torch.float32)
-    assert big.startswith("fallback: W does not fit on chip"), big
+    assert big.startswith("fallback: ") and "W does not fit on chip" in big, big
     assert nnrnn_fused.cuda_path(3, 0, torch.float32).startswith("empty")
     monkeypatch.setenv("NNRNN_CUDA_FORCE_FALLBACK", "1")
-    assert nnrnn_fused.cuda_path(128, 10, torch.float32) == "fallback: forced by NNRNN_CUDA_FORCE_FALLBACK"
+    assert nnrnn_fused.cuda_path(128, 10, torch.float32).startswith("fallback: forced by NNRNN_CUDA_FORCE_FALLBACK")
+
+
+@pytest.mark.parametrize("N,B,exchange", [(128, 10, "block"), (256, 1, "cluster"), (512, 32, "cluster"),
+                                          (1024, 128, "grid")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_v2_on_the_compass_shapes(monkeypatch, N, B, exchange, dtype):
+    # The exchange the model picks on an H100 (model_plan); the device's own figures may pick another.
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    monkeypatch.setenv("NNRNN_CUDA_KERNEL", "v2")
+    path = nnrnn_fused.cuda_path(N, B, dtype)
+    assert path.startswith("persistent v2 "), path
+    print(f"N={N} B={B} {dtype}: {path} (the H100 model: {exchange})")
+    check(7, B, N, dtype, "modrelu", True, True)
 
 
 def test_cuda_path_names_the_kernel_version_and_plan(monkeypatch):
     monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
     monkeypatch.delenv("NNRNN_CUDA_PLAN", raising=False)
+    monkeypatch.setenv("NNRNN_CUDA_KERNEL", "v1")
     props = torch.cuda.get_device_properties(0)
     cols, rows, tile, shared = torch.ops.nnrnn_fused.emulated_plan(
         512, 32, torch.float32, props.multi_processor_count, props.shared_memory_per_block_optin, 512)
-    assert nnrnn_fused.cuda_path(512, 32, torch.float32) == (
+    assert nnrnn_fused.cuda_path(512, 32, torch.float32).startswith(
         f"persistent v1: {cols} x {rows} blocks (column x row groups) of 512 threads, {tile} rows per tile, "
-        f"{shared} bytes of shared memory per block")
+        f"{shared} bytes of shared memory per block; predicted ")
 
 
 def test_plan_override_sets_the_grid(monkeypatch):
     monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
     monkeypatch.setenv("NNRNN_CUDA_PLAN", "3x4")
     path = nnrnn_fused.cuda_path(40, 10, torch.float32)
-    assert path.startswith("persistent v1: 3 x 4 blocks") and path.endswith("set by NNRNN_CUDA_PLAN=3x4"), path
+    assert path.startswith("persistent v1: 3 x 4 blocks") and "; layout set by NNRNN_CUDA_PLAN=3x4; predicted" in path, path
     check(6, 10, 40, torch.float32, "tanh", True, True)
     monkeypatch.setenv("NNRNN_CUDA_PLAN", "3 by 4")
     with pytest.raises(ValueError, match="NNRNN_CUDA_PLAN must be"):
         nnrnn_fused.cuda_path(40, 10, torch.float32)
+
+
+# The tensor-core path (docs/tensor_cores.md) on the issue's target shapes, and the
+# exchange the model picks for them on an H100 (the device's figures may pick another).
+@pytest.mark.parametrize("N,B,dtype", [(768, 16, torch.float16), (1024, 128, torch.bfloat16),
+                                       (512, 32, torch.bfloat16), (128, 10, torch.bfloat16)])
+def test_tensor_cores_on_the_target_shapes(monkeypatch, N, B, dtype):
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    monkeypatch.delenv("NNRNN_CUDA_KERNEL", raising=False)
+    path = nnrnn_fused.cuda_path(N, B, dtype)
+    assert path.startswith("persistent tensor cores "), path
+    print(f"N={N} B={B} {dtype}: {path}")
+    check(7, B, N, dtype, "modrelu", True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_tensor_cores_over_784_steps(monkeypatch, dtype):
+    # As tests/test_tc_emulation.py checks in the emulation: within 3 u of the float64
+    # loop at every step (u: 2^-8 bfloat16, 2^-11 float16), N = 512, B = 32, tanh.
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    monkeypatch.setenv("NNRNN_CUDA_KERNEL", "tc")
+    T, B, N = 784, 32, 512
+    x, W, b, h0, _ = make_case(T, B, N, dtype, True, False)
+    assert nnrnn_fused.cuda_path(N, B, dtype).startswith("persistent tensor cores ")
+    out, _ = fused_nnrnn(x, W, b, h0, nonlinearity="tanh")
+    ref, _ = nnrnn_recurrence(x.double(), W.double(), b.double(), h0.double(), nonlinearity="tanh")
+    err = (out.double() - ref).abs().amax(dim=(1, 2))
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    print(f"{dtype}: max error {err.max().item() / u:.2f} u; at steps 1, 10, 100, 784: "
+          f"{[round(err[t].item() / u, 2) for t in (0, 9, 99, 783)]} u")
+    assert err.max().item() <= 3 * u
+
+
+def test_tensor_cores_for_float32_only_with_tf32(monkeypatch):
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    monkeypatch.setenv("NNRNN_CUDA_KERNEL", "tc")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert "allow_tf32" in nnrnn_fused.cuda_path(512, 32, torch.float32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert nnrnn_fused.cuda_path(512, 32, torch.float32).startswith("persistent tensor cores ")
+        x, W, b, h0, lengths = make_case(9, 32, 512, torch.float32, True, True)
+        out, h_n = fused_nnrnn(x, W, b, h0, nonlinearity="tanh", lengths=lengths)
+        ref, ref_hn = nnrnn_recurrence(x.double(), W.double(), b.double(), h0.double(), nonlinearity="tanh",
+                                       lengths=lengths)
+        tol = 4 * 2.0**-11  # TF32's unit roundoff u = 2^-11; the CPU model measured up to 2.5 u at N = 512
+        assert_scaled_close(out, ref, tol, "output (TF32)")
+        assert_scaled_close(h_n, ref_hn, tol, "h_n (TF32)")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_fallback_when_w_does_not_fit(monkeypatch):
@@ -160,7 +239,7 @@ def test_gradcheck_float64(path, nl):
     assert torch.autograd.gradcheck(lambda *a: fused_nnrnn(*a, nonlinearity=nl, lengths=lengths), inputs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_backward_is_bitwise_deterministic(path, dtype):
     x, W, b, h0, lengths = make_case(25, 33, 200, dtype, True, True)
     out, h_n = fused_nnrnn(x, W, b, h0, nonlinearity="modrelu", lengths=lengths)

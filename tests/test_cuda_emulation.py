@@ -1,14 +1,22 @@
 """CPU test of the CUDA kernels' logic.
 
-The kernel bodies of csrc/cuda/kernels.h and the host driver of csrc/cuda/driver.h
-are compiled a second time against a host emulation of the grid (csrc/cpu/host_grid.h:
-every GPU thread a host thread, real block and grid barriers, per-block shared
-memory poisoned with NaN) and registered as nnrnn_fused::emulated_recurrence[_backward].
-Here they are compared with the reference loop (nnrnn_fused.reference) and its
-autograd gradients, for several launch shapes, including blocks that own uneven
-column slices, blocks that own none, dot products split over threads, and
-several row tiles per step, row groups (blocks owning a part of the batch). What only a GPU can show: docs/cuda.md.
+The kernel bodies of csrc/cuda/kernels.h (v1) and kernels_v2.h (v2) and the host
+driver of csrc/cuda/driver.h are compiled a second time against a host emulation of
+the grid (csrc/cpu/host_grid.h: every GPU thread a host thread, real block, warp,
+cluster and grid barriers, per-block shared memory poisoned with NaN, peers' shared
+memory, mbarriers and step counters) and registered as
+nnrnn_fused::emulated_recurrence[_backward] (v1, fallback) and
+emulated_recurrence_v2[_backward]. Here they are compared with the reference loop
+(nnrnn_fused.reference) and its autograd gradients, for several launch shapes:
+v1 with uneven column slices, idle blocks, split dot products, several row tiles,
+row groups; v2 (emulated with a register tile of 4 values of k by 2 columns and warps of 4 lanes)
+with each exchange (block, cluster, grid), uneven column and row slices, warps whose
+k-chunk comes from several producers, several teams and row tiles. What only a GPU
+can show: docs/cuda.md.
 """
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +27,7 @@ from nnrnn_fused.reference import nnrnn_recurrence
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"extension not loaded: {_extension.LOAD_ERROR}")
 
 NONLINEARITIES = ("modrelu", "tanh", "relu")
+ROOT = Path(__file__).resolve().parent.parent
 
 # (col_groups, row_groups, threads, rows_per_tile, persistent) for N = 7, B = 3:
 LAUNCHES = [
@@ -30,14 +39,26 @@ LAUNCHES = [
     pytest.param((1, 3, 16, 1, True), id="persistent-row-per-block"),  # all of W in each block, one row each
     pytest.param((3, 4, 4, 2, True), id="persistent-idle-rows"),  # more row groups than rows
     pytest.param((2, 1, 7, 1, False), id="fallback"),  # GEMM per step + pointwise kernel
+    # kernel v2: (exchange, team_blocks, teams, rows_per_tile); N = 7 is 2 chunks of k
+    pytest.param(("block", 1, 3, 1), id="v2-block-row-per-team"),  # 3 single-block teams, 2 column warps
+    pytest.param(("block", 1, 1, 1), id="v2-block-3tiles"),  # one team, a tile per row
+    pytest.param(("cluster", 3, 1, 1), id="v2-cluster-uneven-cols"),  # columns 2,2,3: chunk 0 from 2 producers
+    pytest.param(("cluster", 2, 2, 1), id="v2-cluster-teams"),  # rows 1,2 x columns 3,4
+    pytest.param(("cluster", 7, 1, 3), id="v2-cluster-col-per-block"),  # a chunk from 4 producers
+    pytest.param(("grid", 3, 1, 1), id="v2-grid-uneven-cols"),
+    pytest.param(("grid", 2, 3, 1), id="v2-grid-teams"),  # 3 teams of 2 blocks
 ]
 
 
 def emulated(x, W, b, h0, lengths, nl, launch):
+    if isinstance(launch[0], str):  # kernel v2
+        return torch.ops.nnrnn_fused.emulated_recurrence_v2(x, W, b, h0, lengths, nl, *launch)
     return torch.ops.nnrnn_fused.emulated_recurrence(x, W, b, h0, lengths, nl, *launch)
 
 
 def emulated_backward(go, ghn, out, W, h0, lengths, nl, launch):
+    if isinstance(launch[0], str):
+        return torch.ops.nnrnn_fused.emulated_recurrence_v2_backward(go, ghn, out, W, h0, lengths, nl, *launch)
     return torch.ops.nnrnn_fused.emulated_recurrence_backward(go, ghn, out, W, h0, lengths, nl, *launch)
 
 
@@ -87,9 +108,15 @@ def test_matches_reference_float64(launch, nl, with_h0, with_lengths):
 
 
 @pytest.mark.parametrize("nl", NONLINEARITIES)
-def test_matches_reference_float32(nl):
-    # float32 state and accumulation, as for float16/bfloat16 on the GPU
-    check_against_reference(6, 4, 9, nl, True, True, (2, 2, 16, 3, True), torch.float32, atol=1e-5, rtol=1e-4)
+@pytest.mark.parametrize("launch", [
+    pytest.param((2, 2, 16, 3, True), id="v1"),  # float32 state and accumulation, as for float16/bfloat16
+    pytest.param(("block", 1, 2, 2), id="v2-block"),
+    pytest.param(("cluster", 3, 2, 2), id="v2-cluster"),
+    pytest.param(("grid", 3, 2, 1), id="v2-grid"),
+])
+@pytest.mark.parametrize("N", [9, 12])  # 12: whole 16-byte vectors per row (Grid copies them as such)
+def test_matches_reference_float32(nl, launch, N):
+    check_against_reference(6, 4, N, nl, True, True, launch, torch.float32, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("T,B,N,launch", [
@@ -98,14 +125,23 @@ def test_matches_reference_float32(nl):
     (4, 2, 13, (5, 1, 16, 2, True)),   # columns 2,3,2,3,3
     (6, 7, 5, (2, 3, 8, 2, True)),     # rows 2,2,3 x columns 2,3
     (2, 4, 3, (3, 1, 6, 4, False)),    # fallback, grid x threads > B x N
+    (1, 1, 1, ("block", 1, 1, 1)),     # v2: one element, k padded to a chunk of 4
+    (1, 2, 3, ("cluster", 3, 2, 1)),   # v2: one step, nothing exchanged
+    (4, 2, 13, ("cluster", 5, 1, 2)),  # v2: columns 2,3,2,3,3; 4 chunks of k, the last padded
+    (6, 7, 5, ("grid", 2, 3, 1)),      # v2: rows 2,2,3 x columns 2,3
+    (5, 3, 8, ("grid", 3, 1, 1)),      # v2: rows of whole 16-byte vectors
+    (5, 5, 12, ("grid", 3, 1, 2)),     # v2: tiles of 2,2,1 rows, whole vectors
+    (3, 5, 9, ("cluster", 4, 2, 2)),   # v2: rows 2,3; 4 blocks of 2-3 columns
+    (7, 9, 9, ("block", 1, 3, 2)),     # v2: teams of 3 rows in tiles of 2+1
+    (5, 2, 40, ("cluster", 16, 1, 2)),  # v2: a cluster of 16, 10 chunks of k, 2-3 columns per block
 ])
 def test_odd_shapes(T, B, N, launch):
     check_against_reference(T, B, N, "tanh", True, True, launch)
 
 
-@pytest.mark.parametrize("persistent", [True, False])
-def test_empty_sizes(persistent):
-    launch = (2, 1, 4, 2, persistent)
+@pytest.mark.parametrize("launch", [(2, 1, 4, 2, True), (2, 1, 4, 2, False), ("cluster", 2, 1, 1)],
+                         ids=["persistent", "fallback", "v2"])
+def test_empty_sizes(launch):
     W = torch.randn(3, 3, dtype=torch.float64)
     h0 = torch.randn(2, 3, dtype=torch.float64)
     out, h_n = emulated(torch.zeros(0, 2, 3, dtype=torch.float64), W, None, h0, None, "tanh", launch)
@@ -116,9 +152,10 @@ def test_empty_sizes(persistent):
     assert out.shape == (4, 0, 3) and h_n.shape == (0, 3)
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("launch", [(3, 2, 32, 2, True), ("cluster", 3, 2, 1), ("grid", 3, 2, 1)],
+                         ids=["v1", "v2-cluster", "v2-grid"])
+def test_backward_is_deterministic(launch):
     x, W, b, h0, lengths, go, ghn = make_case(6, 3, 7, True, True, torch.float32, seed=3)
-    launch = (3, 2, 32, 2, True)
     out, _ = emulated(x, W, b, h0, lengths, "modrelu", launch)
     first = emulated_backward(go, ghn, out, W, h0, lengths, "modrelu", launch)
     for _ in range(2):
@@ -129,21 +166,26 @@ def test_backward_is_deterministic():
 
 def test_persistent_and_fallback_agree():
     x, W, b, h0, lengths, go, ghn = make_case(5, 4, 6, True, True, torch.float32, seed=5)
-    p = emulated(x, W, b, h0, lengths, "modrelu", (3, 2, 8, 2, True))
     f = emulated(x, W, b, h0, lengths, "modrelu", (2, 1, 8, 1, False))
-    for a, b_ in zip(p, f):
-        torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-5)
+    for launch in [(3, 2, 8, 2, True), ("block", 1, 2, 1), ("cluster", 2, 2, 1), ("grid", 3, 1, 2)]:
+        p = emulated(x, W, b, h0, lengths, "modrelu", launch)
+        for a, b_ in zip(p, f):
+            torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-5)
 
 
-def test_refused_cooperative_launch_takes_the_fallback(monkeypatch, capfd):
+@pytest.mark.parametrize("launch,kernel", [((3, 1, 8, 2, True), "the persistent kernel"),
+                                           (("cluster", 3, 1, 1), "persistent kernel v2"),
+                                           (("grid", 3, 1, 1), "persistent kernel v2")], ids=["v1", "v2-cluster", "v2-grid"])
+def test_refused_cooperative_launch_takes_the_fallback(monkeypatch, capfd, launch, kernel):
     # A GPU refuses a cooperative launch whose blocks cannot all be resident (MPS, SMs held by
-    # others): the driver warns (TORCH_WARN: on stderr, torch.ops calls do not turn it into a Python
-    # warning) and runs the fallback instead of raising. Nothing ran: a result equal to the
-    # reference's comes from the fallback.
+    # others), or a cluster launch it cannot place: the driver warns (TORCH_WARN: on stderr,
+    # torch.ops calls do not turn it into a Python warning) and runs the fallback instead of
+    # raising. Nothing ran: a result equal to the reference's comes from the fallback.
     monkeypatch.setenv("NNRNN_EMULATE_REFUSED_LAUNCH", "1")
-    check_against_reference(5, 3, 7, "modrelu", True, True, (3, 1, 8, 2, True))
+    check_against_reference(5, 3, 7, "modrelu", True, True, launch)
     err = capfd.readouterr().err
-    assert "refused the cooperative launch of the persistent kernel (emulated refusal" in err, err
+    assert f"refused the cooperative launch of {kernel} (emulated refusal" in err or \
+        f"refused the launch of {kernel} (emulated refusal" in err, err
     assert "take the fallback path" in err
 
 
@@ -159,6 +201,22 @@ def test_bad_arguments_raise_value_errors():
         emulated(x, W[:4], b, h0, None, "tanh", (2, 1, 4, 2, True))
 
 
+def test_bad_v2_layouts_raise():
+    x, W, b, h0, lengths, go, ghn = make_case(4, 3, 5, True, True)
+    with pytest.raises(ValueError, match="exchange must be 'block', 'cluster' or 'grid'"):
+        emulated(x, W, b, h0, lengths, "tanh", ("warp", 1, 1, 1))
+    with pytest.raises(ValueError, match="one block per team"):
+        emulated(x, W, b, h0, lengths, "tanh", ("block", 2, 1, 1))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        emulated(x, W, b, h0, lengths, "tanh", ("grid", 2, 0, 1))
+    with pytest.raises(RuntimeError, match="invalid kernel v2 layout"):
+        emulated(x, W, b, h0, lengths, "tanh", ("cluster", 6, 1, 1))  # more blocks than columns
+    with pytest.raises(RuntimeError, match="invalid kernel v2 layout"):
+        emulated(x, W, b, h0, lengths, "tanh", ("grid", 2, 4, 1))  # more teams than rows
+    with pytest.raises(RuntimeError, match="invalid kernel v2 layout"):
+        emulated(x, W, b, h0, lengths, "tanh", ("block", 1, 1, 4))  # a tile of 4 x 5 elements, 8 threads
+
+
 def test_cuda_path_reports_a_string():
     path = nnrnn_fused.cuda_path(128, 10, torch.float32)
     if not _extension.WITH_CUDA:
@@ -166,7 +224,7 @@ def test_cuda_path_reports_a_string():
     elif not torch.cuda.is_available():
         assert path == "unavailable: no CUDA device is visible"
     else:
-        assert path.startswith(("persistent", "fallback: "))
+        assert path.startswith(("persistent v1: ", "persistent v2 ", "fallback: "))
     with pytest.raises(ValueError, match="unsupported dtype"):
         nnrnn_fused.cuda_path(128, 10, torch.int32)
     with pytest.raises(ValueError, match="must be a CUDA device"):
@@ -236,3 +294,120 @@ def test_planned_layouts_compute_the_reference(sms, smem_bytes):
     assert p, "expected W to fit"
     col_groups, row_groups, rows, _ = p
     check_against_reference(T, B, N, "tanh", True, True, (col_groups, row_groups, 16, rows, True))
+
+
+# ------------------------------------------------------------------ the cost model's plan (csrc/cuda/plan.h)
+
+def model(N, B, dtype=torch.float32, kernel="auto", **device):
+    text, v = torch.ops.nnrnn_fused.model_plan(N, B, dtype, kernel, **device)
+    keys = ["version", "exchange", "col_groups", "row_groups", "threads", "rows_per_tile"]
+    plan = {k: int(x) for k, x in zip(keys, v)}
+    plan["exchange"] = ["block", "cluster", "grid"][plan["exchange"]]
+    plan["forward_us"], plan["backward_us"] = v[6], v[7]
+    return text, plan
+
+
+@pytest.mark.parametrize("N,B,dtype,exchange", [
+    (128, 10, torch.float32, "block"),   # W (64 KB) in one block's registers: no exchange between blocks
+    (256, 1, torch.float32, "cluster"),
+    (512, 32, torch.float32, "cluster"),
+    (1024, 128, torch.float32, "grid"),  # W (4 MB) fits no cluster
+    (128, 10, torch.float64, "block"),
+    (512, 32, torch.float64, "cluster"),
+])
+def test_model_takes_v2_where_it_predicts_it_faster(N, B, dtype, exchange):
+    text, p = model(N, B, dtype)
+    assert p["version"] == 2 and p["exchange"] == exchange, text
+    assert text.startswith(f"persistent v2 {exchange}: ") and "us/step forward" in text
+    _, v1 = model(N, B, dtype, "v1")
+    assert v1["version"] == 1
+    assert p["forward_us"] + p["backward_us"] < v1["forward_us"] + v1["backward_us"]
+
+
+@pytest.mark.parametrize("N", [1, 5, 64, 300, 700, 1000, 1500])
+@pytest.mark.parametrize("B", [1, 3, 64, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_plan_invariants(N, B, dtype):
+    text, p = model(N, B, dtype)
+    assert p["forward_us"] > 0 and p["backward_us"] > 0
+    if p["version"] != 2:
+        return
+    C, G, threads, rt = p["col_groups"], p["row_groups"], p["threads"], p["rows_per_tile"]
+    assert 1 <= C <= N and 1 <= G <= B and threads <= 1024 and threads % 32 == 0
+    assert rt * -(-N // C) <= threads  # one element per thread and tile
+    if p["exchange"] == "block":
+        assert C == 1
+    if p["exchange"] == "cluster":
+        assert C in (2, 4, 8, 16)
+    if p["exchange"] == "grid":
+        assert C * G <= 132 * (2048 // threads)  # co-resident for the cooperative launch
+
+
+def test_model_plan_takes_resident_clusters_from_the_device():
+    # The CUDA side passes cudaOccupancyMaxActiveClusters per cluster size: 0 means that no cluster
+    # of that size fits (no cluster plan), -1 that it is unknown (the model's estimate: SMs / size).
+    _, estimated = model(512, 32, torch.float32)
+    assert estimated["exchange"] == "cluster" and estimated["row_groups"] > 1
+    text, none = model(512, 32, torch.float32, active_clusters=0)
+    assert none["version"] in (1, 2) and none["exchange"] != "cluster", text
+    assert none["forward_us"] + none["backward_us"] > estimated["forward_us"] + estimated["backward_us"]
+    text, one = model(512, 32, torch.float32, active_clusters=1)  # clusters of 8: 16 teams in 16 waves
+    assert one["exchange"] == "grid", text
+    text, seven = model(512, 32, torch.float32, active_clusters=7)  # 7 resident clusters: one wave of 7 teams
+    assert seven["exchange"] == "cluster" and seven["row_groups"] <= 7, text
+    _, small = model(128, 10, torch.float32, active_clusters=0)  # the block exchange needs no cluster
+    assert small["version"] == 2 and small["exchange"] == "block"
+    with pytest.raises(ValueError, match="active_clusters must be >= 0, or -1"):
+        model(512, 32, torch.float32, active_clusters=-2)
+
+
+def predicted_tables():
+    """(file, N, B, dtype, kernel, forward, fwd+bwd) for each figure of the predicted tables in README.md
+    (| N=.., B=.. | v2 fwd / fwd+bwd | target | v1 fwd / fwd+bwd |) and docs/cuda.md
+    (| N=.., B=..[, dtype] | plan | fwd | fwd + bwd | target | v1 fwd / fwd+bwd or empty |)."""
+    rows = []
+    for name in ("README.md", "docs/cuda.md"):
+        for line in (ROOT / name).read_text().splitlines():
+            m = re.match(r"\| N=(\d+), B=(\d+)(?:, (float\d+))? \|", line)
+            if not m:
+                continue
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            v2, v1 = (cells[1].split(" / "), cells[3]) if name == "README.md" else (cells[2:4], cells[5])
+            case = (name, int(m[1]), int(m[2]), m[3] or "float32")
+            rows.append((*case, "auto", *map(float, v2)))
+            if v1:
+                rows.append((*case, "v1", *map(float, v1.split(" / "))))
+    return rows
+
+
+def test_predicted_tables_are_the_models():
+    # README's and docs/cuda.md's predicted tables are copied from the model by hand: they must not drift.
+    rows = predicted_tables()
+    assert sum(r[0] == "README.md" for r in rows) == 8 and sum(r[0] == "docs/cuda.md" for r in rows) >= 14
+    for name, N, B, dtype, kernel, forward, both in rows:
+        _, p = model(N, B, getattr(torch, dtype), kernel)
+        case = f"{name}: N={N} B={B} {dtype} {kernel}"
+        assert forward == pytest.approx(p["forward_us"], abs=0.006), case
+        assert both == pytest.approx(p["forward_us"] + p["backward_us"], abs=0.011), case  # a sum of rounded
+
+
+def test_model_plan_kernel_choice(monkeypatch):
+    monkeypatch.setenv("NNRNN_CUDA_PLAN", "1x8")  # forces kernel v1's layout, hence v1
+    text, p = model(32, 8, torch.float32)
+    assert p["version"] == 1 and (p["col_groups"], p["row_groups"]) == (1, 8), text
+    assert "; layout set by NNRNN_CUDA_PLAN=1x8; predicted" in text
+    monkeypatch.delenv("NNRNN_CUDA_PLAN")
+    text, p = model(512, 32, torch.float32, "v1")
+    assert p["version"] == 1 and text.startswith("persistent v1: ")
+    text, p = model(512, 32, torch.float16)  # float16/bfloat16: the tensor-core path (test_tc_emulation.py)
+    assert p["version"] == 3, text
+    text, p = model(512, 32, torch.float16, "v1")
+    assert p["version"] == 1, text
+    text, p = model(512, 32, torch.bfloat16, "v2")
+    assert p["version"] == 0 and text.startswith("fallback: kernel v2 runs float32 and float64 only"), text
+    text, p = model(4096, 8, torch.float32, "v2")  # 128 chunks of k: more than 512 threads per block
+    assert p["version"] == 0 and "kernel v2: no team layout fits" in text, text
+    text, p = model(3000, 4, torch.float32)
+    assert p["version"] == 0 and "W does not fit on chip" in text, text
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'v1', 'v2' or 'tc'"):
+        model(128, 10, torch.float32, "v3")

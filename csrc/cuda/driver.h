@@ -4,8 +4,13 @@
 // backward's time loop. Only `Launcher` differs between the two:
 //   Plan plan(int64_t B, int64_t N, at::ScalarType)       which path, which layout
 //   at::Tensor lengths(const at::Tensor&, int64_t T)     validated int32 lengths on x's device
-//   std::string persistent(const Body&, const Layout&, int threads, size_t shared_bytes)
-//       "" when launched; else why the device refused the cooperative launch
+//   std::string persistent(const Body&, const Layout&, int threads, size_t shared_bytes)   kernel v1
+//   std::string team(const Body&, const LayoutV2&, size_t shared_bytes)                    kernel v2
+//       "" when launched; else why the device refused the cooperative or cluster launch
+//   template <typename acc_t> using V2Shape = TileShape<KT, CT, LANES>                    v2's register tile
+//   std::string tc(const Body&, const TcLayout&)                                  the tensor-core path (as team)
+//   using TcKts = KtList<...>                                                     its kernels' KT values
+//   static constexpr bool kHostEmulation                                         float16/bfloat16 on CPU tensors
 //   void pointwise(const Body&, int64_t elements)
 #pragma once
 
@@ -13,92 +18,19 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../checks.h"
 #include "kernels.h"
+#include "kernels_v2.h"
+#include "plan.h"
+#include "tc_plan.h"
 
 namespace nnrnn::kern {
 
-struct Plan {
-  bool persistent = false;
-  int col_groups = 1, row_groups = 1;  // the grid (the fallback's pointwise kernel: any)
-  int threads = 1, rows_per_tile = 1;
-  std::string reason;  // why the fallback, when it is taken
-};
-
 inline int64_t shared_bytes(const Layout& L, size_t acc_size) { return L.shared_elems() * static_cast<int64_t>(acc_size); }
-
-constexpr int kMaxRowsPerTile = 64;  // rows of A staged per tile
-constexpr int kMinRowsPerTile = 8;   // wanted beside W's slice (fewer: more block barriers per step)
-
-// Shared memory of a persistent block, at most: its slice of W (N x cols), `rows` staged
-// rows of A (N + 1 each) and the partial sums (at most `threads`), `acc` bytes each.
-inline int64_t plan_bytes(int64_t N, int64_t cols, int64_t rows, int threads, int64_t acc) {
-  return (N * cols + threads + rows * (N + 1 + cols)) * acc;
-}
-
-// The persistent layout on a device with `sms` multiprocessors and `budget` bytes
-// of shared memory per block (one block per SM at most), or persistent = false
-// and the reason. The fewest column groups whose slice of W fits beside a tile of
-// rows (each block reads its rows of A from L2 every step: col_groups x B x N in
-// all), then as many row groups as the SMs allow (less work per block). The CUDA
-// side then checks occupancy (recurrence_cuda.cu).
-inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
-  Plan p;
-  p.threads = threads;
-  auto bytes_for = [&](int64_t cols, int64_t rows) { return plan_bytes(N, cols, rows, threads, acc); };
-  for (int64_t c = 1; c <= std::min<int64_t>(N, sms); ++c) {
-    const int64_t r = std::max<int64_t>(1, std::min<int64_t>(B, sms / c));
-    const int64_t rows_per_block = (B + r - 1) / r;
-    const int64_t cols = (N + c - 1) / c;
-    if (bytes_for(cols, std::min<int64_t>(rows_per_block, kMinRowsPerTile)) > budget) continue;
-    const int64_t fit = (budget - bytes_for(cols, 0)) / ((N + 1 + cols) * acc);
-    p.persistent = true;
-    p.col_groups = static_cast<int>(c);
-    p.row_groups = static_cast<int>(r);
-    p.rows_per_tile = static_cast<int>(std::min<int64_t>({rows_per_block, kMaxRowsPerTile, fit}));
-    return p;
-  }
-  const int64_t cols = (N + sms - 1) / sms;
-  p.reason = "W does not fit on chip: with " + std::to_string(sms) + " blocks a block's slice of W (" +
-             std::to_string(N) + " x " + std::to_string(cols) + ") and a tile of rows need " +
-             std::to_string(bytes_for(cols, 1)) + " bytes of shared memory or more, the device allows " +
-             std::to_string(budget);
-  return p;
-}
-
-// The layout forced by NNRNN_CUDA_PLAN="<col_groups>x<row_groups>" (benchmarks/gpu_check.sh
-// times the grid barrier at chosen grid sizes this way); rows per tile as many as fit, up to
-// the block's rows and kMaxRowsPerTile. A spec that is malformed or does not fit is an error.
-inline Plan forced_persistent_plan(const std::string& spec, int64_t N, int64_t B, int64_t acc, int64_t budget,
-                                   int threads) {
-  int c = 0, r = 0, used = 0;
-  const bool parsed = std::sscanf(spec.c_str(), "%dx%d%n", &c, &r, &used) == 2 && used == static_cast<int>(spec.size());
-  TORCH_CHECK_VALUE(parsed && c >= 1 && r >= 1,
-                    "NNRNN_CUDA_PLAN must be <col_groups>x<row_groups>, both >= 1 (e.g. 1x8), got '", spec, "'");
-  const int64_t cols = (N + c - 1) / c;
-  const int64_t fit = (budget - plan_bytes(N, cols, 0, threads, acc)) / ((N + 1 + cols) * acc);
-  TORCH_CHECK_VALUE(fit >= 1, "NNRNN_CUDA_PLAN=", spec, ": a block's slice of W (", N, " x ", cols,
-                    ") and one row of h need more than the ", budget, " bytes of shared memory a block may use");
-  Plan p;
-  p.persistent = true;
-  p.threads = threads;
-  p.col_groups = c;
-  p.row_groups = r;
-  p.rows_per_tile = static_cast<int>(std::min<int64_t>({std::max<int64_t>(1, (B + r - 1) / r), kMaxRowsPerTile, fit}));
-  return p;
-}
-
-// NNRNN_CUDA_PLAN's layout when it is set, else the planner's.
-inline Plan persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
-  const char* spec = std::getenv("NNRNN_CUDA_PLAN");
-  if (spec != nullptr && *spec != '\0') return forced_persistent_plan(spec, N, B, acc, budget, threads);
-  return choose_persistent_plan(N, B, acc, sms, budget, threads);
-}
 
 // One launch of a persistent kernel Body over `a`, laid out by the plan, with its
 // grid barrier's counter zeroed (stream-ordered, like everything else here).
@@ -119,6 +51,94 @@ bool launch_persistent(Launcher& launcher, Args& a, const Plan& plan, size_t acc
   return false;
 }
 
+// One launch of kernel v2 for Problem `a` (ForwardV2 or BackwardV2), laid out by
+// the plan with the launcher's tile shape; Grid's step counters zeroed.
+// false, with the same warning as launch_persistent, when the device refused the
+// cluster or cooperative launch.
+template <class Launcher, class Problem>
+bool launch_v2(Launcher& launcher, Problem& a, const Plan& plan, const at::TensorOptions& options) {
+  using Shape = typename Launcher::template V2Shape<typename Problem::acc_t>;
+  a.L = v2_layout(a.L.T, a.L.B, a.L.N, plan, Shape::KT, Shape::CT, Shape::LANES);
+  a.L.derive(sizeof(typename Problem::acc_t));
+  TORCH_CHECK(plan.col_groups <= a.L.N && plan.row_groups <= a.L.B &&
+                  static_cast<int64_t>(plan.rows_per_tile) * a.L.max_cols() <= a.L.threads(),
+              "fused_nnrnn: invalid kernel v2 layout (", plan.row_groups, " teams x ", plan.col_groups,
+              " blocks, ", plan.rows_per_tile, " rows per tile) for B = ", a.L.B, ", N = ", a.L.N);
+  auto flags = at::zeros({a.L.grid()}, options.dtype(at::kLong));
+  a.flags = reinterpret_cast<unsigned long long*>(flags.template data_ptr<int64_t>());
+  const size_t bytes = a.L.shared_bytes(sizeof(typename Problem::acc_t));
+  std::string refused;
+  switch (plan.exchange) {
+    case Exchange::Block:
+      refused = launcher.team(TeamKernel<Shape, Problem, Exchange::Block>{a}, a.L, bytes);
+      break;
+    case Exchange::Cluster:
+      refused = launcher.team(TeamKernel<Shape, Problem, Exchange::Cluster>{a}, a.L, bytes);
+      break;
+    case Exchange::Grid:
+      refused = launcher.team(TeamKernel<Shape, Problem, Exchange::Grid>{a}, a.L, bytes);
+      break;
+  }
+  if (refused.empty()) return true;
+  TORCH_WARN("fused_nnrnn: the device refused the launch of persistent kernel v2 (", refused,
+             "); this call and later ones of this shape take the fallback path (a GEMM per step) instead; "
+             "nnrnn_fused.cuda_path() says so");
+  return false;
+}
+
+// The tensor-core path's operands for a scalar type: float16, bfloat16, TF32 (float32).
+template <typename scalar_t>
+constexpr MmaKind tc_kind() {
+  return std::is_same<scalar_t, at::Half>::value ? MmaKind::F16
+         : std::is_same<scalar_t, at::BFloat16>::value ? MmaKind::BF16 : MmaKind::TF32;
+}
+
+template <int... KTs>
+struct KtList {};
+
+template <MmaKind kind, class Problem, class Launcher, int KT, int... Rest>
+std::string launch_tc_kt(Launcher& launcher, const Problem& a, const TcLayout& L, KtList<KT, Rest...>) {
+  if (L.kt == KT) {
+    switch (L.exchange) {
+      case Exchange::Block:
+        return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Block>{a, L}, L);
+      case Exchange::Cluster:
+        return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Cluster>{a, L}, L);
+      case Exchange::Grid:
+        return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Grid>{a, L}, L);
+    }
+  }
+  if constexpr (sizeof...(Rest) > 0) {
+    return launch_tc_kt<kind>(launcher, a, L, KtList<Rest...>{});
+  } else {
+    TORCH_CHECK(false, "fused_nnrnn: no tensor-core kernel with KT = ", L.kt);
+  }
+}
+
+// One launch of the tensor-core path (tc_kernels.h) for Problem `a` (ForwardV2 or
+// BackwardV2 with float32 accumulation), laid out by the plan; Grid's step counters
+// zeroed. false, with the same warning as launch_v2, when the device refused the
+// cluster or cooperative launch.
+template <typename scalar_t, class Launcher, class Problem>
+bool launch_tc(Launcher& launcher, Problem& a, const Plan& plan, const at::TensorOptions& options) {
+  const int64_t B = a.L.B, N = a.L.N;
+  const TcLayout L = tc_layout(a.L.T, B, N, plan.exchange, plan.col_groups, plan.row_groups, plan.rows_per_tile,
+                               plan.kt, tc_kind<scalar_t>());
+  TORCH_CHECK(2 * static_cast<int64_t>(plan.col_groups) <= N + 1 && plan.row_groups <= B &&
+                  plan.rows_per_tile >= kTcMmaN && plan.rows_per_tile % kTcMmaN == 0 &&
+                  (plan.exchange != Exchange::Block || plan.col_groups == 1),
+              "fused_nnrnn: invalid tensor-core layout (", plan.row_groups, " teams x ", plan.col_groups,
+              " blocks, ", plan.rows_per_tile, " rows per tile) for B = ", B, ", N = ", N);
+  auto flags = at::zeros({L.grid()}, options.dtype(at::kLong));
+  a.flags = reinterpret_cast<unsigned long long*>(flags.template data_ptr<int64_t>());
+  const std::string refused = launch_tc_kt<tc_kind<scalar_t>()>(launcher, a, L, typename Launcher::TcKts{});
+  if (refused.empty()) return true;
+  TORCH_WARN("fused_nnrnn: the device refused the launch of the tensor-core kernel (", refused,
+             "); this call and later ones of this shape take the fallback path (a GEMM per step) instead; "
+             "nnrnn_fused.cuda_path() says so");
+  return false;
+}
+
 template <class Launcher>
 std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Tensor& x, const at::Tensor& W,
                                                const std::optional<at::Tensor>& b,
@@ -126,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                                const std::optional<at::Tensor>& lengths,
                                                c10::string_view nonlinearity) {
   const Nonlinearity f = parse_nonlinearity(nonlinearity);
-  const Sizes s = check_forward_inputs(x, W, b, h0, lengths);
+  const Sizes s = check_forward_inputs(x, W, b, h0, lengths, Launcher::kHostEmulation);
   const int64_t T = s.T, B = s.B, N = s.N;
   TORCH_CHECK_VALUE(T < (int64_t{1} << 31), "fused_nnrnn: CUDA kernels support T < 2^31, got T = ", T);
   const at::Tensor len = lengths ? launcher.lengths(*lengths, T) : at::Tensor();
@@ -150,8 +170,27 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Launcher& launcher, const at::Ten
                                    state.data_ptr<acc_t>(),
                                    Layout{T, B, N, 1, 1, 0, 0, 1},
                                    f};
-    if (!plan.persistent ||
-        !launch_persistent<PersistentForward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), x.options())) {
+    bool launched = false;
+    if (plan.persistent && plan.version == 3) {
+      if constexpr (std::is_same<acc_t, float>::value) {  // float16, bfloat16, float32 (TF32)
+        ForwardV2<scalar_t, float> a3{a.x,   a.W,       a.bias,  a.h0, a.lengths, a.out, a.state,
+                                      nullptr, LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
+        launched = launch_tc<scalar_t>(launcher, a3, plan, x.options());
+      } else {
+        TORCH_CHECK(false, "fused_nnrnn: the tensor-core path has no float64, got ", x.scalar_type());
+      }
+    } else if (plan.persistent && plan.version == 2) {
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
+        ForwardV2<scalar_t, acc_t> a2{a.x,   a.W,       a.bias,  a.h0, a.lengths, a.out, a.state,
+                                      nullptr, LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
+        launched = launch_v2(launcher, a2, plan, x.options());
+      } else {
+        TORCH_CHECK(false, "fused_nnrnn: kernel v2 runs float32 and float64 only, got ", x.scalar_type());
+      }
+    } else if (plan.persistent) {
+      launched = launch_persistent<PersistentForward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), x.options());
+    }
+    if (!launched) {
       // A GEMM per step into `dots`, then the pointwise finish.
       auto W_acc = Wc.to(acc.dtype());
       auto h0_acc = h0 ? h0c.to(acc.dtype()) : at::Tensor();
@@ -174,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor& W, const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& lengths,
     c10::string_view nonlinearity) {
   const Nonlinearity f = parse_nonlinearity(nonlinearity);
-  const Sizes s = check_backward_inputs(grad_output, grad_h_n, output, W, h0, lengths);
+  const Sizes s = check_backward_inputs(grad_output, grad_h_n, output, W, h0, lengths, Launcher::kHostEmulation);
   const int64_t T = s.T, B = s.B, N = s.N;
   TORCH_CHECK_VALUE(T < (int64_t{1} << 31), "fused_nnrnn: CUDA kernels support T < 2^31, got T = ", T);
   const at::Tensor len = lengths ? launcher.lengths(*lengths, T) : at::Tensor();
@@ -205,8 +244,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
                                     grad_h0.data_ptr<scalar_t>(),
                                     Layout{T, B, N, 1, 1, 0, 0, 1},
                                     f};
-    if (!plan.persistent ||
-        !launch_persistent<PersistentBackward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), output.options())) {
+    bool launched = false;
+    if (plan.persistent && plan.version == 3) {
+      if constexpr (std::is_same<acc_t, float>::value) {  // float16, bfloat16, float32 (TF32)
+        auto ghn = grad_h_n.contiguous();
+        BackwardV2<scalar_t, float> a3{a.grad_out, a.out,     a.W,       a.lengths, ghn.data_ptr<scalar_t>(),
+                                       a.g,        a.da,      a.dx,      a.db_rows, a.grad_h0,
+                                       nullptr,    LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
+        launched = launch_tc<scalar_t>(launcher, a3, plan, output.options());
+      } else {
+        TORCH_CHECK(false, "fused_nnrnn: the tensor-core path has no float64, got ", output.scalar_type());
+      }
+    } else if (plan.persistent && plan.version == 2) {
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {  // float32, float64
+        auto ghn = grad_h_n.contiguous();
+        BackwardV2<scalar_t, acc_t> a2{a.grad_out, a.out,     a.W,       a.lengths, ghn.data_ptr<scalar_t>(),
+                                       a.g,        a.da,      a.dx,      a.db_rows, a.grad_h0,
+                                       nullptr,    LayoutV2{T, B, N, Exchange::Block, 1, 1, 1, 1, 1, 1, {}}, f};
+        launched = launch_v2(launcher, a2, plan, output.options());
+      } else {
+        TORCH_CHECK(false, "fused_nnrnn: kernel v2 runs float32 and float64 only, got ", output.scalar_type());
+      }
+    } else if (plan.persistent) {
+      launched =
+          launch_persistent<PersistentBackward<scalar_t, acc_t>>(launcher, a, plan, sizeof(acc_t), output.options());
+    }
+    if (!launched) {
       using Step = PointwiseStep<BackwardArgs<scalar_t, acc_t>, acc_t>;
       auto W_acc = Wc.to(acc.dtype());
       auto dots = at::empty({B, N}, acc);

@@ -1,5 +1,7 @@
-// The few things a kernel body of kernels.h uses from its execution environment:
-// thread and block index, block barrier, grid barrier, shared memory.
+// The few things a kernel body of kernels.h / kernels_v2.h uses from its execution
+// environment: thread and block index, block, warp and grid barriers, shared
+// memory; for kernel v2 also clusters (rank, barrier, stores into a peer's shared
+// memory, mbarriers) and step counters in global memory (release / acquire).
 //
 // nvcc: DeviceEnv below, the real thing. g++: HostEnv (../cpu/host_grid.h), which
 // runs a grid's blocks and threads as host threads with real barriers, so that
@@ -8,12 +10,42 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define NNRNN_DEV __device__ __forceinline__
 #else
 #define NNRNN_DEV inline
 #endif
+
+namespace nnrnn::kern {
+
+// 16 bytes of shared memory into registers: one LDS.128 on the device.
+#if defined(__CUDACC__)
+template <typename T>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  using type = float4;
+};
+template <>
+struct Vec16<double> {
+  using type = double2;
+};
+template <typename T, int n>
+NNRNN_DEV void load16(T (&dst)[n], const T* src) {
+  static_assert(n * sizeof(T) == 16, "16 bytes");
+  *reinterpret_cast<typename Vec16<T>::type*>(dst) = *reinterpret_cast<const typename Vec16<T>::type*>(src);
+}
+#else
+template <typename T, int n>
+inline void load16(T (&dst)[n], const T* src) {
+  static_assert(n * sizeof(T) == 16, "16 bytes");
+  std::memcpy(dst, src, 16);
+}
+#endif
+
+}  // namespace nnrnn::kern
 
 #if defined(__CUDACC__)
 #include <cuda/atomic>
@@ -46,17 +78,20 @@ struct DeviceEnv {
   __device__ void sync_block() const { __syncthreads(); }
 
   __device__ void sync_grid() {
-    __syncthreads();  // the block's writes happen before thread 0's release
+    // Why one release and one acquire are enough (no __threadfence, which made a
+    // second GPU-scope fence per step): the block's writes happen before thread 0's
+    // release by the block barrier, and causality order is transitive in the PTX
+    // memory model; another block's acquire that reads this increment (or a later
+    // one in its release sequence) then orders them before that block's reads,
+    // which its own block barrier below extends to all its threads.
+    __syncthreads();
     ++passed;
     if (threadIdx.x == 0) {
-      __threadfence();  // as cooperative_groups does: the block's writes visible device-wide
       ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device> c(*counter);
       c.fetch_add(1, ::cuda::memory_order_release);
       const unsigned long long target = passed * gridDim.x;
-      const unsigned long long start = watchdog_ns ? global_ns() : 0;
-      while (c.load(::cuda::memory_order_acquire) < target) {
-        if (watchdog_ns && global_ns() - start > watchdog_ns) __trap();
-      }
+      unsigned long long start = 0;
+      while (c.load(::cuda::memory_order_acquire) < target) watchdog_tick(start);
     }
     __syncthreads();  // thread 0's acquire happens before the block's next reads
   }
@@ -65,6 +100,129 @@ struct DeviceEnv {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
+  }
+
+  // Called in every spin loop of a wait; traps after watchdog_ns of waiting.
+  __device__ void watchdog_tick(unsigned long long& start) const {
+    if (!watchdog_ns) return;
+    const unsigned long long now = global_ns();
+    if (!start) start = now;
+    else if (now - start > watchdog_ns) __trap();
+  }
+
+  __device__ void sync_warp() const { __syncwarp(); }
+
+  // ---- thread-block clusters (sm_90 only; kernel v2's Exchange::Cluster). A
+  // cluster is gridDim.x / clusterDim.x groups of consecutive blocks, so a
+  // block's rank in its cluster is blockIdx.x % cluster size.
+  __device__ static uint32_t shared_address(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  }
+  __device__ static uint32_t peer_address(const void* local, int rank) {
+    uint32_t remote = 0;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
+#else
+    __trap();
+#endif
+    return remote;
+  }
+
+  // Every thread of the cluster arrives (release) and waits (acquire).
+  __device__ void sync_cluster() const {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+#else
+    __trap();
+#endif
+  }
+
+  // Stores v at `local`'s offset in the shared memory of the cluster's block `rank`
+  // and signals the mbarrier at `bar`'s offset there with the store's bytes
+  // (st.async: no fence; the data is visible to whoever sees that phase complete).
+  template <typename T>
+  __device__ void store_async_peer(T* local, int rank, T v, uint64_t* bar) const {
+#if __CUDA_ARCH__ >= 900
+    const uint32_t remote = peer_address(local, rank), remote_bar = peer_address(bar, rank);
+    if constexpr (sizeof(T) == 4) {  // float, or two 16-bit operands (the tensor-core path)
+      uint32_t bits;
+      memcpy(&bits, &v, 4);
+      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(remote),
+                   "r"(bits), "r"(remote_bar)
+                   : "memory");
+    } else {
+      static_assert(sizeof(T) == 8, "4 or 8 bytes");
+      unsigned long long bits;
+      memcpy(&bits, &v, 8);
+      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];" ::"r"(remote),
+                   "l"(bits), "r"(remote_bar)
+                   : "memory");
+    }
+#else
+    __trap();
+#endif
+  }
+
+  // An mbarrier in this block's shared memory expecting `count` arrivals per phase,
+  // visible to the cluster once the cluster barrier that follows is passed.
+  __device__ void mbar_init(uint64_t* bar, unsigned count) const {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#else
+    __trap();
+#endif
+  }
+
+  // One arrival on the local mbarrier, which also expects `bytes` more of stores (st.async) in this phase.
+  __device__ void mbar_expect(uint64_t* bar, unsigned bytes) const {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
+                 : "memory");
+#else
+    __trap();
+#endif
+  }
+
+  // Until the phase of parity `parity` of the local mbarrier has completed.
+  __device__ void mbar_wait(uint64_t* bar, uint32_t parity) const {
+#if __CUDA_ARCH__ >= 900
+    const uint32_t address = shared_address(bar);
+    unsigned long long start = 0;
+    for (;;) {
+      uint32_t done;
+      asm volatile(
+          "{\n\t.reg .pred p;\n\t"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+          "selp.b32 %0, 1, 0, p;\n\t}"
+          : "=r"(done)
+          : "r"(address), "r"(parity)
+          : "memory");
+      if (done) return;
+      watchdog_tick(start);
+    }
+#else
+    __trap();
+#endif
+  }
+
+  // ---- step counters in global memory (kernel v2's Exchange::Grid)
+  __device__ void flag_publish(unsigned long long* flag, unsigned long long value) const {
+    ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device>(*flag).store(value, ::cuda::memory_order_release);
+  }
+  __device__ void flag_wait(unsigned long long* flag, unsigned long long value) const {
+    ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device> f(*flag);
+    unsigned long long start = 0;
+    while (f.load(::cuda::memory_order_acquire) < value) watchdog_tick(start);
+  }
+  // Loads of data another block published (after a flag_wait): from L2, not L1.
+  template <typename T>
+  __device__ T load_cg(const T* p) const {
+    return __ldcg(p);
+  }
+  template <typename T>
+  __device__ void copy16_cg(T* dst, const T* src) const {
+    *reinterpret_cast<int4*>(dst) = __ldcg(reinterpret_cast<const int4*>(src));
   }
 
   template <typename T>

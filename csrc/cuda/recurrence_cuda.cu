@@ -21,22 +21,16 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "driver.h"
+#include "global_kernels.cuh"
 #include "path.h"
 
 namespace nnrnn::kern {
 namespace {
 
-constexpr const char* kKernelVersion = "v1";  // named by cuda_path, so that runs can be compared
-constexpr int kThreads = 512;  // per block of the persistent kernels
 constexpr int kPointwiseThreads = 256;
-
-template <class Body>
-__global__ void __launch_bounds__(kThreads) persistent_kernel(Body body, unsigned long long watchdog) {
-  DeviceEnv env(body.barrier, watchdog);
-  body(env);
-}
 
 template <class Body>
 __global__ void pointwise_kernel(Body body) {
@@ -48,6 +42,53 @@ template <typename scalar_t>
 using Forward = PersistentForward<scalar_t, at::opmath_type<scalar_t>>;
 template <typename scalar_t>
 using Backward = PersistentBackward<scalar_t, at::opmath_type<scalar_t>>;
+// Kernel v2: float32 and float64 (scalar_t is its own accumulation type).
+template <typename scalar_t, Exchange ex>
+using ForwardTeam = TeamKernel<DeviceTileShape<scalar_t>, ForwardV2<scalar_t, scalar_t>, ex>;
+template <typename scalar_t, Exchange ex>
+using BackwardTeam = TeamKernel<DeviceTileShape<scalar_t>, BackwardV2<scalar_t, scalar_t>, ex>;
+
+// The forward and backward v2 kernels of one dtype and exchange.
+template <typename scalar_t, Exchange ex>
+std::vector<const void*> team_kernels() {
+  return {reinterpret_cast<const void*>(&team_kernel<ForwardTeam<scalar_t, ex>>),
+          reinterpret_cast<const void*>(&team_kernel<BackwardTeam<scalar_t, ex>>)};
+}
+
+// The tensor-core path: float16, bfloat16, float32 (TF32); float32 accumulation.
+template <typename scalar_t, int KT, Exchange ex>
+using ForwardTc = TcTeamKernel<tc_kind<scalar_t>(), KT, ForwardV2<scalar_t, float>, ex>;
+template <typename scalar_t, int KT, Exchange ex>
+using BackwardTc = TcTeamKernel<tc_kind<scalar_t>(), KT, BackwardV2<scalar_t, float>, ex>;
+
+template <typename scalar_t, int KT>
+std::vector<const void*> tc_kernels_kt(Exchange ex) {
+  auto pair = [](auto forward, auto backward) {
+    return std::vector<const void*>{reinterpret_cast<const void*>(forward), reinterpret_cast<const void*>(backward)};
+  };
+  switch (ex) {
+    case Exchange::Block:
+      return pair(&tc_kernel<ForwardTc<scalar_t, KT, Exchange::Block>>,
+                  &tc_kernel<BackwardTc<scalar_t, KT, Exchange::Block>>);
+    case Exchange::Cluster:
+      return pair(&tc_kernel<ForwardTc<scalar_t, KT, Exchange::Cluster>>,
+                  &tc_kernel<BackwardTc<scalar_t, KT, Exchange::Cluster>>);
+    default:
+      return pair(&tc_kernel<ForwardTc<scalar_t, KT, Exchange::Grid>>,
+                  &tc_kernel<BackwardTc<scalar_t, KT, Exchange::Grid>>);
+  }
+}
+
+// The forward and backward tensor-core kernels of one dtype, KT and exchange.
+std::vector<const void*> tc_kernels(at::ScalarType dtype, int kt, Exchange ex) {
+  std::vector<const void*> kernels;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nnrnn_tc_kernels", [&] {
+    if constexpr (!std::is_same<scalar_t, double>::value) {
+      kernels = kt == kTcKtSmall ? tc_kernels_kt<scalar_t, kTcKtSmall>(ex) : tc_kernels_kt<scalar_t, kTcKtLarge>(ex);
+    }
+  });
+  return kernels;
+}
 
 bool fallback_forced() {
   const char* v = std::getenv("NNRNN_CUDA_FORCE_FALLBACK");
@@ -72,17 +113,22 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
-// The persistent plan for (N, B, dtype) on `device`, or the reason for the fallback.
-Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
-  if (!device_attribute(cudaDevAttrCooperativeLaunch, device)) {
+// NNRNN_CUDA_KERNEL: auto (default: the cost model picks), v1 or v2 (that kernel
+// wherever it fits, to measure the two side by side); NNRNN_CUDA_PLAN implies v1.
+KernelChoice kernel_choice() {
+  const char* v = std::getenv("NNRNN_CUDA_KERNEL");
+  return effective_choice(parse_kernel_choice(v ? std::string(v) : std::string(), "NNRNN_CUDA_KERNEL"));
+}
+
+// Kernel v1's plan for (N, B, dtype) on `device`, or the reason it does not fit.
+Plan v1_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, const DeviceModel& d) {
+  if (!d.cooperative) {
     Plan p;
     p.reason = "the device does not support cooperative launches";
     return p;
   }
   const int64_t acc = dtype == at::kDouble ? 8 : 4;
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int64_t budget = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  Plan p = persistent_plan(N, B, acc, sms, budget, kThreads);
+  Plan p = persistent_plan(N, B, acc, d.sms, d.smem_per_block, kThreads);
   if (!p.persistent) return p;
   const int grid = p.col_groups * p.row_groups;
   const int64_t bytes =
@@ -90,30 +136,176 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
 
   // Every block of the grid must be resident at once (the grid barrier would
   // otherwise wait forever; the cooperative launch would refuse it).
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   int per_sm = 1 << 30;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nnrnn_cuda_plan", [&] {
     for (const void* kernel : {reinterpret_cast<const void*>(&persistent_kernel<Forward<scalar_t>>),
                                reinterpret_cast<const void*>(&persistent_kernel<Backward<scalar_t>>)}) {
       // Allow the device's maximum once; a launch passes its own size.
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(budget)));
+                                          static_cast<int>(d.smem_per_block)));
       int n = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, bytes));
       per_sm = std::min(per_sm, n);
     }
   });
-  if (static_cast<int64_t>(per_sm) * sms < grid) {
+  if (static_cast<int64_t>(per_sm) * d.sms < grid) {
     p.persistent = false;
-    p.reason = "only " + std::to_string(per_sm) + " block(s) per SM x " + std::to_string(sms) +
+    p.reason = "only " + std::to_string(per_sm) + " block(s) per SM x " + std::to_string(d.sms) +
                " SMs can be co-resident with " + std::to_string(bytes) + " bytes of shared memory, the grid needs " +
                std::to_string(grid);
   }
   return p;
 }
 
+// Sets the attributes kernel v2 needs on `kernel` (the device's whole shared
+// memory; clusters of 16 where the device allows them).
+void prepare_team_kernel(const void* kernel, const DeviceModel& d) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(d.smem_per_block)));
+  if (d.clusters) {
+    // Refused where the device has no non-portable sizes: then clusters stay at 8 (the plan asks the occupancy).
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      (void)cudaGetLastError();
+  }
+}
+
+// Kernel v2's plan on `device`: the model's choice with the device's figures
+// (registers of the compiled kernels, resident clusters of each size), then the
+// Grid exchange's co-residency checked with the occupancy calculator.
+Plan v2_plan(int64_t N, int64_t B, at::ScalarType dtype, DeviceModel d) {
+  if (dtype != at::kFloat && dtype != at::kDouble) return v2_plan_for(N, B, dtype, d);
+  std::vector<const void*> block, cluster, grid;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "nnrnn_cuda_v2_plan", [&] {
+    block = team_kernels<scalar_t, Exchange::Block>();
+    cluster = team_kernels<scalar_t, Exchange::Cluster>();
+    grid = team_kernels<scalar_t, Exchange::Grid>();
+  });
+  const int64_t acc = dtype == at::kDouble ? 8 : 4;
+  for (const auto* kernels : {&block, &cluster, &grid})
+    for (const void* kernel : *kernels) {
+      prepare_team_kernel(kernel, d);
+      cudaFuncAttributes attr{};
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      d.v2_regs = std::max(d.v2_regs, attr.numRegs);
+    }
+  if (d.clusters) {
+    for (int C = 2; C <= 16; C *= 2) {
+      if (C > N) break;
+      Plan one;  // one row per team: the smallest block of a cluster of C
+      one.exchange = Exchange::Cluster;
+      one.col_groups = C;
+      const LayoutV2 L = device_v2_layout(1, N, acc, one);
+      if (L.threads() > kV2MaxThreads) continue;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(C);
+      config.blockDim = dim3(L.threads());
+      config.dynamicSmemBytes = L.shared_bytes(acc);
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = C;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      int fewest = 1 << 30;
+      for (const void* kernel : cluster) {
+        int n = 0;
+        if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
+          (void)cudaGetLastError();  // a size the device refuses: none
+          n = 0;
+        }
+        fewest = std::min(fewest, n);
+      }
+      d.active_clusters[C] = std::max(fewest, 0);
+      if (C == 16 && fewest < 1) d.max_cluster = 8;
+    }
+  }
+  Plan p = v2_plan_for(N, B, dtype, d);
+  if (p.persistent && p.exchange == Exchange::Grid) {
+    const LayoutV2 L = device_v2_layout(B, N, acc, p);
+    int per_sm = 1 << 30;
+    for (const void* kernel : grid) {
+      int n = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, L.threads(), L.shared_bytes(acc)));
+      per_sm = std::min(per_sm, n);
+    }
+    if (static_cast<int64_t>(per_sm) * d.sms < L.grid()) {  // the estimate was off: plan without the Grid exchange
+      d.cooperative = false;
+      p = v2_plan_for(N, B, dtype, d);
+    }
+  }
+  return p;
+}
+
+// The tensor-core path's plan on the device: the model's choice with the device's
+// figures, then checked with the occupancy calculator (its kernels' attributes set
+// as kernel v2's are); where the check fails, the reason.
+Plan tc_plan(int64_t N, int64_t B, at::ScalarType dtype, DeviceModel d) {
+  Plan p = tc_plan_for(N, B, dtype, tf32_allowed_by_torch(), d);
+  if (!p.persistent) return p;
+  const TcLayout L = tc_layout(1, B, N, p.exchange, p.col_groups, p.row_groups, p.rows_per_tile, p.kt,
+                               dtype == at::kHalf ? MmaKind::F16 : dtype == at::kBFloat16 ? MmaKind::BF16 : MmaKind::TF32);
+  int fewest = 1 << 30;
+  for (const void* kernel : tc_kernels(dtype, p.kt, p.exchange)) {
+    prepare_team_kernel(kernel, d);
+    int n = 0;
+    if (p.exchange == Exchange::Cluster) {
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(L.grid());
+      config.blockDim = dim3(L.threads());
+      config.dynamicSmemBytes = L.shared_bytes();
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = L.team_blocks;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();  // a size the device refuses: none
+        n = 0;
+      }
+    } else {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, L.threads(), L.shared_bytes()));
+      if (p.exchange == Exchange::Grid) n *= d.sms;  // blocks resident at once
+    }
+    fewest = std::min(fewest, n);
+  }
+  const int needed = p.exchange == Exchange::Grid ? L.grid() : 1;
+  if (fewest < needed && p.exchange == Exchange::Cluster && L.team_blocks > 8 && d.max_cluster > 8) {
+    d.max_cluster = 8;  // clusters of 16 (non-portable) refused: plan with at most 8, as v2_plan does
+    return tc_plan(N, B, dtype, d);
+  }
+  if (fewest < needed) {
+    p.persistent = false;
+    p.reason = "tensor-core path: its layout (" + describe(p) + ") does not fit on the device (" +
+               std::to_string(fewest) + (p.exchange == Exchange::Cluster ? " clusters" : " blocks") +
+               " resident, " + std::to_string(needed) + " needed)";
+  }
+  return p;
+}
+
+// The plan for (N, B, dtype) on `device`: the tensor-core path, kernel v2, v1 or
+// the fallback (plan.h, tc_plan.h).
+Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, KernelChoice choice) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  DeviceModel d;
+  d.sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  d.smem_per_block = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  d.smem_per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  d.regs_per_sm = device_attribute(cudaDevAttrMaxRegistersPerMultiprocessor, device);
+  d.max_threads_per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device);
+  d.cooperative = device_attribute(cudaDevAttrCooperativeLaunch, device) != 0;
+  d.clusters = device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9 &&
+               device_attribute(cudaDevAttrClusterLaunch, device) != 0;
+  d.v2_regs = 0;
+  const Plan v2 = v2_plan(N, B, dtype, d);
+  const Plan v1 = v1_plan(N, B, dtype, device, d);
+  const Plan tc = tc_plan(N, B, dtype, d);
+  return pick_plan_with_tc(tc, v2, v1, B, N, choice);
+}
+
 struct PlanCache {
-  using Key = std::tuple<int, int64_t, int64_t, int, std::string>;  // device, N, B, dtype, NNRNN_CUDA_PLAN
+  // device, N, B, dtype, kernel choice, NNRNN_CUDA_PLAN, TF32 allowed
+  using Key = std::tuple<int, int64_t, int64_t, int, int, std::string, bool>;
   std::mutex mutex;
   std::map<Key, Plan> plans;
 };
@@ -123,33 +315,52 @@ PlanCache& plan_cache() {
   return cache;
 }
 
-std::string plan_override() {
-  const char* v = std::getenv("NNRNN_CUDA_PLAN");
-  return v == nullptr ? std::string() : std::string(v);
-}
-
 Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
   if (fallback_forced()) {
     Plan p;
     p.reason = "forced by NNRNN_CUDA_FORCE_FALLBACK";
+    const StepCost cost = fallback_cost(B, N);
+    p.forward_us = cost.forward_us;
+    p.backward_us = cost.backward_us;
     return p;
   }
+  const KernelChoice choice = kernel_choice();
   // Cached: the occupancy queries cost microseconds.
   PlanCache& c = plan_cache();
-  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), plan_override()};
+  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice), plan_override(),
+                           tf32_allowed_by_torch()};
   std::lock_guard<std::mutex> lock(c.mutex);
   auto it = c.plans.find(key);
-  if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device)).first;
+  if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device, choice)).first;
   return it->second;
 }
 
-// After the device refused a shape's cooperative launch: the fallback from now on.
+// After the device refused a shape's cooperative or cluster launch: the fallback from now on.
 void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, const std::string& why) {
   Plan p;
-  p.reason = "the device refused the cooperative launch (" + why + ")";
+  p.reason = "the device refused the launch (" + why + ")";
+  const StepCost cost = fallback_cost(B, N);
+  p.forward_us = cost.forward_us;
+  p.backward_us = cost.backward_us;
   PlanCache& c = plan_cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), plan_override()}] = p;
+  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice()), plan_override(),
+                         tf32_allowed_by_torch()}] = p;
+}
+
+// Why a launch was refused, after recording it; "" for success. Too many blocks to
+// be co-resident now (MPS, SMs held by others), no cooperative launch, or a cluster
+// size the device does not take: the caller takes the fallback. Other errors raise.
+std::string refusal(cudaError_t err, int64_t N, int64_t B, at::ScalarType dtype, int device) {
+  if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported ||
+      err == cudaErrorInvalidClusterSize) {
+    (void)cudaGetLastError();  // not a sticky error: clear it for the next launch
+    const std::string why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    record_refusal(N, B, dtype, device, why);
+    return why;
+  }
+  C10_CUDA_CHECK(err);
+  return "";
 }
 
 struct CudaLauncher {
@@ -181,16 +392,52 @@ struct CudaLauncher {
     void* args[] = {const_cast<Body*>(&body), &watchdog};
     const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&persistent_kernel<Body>),
                                                         dim3(L.grid()), dim3(threads), args, bytes, stream);
-    // Too many blocks to be co-resident now (MPS, SMs held by others), or no
-    // cooperative launch here: the caller takes the fallback. Other errors raise.
-    if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
-      (void)cudaGetLastError();  // not a sticky error: clear it for the next launch
-      const std::string why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
-      record_refusal(L.N, L.B, dtype, device, why);
-      return why;
+    return refusal(err, L.N, L.B, dtype, device);
+  }
+
+  template <typename acc_t>
+  using V2Shape = DeviceTileShape<acc_t>;
+
+  // Kernel v2 and the tensor-core path: a plain launch (Block), a launch in clusters
+  // of team_blocks (Cluster), or a cooperative launch, all blocks resident (Grid).
+  template <class Body>
+  std::string launch_team(void (*kernel)(Body, unsigned long long), const Body& body, int grid, int threads,
+                          size_t bytes, Exchange exchange, int team_blocks, int64_t N, int64_t B) const {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = bytes;
+    config.stream = stream;
+    cudaLaunchAttribute attr{};
+    if (exchange == Exchange::Cluster) {
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = team_blocks;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+    } else if (exchange == Exchange::Grid) {
+      attr.id = cudaLaunchAttributeCooperative;
+      attr.val.cooperative = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
     }
-    C10_CUDA_CHECK(err);
-    return "";
+    // The attributes were set when the plan was made (prepare_team_kernel).
+    const cudaError_t err = cudaLaunchKernelEx(&config, kernel, body, watchdog_ns());
+    return refusal(err, N, B, dtype, device);
+  }
+
+  template <class Body>
+  std::string team(const Body& body, const LayoutV2& L, size_t bytes) const {
+    return launch_team(&team_kernel<Body>, body, L.grid(), L.threads(), bytes, L.exchange, L.team_blocks, L.N, L.B);
+  }
+
+  static constexpr bool kHostEmulation = false;
+  using TcKts = KtList<kTcKtSmall, kTcKtLarge>;
+
+  template <class Body>
+  std::string tc(const Body& body, const TcLayout& L) const {
+    return launch_team(&tc_kernel<Body>, body, L.grid(), L.threads(), static_cast<size_t>(L.shared_bytes()),
+                       L.exchange, L.team_blocks, L.N, L.B);
   }
 
   template <class Body>
@@ -235,16 +482,7 @@ std::string describe_path(int64_t N, int64_t B, c10::ScalarType dtype, int devic
   if (device < 0) device = c10::cuda::current_device();
   TORCH_CHECK_VALUE(device < count, "cuda_path: no CUDA device ", device, " (", count, " visible)");
   if (N == 0 || B == 0) return "empty: no kernel runs";
-  const kern::Plan p = kern::cuda_plan(N, B, dtype, device);
-  if (!p.persistent) return "fallback: " + p.reason;
-  const int64_t acc = dtype == at::kDouble ? 8 : 4;
-  const auto L = kern::make_layout(1, B, N, p.col_groups, p.row_groups, p.threads, p.rows_per_tile);
-  const std::string forced = kern::plan_override();
-  return std::string("persistent ") + kern::kKernelVersion + ": " + std::to_string(p.col_groups) + " x " +
-         std::to_string(p.row_groups) + " blocks (column x row groups) of " + std::to_string(p.threads) +
-         " threads, " + std::to_string(p.rows_per_tile) + " rows per tile, " +
-         std::to_string(kern::shared_bytes(L, acc)) + " bytes of shared memory per block" +
-         (forced.empty() ? "" : "; layout set by NNRNN_CUDA_PLAN=" + forced);
+  return kern::describe(kern::cuda_plan(N, B, dtype, device));
 }
 
 }  // namespace nnrnn::cuda

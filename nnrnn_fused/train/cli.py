@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read-out (and embedding) init; default: the authors' choice for the task")
     p.add_argument("--nonlinearity", choices=("modrelu", "tanh", "relu"))
     p.add_argument("--exact-spectrum", dest="exact_spectrum", action="store_true")
-    p.add_argument("--backend", choices=("fused", "reference"))
+    p.add_argument("--backend", choices=("fused", "reference", "reference-bf16"),
+                   help="reference-bf16: the tensor-core path's numerics (bfloat16 operands) on the CPU")
     p.add_argument("--dtype", choices=("float32", "float64"), help="parameters and inputs (default float32)")
     p.add_argument("--data-dir", dest="data_dir", help="MNIST IDX files (psmnist) or ptb.char.*.txt (ptb)")
     p.add_argument("--dataset", choices=tuple(DATASETS),

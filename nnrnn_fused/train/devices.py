@@ -16,7 +16,7 @@ def pick_device(cfg) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     elif name == "auto":
         usable = torch.cuda.is_available() and (cfg["model"] == "lstm" or _extension.WITH_CUDA
-                                                or cfg["backend"] == "reference")
+                                                or cfg["backend"] != "fused")  # the references run anywhere
         device = torch.device("cuda" if usable else "cpu")
     else:
         device = torch.device(name)

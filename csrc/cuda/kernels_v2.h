@@ -1,0 +1,417 @@
+// Kernel v2 of the CUDA recurrence (design, cost model and static evidence: docs/cuda.md).
+// Written against kernel_env.h like kernels.h, so that the host emulation
+// (../cpu/host_grid.h) runs this same source.
+//
+// Rows of the batch are independent. The grid is cut into `teams`; a team owns a
+// slice of the batch rows and one whole copy of W, spread over its `team_blocks`
+// blocks (block q owns columns [col_begin(q), col_begin(q+1)) of the product).
+// Only blocks of one team exchange data: A_{s+1}, the operand of the next step's
+// product (h_t in the forward, da_{t-1} in the backward), in one of three ways:
+//   Block:   one block per team; the exchange is the block's own shared memory.
+//   Cluster: one thread-block cluster per team (sm_90). A block writes its slice of
+//            A_{s+1} into every peer's shared memory (distributed shared memory)
+//            with st.async, which counts the bytes on the peer's mbarrier of that
+//            producer and slot (no fence, no separate signal); each warp waits
+//            only for the producers of its own k-chunk.
+//   Grid:    the team's blocks anywhere in a cooperative grid. Slices go through
+//            global memory; a producer publishes a step counter (release); a warp
+//            waits (acquire) for the producers of its k-chunk, then copies its
+//            chunk of A into shared memory. Only for W too large for a cluster.
+// No barrier spans two teams.
+//
+// Inside a block, each thread keeps a KT x CT tile of W in registers for the
+// whole sequence: KT consecutive values of k (its chunk kq) for CT columns. A warp's
+// lanes are lanes_k x lanes_c: lanes_c columns (times CT) by lanes_k chunks of k.
+// Per row the thread reads its KT values of A with 16-byte shared loads that the
+// lanes of a warp make at lanes_k addresses (a broadcast: one wavefront) and does
+// KT x CT FMAs (CT independent accumulators), so one 16-byte load feeds 4 x CT
+// float32 FMAs. It stores its partial sums into P[kq][r][column];
+// after a block barrier the thread owning element (r, column) adds the partials
+// of all chunks in a fixed order (the result is deterministic), applies the
+// pointwise step and publishes the element.
+#pragma once
+
+#include <cstdint>
+
+#include "../activation.h"
+#include "kernel_env.h"
+
+namespace nnrnn::kern {
+
+enum class Exchange : int32_t { Block = 0, Cluster = 1, Grid = 2 };
+
+// The register tile of one thread: KT values of k (whole 16-byte vectors) for CT
+// columns; warps of LANES threads.
+template <int KT_, int CT_, int LANES_>
+struct TileShape {
+  static constexpr int KT = KT_;
+  static constexpr int CT = CT_;
+  static constexpr int LANES = LANES_;
+};
+
+// The tile shape on the GPU: 32 float32 (16 float64) values of k for 2 columns, 256
+// bytes of W in 64 registers per thread; at most 512 threads per block (up to 128
+// registers each): 128 KB of W per block.
+constexpr int kV2Lanes = 32;
+constexpr int kV2Columns = 2;
+constexpr int kV2MaxThreads = 512;
+NNRNN_HD constexpr int v2_kt(int64_t acc_size) { return acc_size == 8 ? 16 : 32; }
+template <typename acc_t>
+using DeviceTileShape = TileShape<v2_kt(sizeof(acc_t)), kV2Columns, kV2Lanes>;
+
+// How the work is split; computed on the host (driver.h), read by every thread.
+struct LayoutV2 {
+  int64_t T, B, N;
+  Exchange exchange;
+  int team_blocks;    // C: blocks of one team (the cluster size with Exchange::Cluster)
+  int teams;          // G: the grid is teams x team_blocks blocks, block = g * C + q
+  int rows_per_tile;  // rows of the team multiplied between two block barriers
+  int kt, ct, lanes;  // the TileShape's constants, for the host's arithmetic
+
+  NNRNN_HD int k_chunks() const { return static_cast<int>((N + kt - 1) / kt); }
+  NNRNN_HD int max_cols() const { return static_cast<int>((N + team_blocks - 1) / team_blocks); }
+  // Lanes of a warp along the columns: the fewest (a power of 2) that cover a block's columns.
+  NNRNN_HD int lanes_c() const {
+    int n = 1;
+    while (n < lanes && n * ct < max_cols()) n *= 2;
+    return n;
+  }
+  NNRNN_HD int lanes_k() const { return lanes / lanes_c(); }
+  NNRNN_HD int k_warps() const { return (k_chunks() + lanes_k() - 1) / lanes_k(); }
+  NNRNN_HD int col_warps() const { return (max_cols() + lanes_c() * ct - 1) / (lanes_c() * ct); }
+  NNRNN_HD int threads() const { return k_warps() * col_warps() * lanes; }
+  NNRNN_HD int grid() const { return teams * team_blocks; }
+  NNRNN_HD int64_t col_begin(int q) const { return static_cast<int64_t>(q) * N / team_blocks; }
+  NNRNN_HD unsigned slice_bytes(int rows, int q, int64_t acc_size) const {  // rows x block q's columns
+    return static_cast<unsigned>(rows * (col_begin(q + 1) - col_begin(q)) * acc_size);
+  }
+  NNRNN_HD int64_t row_begin(int g) const { return static_cast<int64_t>(g) * B / teams; }
+  NNRNN_HD int max_rows() const { return static_cast<int>((B + teams - 1) / teams); }
+  // Shared memory: A (slots x max_rows x a_stride, k padded with zeros to the
+  // threads' chunks), P (chunk slots x rows_per_tile x p_cols), then 2 x C
+  // mbarriers (Cluster).
+  NNRNN_HD int chunk_slots() const { return k_warps() * lanes_k(); }
+  NNRNN_HD int a_stride() const { return chunk_slots() * kt; }
+  NNRNN_HD int slots() const { return exchange == Exchange::Grid ? 1 : 2; }
+  NNRNN_HD int p_cols() const { return col_warps() * lanes_c() * ct; }
+  NNRNN_HD int64_t a_elems() const { return static_cast<int64_t>(slots()) * max_rows() * a_stride(); }
+  NNRNN_HD int64_t p_elems() const { return static_cast<int64_t>(chunk_slots()) * rows_per_tile * p_cols(); }
+  NNRNN_HD int64_t barrier_offset(int64_t acc_size) const { return ((a_elems() + p_elems()) * acc_size + 15) / 16 * 16; }
+  NNRNN_HD int64_t shared_bytes(int64_t acc_size) const {
+    return barrier_offset(acc_size) + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : 0);
+  }
+
+  // The functions above, evaluated once on the host (derive()): the kernel reads
+  // them as parameters instead of keeping them in registers beside W.
+  struct Derived {
+    int k_chunks, lanes_c, lanes_k, k_warps, a_stride, p_cols, slot_elems, a_elems, barrier_offset;
+  } d;
+  void derive(int64_t acc_size) {
+    d = Derived{k_chunks(),
+                lanes_c(),
+                lanes_k(),
+                k_warps(),
+                a_stride(),
+                p_cols(),
+                slots() == 2 ? max_rows() * a_stride() : 0,
+                static_cast<int>(a_elems()),
+                static_cast<int>(barrier_offset(acc_size))};
+  }
+};
+
+// The block of the team that owns column k (LayoutV2, or the tensor-core path's TcLayout).
+template <class TeamLayout>
+NNRNN_HD int producer_of(const TeamLayout& L, int64_t k) {
+  int q = static_cast<int>(k * L.team_blocks / L.N);  // col_begin(q) <= k up to rounding
+  while (q + 1 < L.team_blocks && L.col_begin(q + 1) <= k) ++q;
+  while (q > 0 && L.col_begin(q) > k) --q;
+  return q;
+}
+
+// ---------------------------------------------------------------- the two problems
+
+// Forward: step s is time t = s; A_s = h_{s-1} (A_0 = h0 or 0); A_{s+1} = h_s.
+// `state` (2, B, N): the Grid exchange, A_m in slot (m + 1) & 1; h_n = A_T is
+// written there by every exchange (slot (T - 1) & 1, as kernel v1 leaves it).
+template <typename scalar_t, typename acc_t_>
+struct ForwardV2 {
+  using acc_t = acc_t_;
+  struct Inputs {
+    acc_t x, bias;
+  };
+  const scalar_t* x;       // (T, B, N)
+  const scalar_t* W;       // (N, N)
+  const scalar_t* bias;    // (N,) or nullptr
+  const scalar_t* h0;      // (B, N) or nullptr
+  const int32_t* lengths;  // (B,) or nullptr
+  scalar_t* out;           // (T, B, N)
+  acc_t* state;            // (2, B, N)
+  unsigned long long* flags;  // (teams, C), zeroed: Grid's step counters
+  LayoutV2 L;
+  Nonlinearity f;
+
+  NNRNN_DEV acc_t weight(int64_t k, int64_t j) const { return static_cast<acc_t>(W[k * L.N + j]); }
+  NNRNN_DEV acc_t initial(int64_t b, int64_t k) const { return h0 ? static_cast<acc_t>(h0[b * L.N + k]) : acc_t(0); }
+  NNRNN_DEV void prologue(int64_t, int64_t) const {}
+  NNRNN_DEV acc_t* exchange(int64_t m) const { return state + ((m + 1) & 1) * L.B * L.N; }
+  NNRNN_DEV Inputs fetch(int64_t s, int64_t b, int64_t j) const {
+    return {static_cast<acc_t>(x[(s * L.B + b) * L.N + j]), bias ? static_cast<acc_t>(bias[j]) : acc_t(0)};
+  }
+  // Element (b, j) of step s; returns A_{s+1}[b, j].
+  NNRNN_DEV acc_t finish(int64_t s, int64_t b, int64_t j, acc_t dot, acc_t prev, const Inputs& in) const {
+    const bool running = !lengths || s < lengths[b];  // a finished sequence outputs 0 and keeps its state
+    const acc_t h = running ? activate<acc_t>(f, in.x + dot, in.bias) : prev;
+    out[(s * L.B + b) * L.N + j] = static_cast<scalar_t>(running ? h : acc_t(0));
+    if (s + 1 == L.T) exchange(L.T)[b * L.N + j] = h;  // h_n
+    return h;
+  }
+};
+
+// Backward: step s is time t = T - 1 - s; A_s = da_t (A_0 = da_{T-1}, from
+// grad_h_n: the prologue); A_{s+1} = da_{t-1}. g (B, N) holds dL/dh_t, one owner
+// per element (only the owner reads it: other blocks may be steps ahead);
+// `da` (2, B, N) is the Grid exchange.
+template <typename scalar_t, typename acc_t_>
+struct BackwardV2 {
+  using acc_t = acc_t_;
+  struct Inputs {
+    acc_t g, grad_out, out;
+  };
+  const scalar_t* grad_out;  // (T, B, N)
+  const scalar_t* out;       // (T, B, N)
+  const scalar_t* W;         // (N, N)
+  const int32_t* lengths;    // (B,) or nullptr
+  const scalar_t* grad_h_n;  // (B, N): read by every block for A_0 (g changes meanwhile)
+  acc_t* g;                  // (B, N): grad_h_n on entry
+  acc_t* da;                 // (2, B, N)
+  scalar_t* dx;              // (T, B, N)
+  acc_t* db_rows;            // (B, N)
+  scalar_t* grad_h0;         // (B, N)
+  unsigned long long* flags;
+  LayoutV2 L;
+  Nonlinearity f;
+
+  NNRNN_DEV bool valid(int64_t t, int64_t b) const { return t < L.T && (!lengths || t < lengths[b]); }
+  NNRNN_DEV acc_t weight(int64_t k, int64_t j) const { return static_cast<acc_t>(W[j * L.N + k]); }  // W^T
+  // da_{t-1}[i] from dL/dh_{t-1} = gi, and step t-1's output gradient and output.
+  NNRNN_DEV acc_t da_prev(int64_t t, int64_t b, acc_t gi, acc_t go, acc_t h) const {
+    return valid(t - 1, b) ? (gi + go) * derivative_from_output<acc_t>(f, h) : acc_t(0);
+  }
+  NNRNN_DEV acc_t initial(int64_t b, int64_t k) const {
+    const int64_t i = b * L.N + k, o = (L.T - 1) * L.B * L.N + i;
+    return da_prev(L.T, b, static_cast<acc_t>(grad_h_n[i]), static_cast<acc_t>(grad_out[o]), static_cast<acc_t>(out[o]));
+  }
+  // The owner's side effects of the prologue (da_{T-1} itself: initial()).
+  NNRNN_DEV void prologue(int64_t b, int64_t j) const {
+    const int64_t i = b * L.N + j, o = (L.T - 1) * L.B * L.N + i;
+    const acc_t d = initial(b, j);
+    if (valid(L.T - 1, b)) db_rows[i] += d * bias_factor_from_output<acc_t>(f, static_cast<acc_t>(out[o]));
+    dx[o] = static_cast<scalar_t>(d);
+  }
+  NNRNN_DEV acc_t* exchange(int64_t m) const { return da + ((m + 1) & 1) * L.B * L.N; }
+  NNRNN_DEV Inputs fetch(int64_t s, int64_t b, int64_t j) const {
+    const int64_t t = L.T - 1 - s, i = b * L.N + j;
+    if (t == 0) return {g[i], acc_t(0), acc_t(0)};
+    const int64_t o = (t - 1) * L.B * L.N + i;
+    return {g[i], static_cast<acc_t>(grad_out[o]), static_cast<acc_t>(out[o])};
+  }
+  NNRNN_DEV acc_t finish(int64_t s, int64_t b, int64_t j, acc_t dot, acc_t, const Inputs& in) const {
+    const int64_t t = L.T - 1 - s, i = b * L.N + j;
+    const acc_t gi = valid(t, b) ? dot : in.g;  // a finished step passes dL/dh through
+    if (t == 0) {
+      grad_h0[i] = static_cast<scalar_t>(gi);
+      return acc_t(0);
+    }
+    g[i] = gi;
+    const acc_t d = da_prev(t, b, gi, in.grad_out, in.out);
+    if (valid(t - 1, b)) db_rows[i] += d * bias_factor_from_output<acc_t>(f, in.out);
+    dx[(t - 1) * L.B * L.N + i] = static_cast<scalar_t>(d);
+    return d;
+  }
+};
+
+// ---------------------------------------------------------------- the team kernel
+
+// `Problem`: ForwardV2 or BackwardV2; `ex`: how the team exchanges A (one
+// instantiation each: no registers spent on the other two). Every thread runs all T steps.
+template <class Shape, class Problem, Exchange ex>
+struct TeamKernel {
+  Problem pb;
+
+  template <class Env>
+  NNRNN_DEV void operator()(Env& env) const {
+    using acc_t = typename Problem::acc_t;
+    constexpr int KT = Shape::KT, CT = Shape::CT, LANES = Shape::LANES, VEC = static_cast<int>(16 / sizeof(acc_t));
+    static_assert(KT % VEC == 0, "a thread's k-chunk is whole 16-byte vectors");
+    const LayoutV2& L = pb.L;
+    const int C = L.team_blocks, KQ = L.d.k_chunks, stride = L.d.a_stride, RT = L.rows_per_tile;
+    const int PC = L.d.p_cols, LC = L.d.lanes_c, LK = L.d.lanes_k, KW = L.d.k_warps;
+    const int q = env.block() % C, g = env.block() / C;  // a cluster is C consecutive blocks: q is its rank
+    // 32-bit indices inside the block (B, N < 2^31); 64-bit offsets only into global memory.
+    const int c0 = static_cast<int>(L.col_begin(q)), row0 = static_cast<int>(L.row_begin(g));
+    const int ncols = static_cast<int>(L.col_begin(q + 1)) - c0, rows = static_cast<int>(L.row_begin(g + 1)) - row0;
+    const int N = static_cast<int>(L.N), T = static_cast<int>(L.T);
+    const int warp = env.thread() / LANES, lane = env.thread() % LANES;
+    const int kq = (warp % KW) * LK + lane / LC;          // this thread's chunk of k
+    const int col = (warp / KW) * LC * CT + lane % LC;    // its first column; the others LC apart
+    const int k0 = kq * KT;
+
+    acc_t* A = env.template shared<acc_t>();
+    acc_t* P = A + L.d.a_elems;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(A) + L.d.barrier_offset);
+    const int slot_elems = L.d.slot_elems;  // 0: one slot (Grid)
+    auto a_slot = [&](int m) { return A + (m & 1) * slot_elems; };  // where A_m is read
+
+    // A_0 for the team's rows (every block computes all of it: no exchange), zero padding elsewhere.
+    for (int i = env.thread(); i < L.d.a_elems; i += env.threads()) {
+      const int slot = slot_elems ? i / slot_elems : 0, r = (slot_elems ? i % slot_elems : i) / stride, k = i % stride;
+      A[i] = slot == 0 && r < rows && k < N ? pb.initial(row0 + r, k) : acc_t(0);
+    }
+    if (ncols > 0)
+      for (int i = env.thread(); i < rows * ncols; i += env.threads()) pb.prologue(row0 + i / ncols, c0 + i % ncols);
+    acc_t w[KT][CT];  // this thread's piece of W, for all steps (loaded after the prologue: fewer live registers there)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int i = 0; i < KT; ++i)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int j = 0; j < CT; ++j)
+        w[i][j] = col + j * LC < ncols && k0 + i < N ? pb.weight(k0 + i, c0 + col + j * LC) : acc_t(0);
+
+    // Cluster: barrier [slot][p] of each block expects the bytes block p sends per
+    // step (the team's rows x p's columns), armed one phase ahead by thread p.
+    auto expected_bytes = [&](int p) { return L.slice_bytes(rows, p, sizeof(acc_t)); };
+    if constexpr (ex == Exchange::Cluster) {
+      if (env.thread() == 0)
+        for (int i = 0; i < 2 * C; ++i) env.mbar_init(bars + i, 1);
+      env.sync_block();
+      for (int p = env.thread(); p < C; p += env.threads()) {  // A_1 (slot 1) and A_2 (slot 0)
+        env.mbar_expect(bars + C + p, expected_bytes(p));
+        env.mbar_expect(bars + p, expected_bytes(p));
+      }
+      env.sync_cluster();  // the barriers initialised and armed before any peer stores
+    } else {
+      env.sync_block();
+    }
+
+    for (int s = 0; s < T; ++s) {
+      acc_t* As = a_slot(s);
+      for (int rt0 = 0; rt0 < rows; rt0 += RT) {
+        const int trows = rows - rt0 < RT ? rows - rt0 : RT;
+        // This thread's element of the tile; its inputs are fetched first, so that
+        // their latency overlaps the wait and the product.
+        const int item = env.thread();
+        const bool mine = ncols > 0 && item < trows * ncols;
+        const int r = mine ? item / ncols : 0, c = mine ? item % ncols : 0;
+        typename Problem::Inputs in{};
+        if (mine) in = pb.fetch(s, row0 + rt0 + r, c0 + c);
+
+        if (rt0 == 0 && s > 0) {  // wait for A_s, which the team published at the end of step s - 1
+          // The warp's part of k (LK chunks), and the producers it waits for (computed
+          // here, not kept in registers across the step).
+          const int wk0 = (warp % KW) * LK * KT;
+          const int wk1 = N < wk0 + LK * KT ? N : wk0 + LK * KT;
+          const int p_lo = producer_of(L, wk0), p_hi = producer_of(L, wk1 - 1);
+          if constexpr (ex == Exchange::Cluster) {
+            for (int p = p_lo; p <= p_hi; ++p) env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
+          } else if constexpr (ex == Exchange::Grid) {
+            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, static_cast<unsigned long long>(s));
+            // This warp's part of A_s into shared memory.
+            const acc_t* src = pb.exchange(s) + static_cast<int64_t>(row0) * N;
+            if (L.N % VEC == 0) {  // rows are 16-byte aligned: vector copies
+              const int vecs = (wk1 - wk0) / VEC;
+              for (int e = lane; e < rows * vecs; e += LANES) {
+                const int rr = e / vecs, k = wk0 + (e % vecs) * VEC;
+                env.copy16_cg(As + rr * stride + k, src + rr * N + k);
+              }
+            } else {
+              for (int e = lane; e < rows * (wk1 - wk0); e += LANES) {
+                const int rr = e / (wk1 - wk0), k = wk0 + e % (wk1 - wk0);
+                As[rr * stride + k] = env.load_cg(src + rr * N + k);
+              }
+            }
+            env.sync_warp();  // the warp's copy complete before its lanes read it
+          }
+        }
+
+        // P[kq][r][column] = sum over this thread's k of A[r][k] W[k][column].
+        for (int rr = 0; rr < trows; ++rr) {
+          const acc_t* a = As + (rt0 + rr) * stride + k0;
+          acc_t sum[CT];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int j = 0; j < CT; ++j) sum[j] = acc_t(0);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int i = 0; i < KT; i += VEC) {
+            alignas(16) acc_t h[VEC];
+            load16(h, a + i);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int v = 0; v < VEC; ++v)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+              for (int j = 0; j < CT; ++j) sum[j] += h[v] * w[i + v][j];
+          }
+          acc_t* p = P + (kq * RT + rr) * PC + col;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int j = 0; j < CT; ++j) p[j * LC] = sum[j];
+        }
+        env.sync_block();  // all partial sums of the tile written
+        if constexpr (ex == Exchange::Cluster) {
+          // Every warp has passed its wait for A_s: arm slot s & 1 for A_{s+2}, before
+          // this block publishes A_{s+1} (no producer sends A_{s+2} before that).
+          if (rt0 == 0 && s > 0 && s + 2 < T)
+            for (int p = env.thread(); p < C; p += env.threads()) env.mbar_expect(bars + (s & 1) * C + p, expected_bytes(p));
+        }
+
+        if (mine) {
+          acc_t dot = acc_t(0);
+          for (int kk = 0; kk < KQ; ++kk) dot += P[(kk * RT + r) * PC + c];
+          const int b = row0 + rt0 + r, j = c0 + c;
+          const acc_t v = pb.finish(s, b, j, dot, As[(rt0 + r) * stride + j], in);
+          if (s + 1 < T) {  // publish A_{s+1}[b, j] to the team
+            acc_t* dst = a_slot(s + 1) + (rt0 + r) * stride + j;
+            if constexpr (ex == Exchange::Block) {
+              *dst = v;
+            } else if constexpr (ex == Exchange::Cluster) {
+              uint64_t* bar = bars + ((s + 1) & 1) * C + q;
+              for (int peer = 0; peer < C; ++peer) env.store_async_peer(dst, peer, v, bar);
+            } else {
+              pb.exchange(s + 1)[static_cast<int64_t>(b) * N + j] = v;
+            }
+          }
+        }
+        // The tile's partial sums read and its elements published (all of them
+        // before the signal below) before P or A is written again.
+        env.sync_block();
+      }
+      if (s + 1 < T) {
+        // Grid: signal A_{s+1}. What this block's threads wrote is ordered before the
+        // release by the block barrier above (causality is transitive in the PTX
+        // memory model), so one thread releases for the block: no other fence.
+        if constexpr (ex == Exchange::Grid) {
+          if (env.thread() == 0) env.flag_publish(pb.flags + g * C + q, static_cast<unsigned long long>(s + 1));
+        }
+      }
+    }
+    // Why this ordering is enough (no barrier spans two steps' slots): A_{s+1} goes to
+    // the slot that held A_{s-1}. A producer writes it only after it has waited for
+    // every producer's part of A_s, which each wrote after its own step s - 1 had
+    // read A_{s-1} (Grid: copied it) and passed a block barrier. For the same reason
+    // no mbarrier is ever more than one phase ahead of its waiter.
+    // Cluster: every store into this block was awaited above, but its own last stores into
+    // its peers may still be in flight: no block exits before every peer has received them.
+    if constexpr (ex == Exchange::Cluster) env.sync_cluster();
+  }
+};
+
+}  // namespace nnrnn::kern

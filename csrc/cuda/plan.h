@@ -1,0 +1,378 @@
+// The choice of path for the CUDA recurrence, by a cost model (docs/cuda.md,
+// "Cost model"): kernel v2 (kernels_v2.h), kernel v1 (kernels.h) or the fallback
+// (a GEMM per step). Host code only, shared by the CUDA side (recurrence_cuda.cu,
+// with the device's figures), the emulation's emulated_plan op and the static
+// check (benchmarks/static_check.py, with an H100's figures).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdint>
+#include <string>
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include "kernels.h"
+#include "kernels_v2.h"
+
+namespace nnrnn::kern {
+
+struct Plan {
+  bool persistent = false;  // false: the fallback
+  int version = 0;          // persistent kernel version: 1, 2, or 3 (the tensor-core path, tc_plan.h)
+  // The split: col_groups blocks share a row group's columns, row_groups groups of rows.
+  // v1: one grid barrier over all of them; v2: col_groups = blocks of a team, row_groups = teams.
+  int col_groups = 1, row_groups = 1;
+  int threads = 1, rows_per_tile = 1;
+  int64_t shared_bytes = 0;             // per block
+  Exchange exchange = Exchange::Block;  // v2 and the tensor-core path
+  int kt = 0;                           // the tensor-core path (version 3): its kernel's KT
+  double forward_us = 0, backward_us = 0;  // the model's prediction per step
+  std::string reason;  // why the fallback (or why a kernel does not fit)
+};
+
+inline std::array<int, 17> filled(int v) {
+  std::array<int, 17> a{};
+  a.fill(v);
+  return a;
+}
+
+// What the plan knows of a device: attributes and occupancy on the GPU; the
+// defaults are an H100 SXM's (132 SMs, 227 KB of shared memory per block).
+struct DeviceModel {
+  int sms = 132;
+  int64_t smem_per_block = 232448, smem_per_sm = 233472;
+  int regs_per_sm = 65536, max_threads_per_sm = 2048;
+  bool clusters = true;  // sm_90 or later
+  int max_cluster = 16;  // 16 where the non-portable size is allowed, else 8
+  // Clusters of each size (index) that can be resident at once; -1: unknown, estimated as
+  // sms / size (16: 7, an H100's GPCs). The CUDA side fills it from cudaOccupancyMaxActiveClusters.
+  std::array<int, 17> active_clusters = filled(-1);
+  int v2_regs = 128;  // registers per thread of the v2 kernels (101 to 128 by the static check; the GPU's own)
+  bool cooperative = true;
+};
+
+// Constants of the model: estimates for an H100 SXM at 1.755 GHz, each to be
+// checked by the first GPU run (docs/cuda.md lists where each comes from).
+struct CostConstants {
+  double clock_ghz = 1.755;
+  double block_barrier_us = 0.03;     // __syncthreads with up to 32 warps
+  double cluster_exchange_us = 0.25;  // st.async into a peer's shared memory until its waiter wakes
+  double grid_exchange_us = 1.0;      // release store to L2, the poller's acquire, L2 loads
+  double grid_barrier_us = 1.5;       // v1's barrier over the whole grid (the review's estimate)
+  double launch_us = 5.0;             // one op of the fallback's host loop (ATen dispatch, launch, a view)
+  double l2_bytes_per_us = 5.5e6;     // L2 to SMs, all SMs together (5.5 TB/s)
+  double dsmem_bytes_per_clock = 32;  // stores from one SM into peers' shared memory
+  double gemm_fma_per_us = 25e6;      // cuBLAS SGEMM/DGEMM, large (50 TFLOP/s)
+  double issue_efficiency = 0.8;      // achieved fraction of the instruction-throughput bound
+};
+
+inline int active_clusters(const DeviceModel& d, int size) {
+  if (size < 1 || size > 16) return 0;
+  if (d.active_clusters[size] >= 0) return d.active_clusters[size];
+  return size == 16 ? std::min(7, d.sms / 16) : d.sms / size;
+}
+
+// Blocks of `threads` threads and `smem` bytes that fit on one SM.
+inline int blocks_per_sm(const DeviceModel& d, int threads, int64_t smem, int regs) {
+  int n = std::min(32, d.max_threads_per_sm / threads);
+  n = std::min<int64_t>(n, d.regs_per_sm / (static_cast<int64_t>(threads) * regs));
+  n = std::min<int64_t>(n, d.smem_per_sm / (smem + 1024));  // 1 KB reserved per block
+  return std::max(n, 0);
+}
+
+inline LayoutV2 v2_layout(int64_t T, int64_t B, int64_t N, const Plan& p, int kt, int ct, int lanes) {
+  return LayoutV2{T, B, N, p.exchange, p.col_groups, p.row_groups, p.rows_per_tile, kt, ct, lanes, {}};
+}
+// The layout on the GPU (DeviceTileShape).
+inline LayoutV2 device_v2_layout(int64_t B, int64_t N, int64_t acc, const Plan& p) {
+  return v2_layout(1, B, N, p, v2_kt(acc), kV2Columns, kV2Lanes);
+}
+
+struct StepCost {
+  double forward_us, backward_us;
+};
+
+// dW = sum_t h_{t-1}^T da_t after the backward's loop: one GEMM, per step.
+inline double dw_gemm_us(int64_t B, int64_t N, const CostConstants& k) {
+  return static_cast<double>(B) * N * N / k.gemm_fma_per_us;
+}
+
+// Kernel v2, per step (docs/cuda.md): the exchange's latency, then the product
+// (bound by FMA issue, shared-memory wavefronts or one warp's dependent chain),
+// the reduction and pointwise finish, two block barriers per row tile.
+inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const DeviceModel& d,
+                        const CostConstants& k = CostConstants()) {
+  const LayoutV2 L = device_v2_layout(B, N, acc, p);
+  const int KT = L.kt, CT = L.ct, vec = static_cast<int>(16 / acc), warps = L.threads() / kV2Lanes;
+  const int R = L.max_rows(), RT = L.rows_per_tile, tiles = (R + RT - 1) / RT;
+  const double fma_rate = acc == 8 ? 2.0 : 4.0;  // warp FMA instructions per clock and SM
+  // Per warp and row: KT x CT FMAs, KT / vec 16-byte loads (one wavefront each:
+  // the lanes read lanes_k addresses), CT partial sums stored, an address or two.
+  const double fma = static_cast<double>(warps) * R * KT * CT, lds = static_cast<double>(warps) * R * KT / vec;
+  const double other = static_cast<double>(warps) * R * (CT + 2);
+  const double throughput = std::max({fma / fma_rate, (fma + lds + other) / 4.0, lds}) / k.issue_efficiency;
+  const double fma_latency = acc == 8 ? 8.0 : 4.0;
+  const double chain = static_cast<double>(R) * (KT * fma_latency + 30.0);  // one row's KT dependent FMAs, row after row
+  // Blocks sharing one SM (Block exchange, more teams than SMs) share its throughput.
+  const int resident = std::max(1, blocks_per_sm(d, L.threads(), L.shared_bytes(acc), d.v2_regs));
+  const int per_sm = static_cast<int>(std::min<int64_t>(resident, (L.grid() + d.sms - 1) / d.sms));
+  int64_t capacity = static_cast<int64_t>(resident) * d.sms;
+  if (p.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
+  const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
+  double finish = tiles * (L.k_chunks() * 4.0 + 150.0);  // partial sums, activation, stores
+  double exchange = 0, copy = 0;
+  if (p.exchange == Exchange::Cluster) {
+    finish += static_cast<double>(R) * L.max_cols() * L.team_blocks * acc / k.dsmem_bytes_per_clock;
+    exchange = k.cluster_exchange_us;
+  } else if (p.exchange == Exchange::Grid) {
+    exchange = k.grid_exchange_us;
+    copy = static_cast<double>(L.grid()) * R * N * acc / k.l2_bytes_per_us;  // every block reads its rows of A
+  }
+  const double clock_mhz = k.clock_ghz * 1e3;
+  // Grid: a warp starts its product as soon as its own chunk has arrived, so the
+  // copy from L2 and the product overlap (the model takes the longer of the two).
+  const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
+  const double step = exchange + product + finish / clock_mhz + 2 * tiles * k.block_barrier_us;
+  // The backward's finish reads two more inputs and writes three outputs: 10% more.
+  return {step * waves, 1.1 * step * waves + dw_gemm_us(B, N, k)};
+}
+
+// Kernel v1, per step: one grid barrier, staging the block's rows of A, and the
+// dot products with two 4-byte shared loads per FMA (the review's reading of its SASS).
+inline StepCost v1_cost(int64_t B, int64_t N, const Plan& p, const CostConstants& k = CostConstants()) {
+  const double rows = std::ceil(static_cast<double>(B) / p.row_groups), cols = std::ceil(static_cast<double>(N) / p.col_groups);
+  const double tiles = std::ceil(rows / p.rows_per_tile);
+  const double fma_instr = rows * cols * N / 32.0;  // warp instructions
+  const double product = std::max(fma_instr * 5 / 4.0, fma_instr * 2);  // 5 instructions per FMA; 2 wavefronts
+  const double staging = tiles * (600.0 + rows * N / p.threads * 6);    // an L2 round trip, div/load/store
+  const double step = k.grid_barrier_us + (product + staging) / (k.clock_ghz * 1e3) + 2 * tiles * k.block_barrier_us;
+  return {step, 1.1 * step + dw_gemm_us(B, N, k)};
+}
+
+// The fallback, per step: a GEMM and a pointwise kernel (forward); the backward
+// adds the same again, then dW.
+inline StepCost fallback_cost(int64_t B, int64_t N, const CostConstants& k = CostConstants()) {
+  const double step = 2 * k.launch_us + static_cast<double>(B) * N * N / k.gemm_fma_per_us;
+  return {step, step + dw_gemm_us(B, N, k)};
+}
+
+// The fastest v2 plan by the model for (N, B) with accumulation type of acc_size
+// bytes, or persistent = false and why none fits.
+inline Plan choose_v2_plan(int64_t N, int64_t B, int64_t acc, const DeviceModel& d,
+                           const CostConstants& k = CostConstants()) {
+  Plan best;
+  best.reason = "kernel v2: no team layout fits";
+  auto consider = [&](Exchange ex, int C) {
+    if (C > N) return;
+    Plan p;
+    p.persistent = true;
+    p.version = 2;
+    p.exchange = ex;
+    p.col_groups = C;
+    const LayoutV2 base = device_v2_layout(B, N, acc, p);
+    if (base.threads() > kV2MaxThreads) return;
+    p.threads = base.threads();
+    const int rt_cap = std::max(1, p.threads / base.max_cols());  // one element per thread and tile
+    int last_teams = -1;
+    for (int64_t rows = 1; rows <= std::min<int64_t>(B, 256); ++rows) {
+      const int teams = static_cast<int>((B + rows - 1) / rows);
+      if (teams == last_teams) continue;
+      last_teams = teams;
+      p.row_groups = teams;
+      const int R = static_cast<int>((B + teams - 1) / teams);
+      p.rows_per_tile = std::min(R, rt_cap);
+      LayoutV2 L = device_v2_layout(B, N, acc, p);
+      while (L.shared_bytes(acc) > d.smem_per_block && p.rows_per_tile > 1) L.rows_per_tile = --p.rows_per_tile;
+      if (L.shared_bytes(acc) > d.smem_per_block) continue;
+      if (ex == Exchange::Grid) {  // co-residency, for the cooperative launch
+        const int fit = blocks_per_sm(d, p.threads, L.shared_bytes(acc), d.v2_regs) * d.sms;
+        if (!d.cooperative || static_cast<int64_t>(teams) * C > fit) continue;
+      }
+      if (ex == Exchange::Cluster && active_clusters(d, C) < 1) continue;
+      if (ex != Exchange::Cluster && blocks_per_sm(d, p.threads, L.shared_bytes(acc), d.v2_regs) < 1) continue;
+      p.shared_bytes = L.shared_bytes(acc);
+      const StepCost cost = v2_cost(B, N, acc, p, d, k);
+      p.forward_us = cost.forward_us;
+      p.backward_us = cost.backward_us;
+      if (!best.persistent || p.forward_us + p.backward_us < best.forward_us + best.backward_us) best = p;
+    }
+  };
+  consider(Exchange::Block, 1);
+  if (d.clusters)
+    for (int C = 2; C <= d.max_cluster; C *= 2) consider(Exchange::Cluster, C);
+  for (int C = 2; C <= d.sms; ++C) consider(Exchange::Grid, C);
+  if (best.persistent) best.reason.clear();
+  return best;
+}
+
+constexpr int kMaxRowsPerTile = 64;  // v1: rows of A staged per tile
+constexpr int kMinRowsPerTile = 8;   // v1: wanted beside W's slice (fewer: more block barriers per step)
+
+// Kernel v1's layout on a device with `sms` multiprocessors and `budget` bytes of
+// shared memory per block (one block per SM at most), or persistent = false and
+// the reason. The fewest column groups whose slice of W fits beside a tile of
+// rows (each block reads its rows of A from L2 every step: col_groups x B x N in
+// all), then as many row groups as the SMs allow (less work per block). The CUDA
+// side then checks occupancy (recurrence_cuda.cu).
+// Shared memory of a v1 block, at most: its slice of W (N x cols), `rows` staged
+// rows of A (N + 1 each) and the partial sums (at most `threads`), `acc` bytes each.
+inline int64_t plan_bytes(int64_t N, int64_t cols, int64_t rows, int threads, int64_t acc) {
+  return (N * cols + threads + rows * (N + 1 + cols)) * acc;
+}
+
+inline Plan choose_persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
+  Plan p;
+  p.threads = threads;
+  auto bytes_for = [&](int64_t cols, int64_t rows) { return plan_bytes(N, cols, rows, threads, acc); };
+  for (int64_t c = 1; c <= std::min<int64_t>(N, sms); ++c) {
+    const int64_t r = std::max<int64_t>(1, std::min<int64_t>(B, sms / c));
+    const int64_t rows_per_block = (B + r - 1) / r;
+    const int64_t cols = (N + c - 1) / c;
+    if (bytes_for(cols, std::min<int64_t>(rows_per_block, kMinRowsPerTile)) > budget) continue;
+    const int64_t fit = (budget - bytes_for(cols, 0)) / ((N + 1 + cols) * acc);
+    p.persistent = true;
+    p.version = 1;
+    p.col_groups = static_cast<int>(c);
+    p.row_groups = static_cast<int>(r);
+    p.rows_per_tile = static_cast<int>(std::min<int64_t>({rows_per_block, kMaxRowsPerTile, fit}));
+    p.shared_bytes = make_layout(1, B, N, p.col_groups, p.row_groups, threads, p.rows_per_tile).shared_elems() * acc;
+    const StepCost cost = v1_cost(B, N, p);
+    p.forward_us = cost.forward_us;
+    p.backward_us = cost.backward_us;
+    return p;
+  }
+  const int64_t cols = (N + sms - 1) / sms;
+  p.reason = "W does not fit on chip: with " + std::to_string(sms) + " blocks a block's slice of W (" +
+             std::to_string(N) + " x " + std::to_string(cols) + ") and a tile of rows need " +
+             std::to_string(bytes_for(cols, 1)) + " bytes of shared memory or more, the device allows " +
+             std::to_string(budget);
+  return p;
+}
+
+// Kernel v1's layout forced by NNRNN_CUDA_PLAN="<col_groups>x<row_groups>"
+// (benchmarks/gpu_check.sh times the grid barrier at chosen grid sizes this way; the
+// plan is then v1's); rows per tile as many as fit, up to the block's rows and
+// kMaxRowsPerTile. A spec that is malformed or does not fit is an error.
+inline Plan forced_persistent_plan(const std::string& spec, int64_t N, int64_t B, int64_t acc, int64_t budget,
+                                   int threads) {
+  int c = 0, r = 0, used = 0;
+  const bool parsed = std::sscanf(spec.c_str(), "%dx%d%n", &c, &r, &used) == 2 && used == static_cast<int>(spec.size());
+  TORCH_CHECK_VALUE(parsed && c >= 1 && r >= 1,
+                    "NNRNN_CUDA_PLAN must be <col_groups>x<row_groups>, both >= 1 (e.g. 1x8), got '", spec, "'");
+  const int64_t cols = (N + c - 1) / c;
+  const int64_t fit = (budget - plan_bytes(N, cols, 0, threads, acc)) / ((N + 1 + cols) * acc);
+  TORCH_CHECK_VALUE(fit >= 1, "NNRNN_CUDA_PLAN=", spec, ": a block's slice of W (", N, " x ", cols,
+                    ") and one row of h need more than the ", budget, " bytes of shared memory a block may use");
+  Plan p;
+  p.persistent = true;
+  p.version = 1;
+  p.threads = threads;
+  p.col_groups = c;
+  p.row_groups = r;
+  p.rows_per_tile = static_cast<int>(std::min<int64_t>({std::max<int64_t>(1, (B + r - 1) / r), kMaxRowsPerTile, fit}));
+  p.shared_bytes = make_layout(1, B, N, c, r, threads, p.rows_per_tile).shared_elems() * acc;
+  const StepCost cost = v1_cost(B, N, p);
+  p.forward_us = cost.forward_us;
+  p.backward_us = cost.backward_us;
+  return p;
+}
+
+// NNRNN_CUDA_PLAN, or "" when unset.
+inline std::string plan_override() {
+  const char* v = std::getenv("NNRNN_CUDA_PLAN");
+  return v == nullptr ? std::string() : std::string(v);
+}
+
+// Kernel v1's layout: NNRNN_CUDA_PLAN's when it is set, else the planner's.
+inline Plan persistent_plan(int64_t N, int64_t B, int64_t acc, int sms, int64_t budget, int threads) {
+  const std::string spec = plan_override();
+  if (!spec.empty()) return forced_persistent_plan(spec, N, B, acc, budget, threads);
+  return choose_persistent_plan(N, B, acc, sms, budget, threads);
+}
+
+// Which kernel versions the plan may take: NNRNN_CUDA_KERNEL (auto, v1, v2).
+enum class KernelChoice { Auto, V1, V2, TC };
+
+// The choice in effect: NNRNN_CUDA_PLAN forces kernel v1's layout, hence v1.
+inline KernelChoice effective_choice(KernelChoice c) { return plan_override().empty() ? c : KernelChoice::V1; }
+
+// The plan for (N, B): with `choice` Auto, the fastest by the model among kernel v2
+// (float32 and float64 only; float16/bfloat16 keep v1 until the tensor-core path),
+// kernel v1 and the fallback; with V1 or V2, that kernel wherever it fits (for
+// measuring the two side by side), else the fallback. v2 and v1 come from the
+// callers (v1's co-residency depends on the device); this picks and explains.
+inline Plan pick_plan(const Plan& v2, const Plan& v1, int64_t B, int64_t N, KernelChoice choice) {
+  auto total = [](const Plan& p) { return p.forward_us + p.backward_us; };
+  const Plan* best = nullptr;
+  if (choice != KernelChoice::V1 && v2.persistent) best = &v2;
+  if (choice != KernelChoice::V2 && v1.persistent && (!best || total(v1) < total(*best))) best = &v1;
+  Plan fallback;
+  const StepCost cost = fallback_cost(B, N);
+  fallback.forward_us = cost.forward_us;
+  fallback.backward_us = cost.backward_us;
+  if (best && (choice != KernelChoice::Auto || total(*best) <= total(fallback))) return *best;
+  if (best) {
+    fallback.reason = "the cost model predicts the fallback faster than kernel v" + std::to_string(best->version);
+  } else {
+    if (choice != KernelChoice::V1) fallback.reason = v2.reason;
+    if (choice != KernelChoice::V2) fallback.reason += (fallback.reason.empty() ? "" : "; ") + v1.reason;
+  }
+  return fallback;
+}
+
+// What cuda_path says of a plan: the kernel
+// version and exchange, the layout, the shared memory per block and the model's
+// prediction, e.g. "persistent v2 cluster: 16 teams x 8 blocks of 512 threads, 2 rows
+// per tile, 12416 bytes of shared memory per block; predicted 0.94 us/step forward,
+// 1.37 us/step backward", "persistent v1: 5 x 26 blocks (column x row groups) of 512
+// threads, ...", or "fallback: <reason>; predicted ...".
+inline std::string describe(const Plan& p) {
+  auto us = [](double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.2f", v);
+    return std::string(buf);
+  };
+  const std::string predicted =
+      "predicted " + us(p.forward_us) + " us/step forward, " + us(p.backward_us) + " us/step backward";
+  if (!p.persistent) return "fallback: " + p.reason + "; " + predicted;
+  if (p.version == 2 || p.version == 3) {
+    const char* ex = p.exchange == Exchange::Block ? "block" : p.exchange == Exchange::Cluster ? "cluster" : "grid";
+    const std::string kernel = p.version == 2 ? "v2 " : "tensor cores (KT " + std::to_string(p.kt) + ") ";
+    return "persistent " + kernel + ex + ": " + std::to_string(p.row_groups) + " teams x " +
+           std::to_string(p.col_groups) + " blocks of " + std::to_string(p.threads) + " threads, " +
+           std::to_string(p.rows_per_tile) + " rows per tile, " + std::to_string(p.shared_bytes) +
+           " bytes of shared memory per block; " + predicted;
+  }
+  const std::string forced = plan_override();
+  return "persistent v1: " + std::to_string(p.col_groups) + " x " + std::to_string(p.row_groups) +
+         " blocks (column x row groups) of " + std::to_string(p.threads) + " threads, " +
+         std::to_string(p.rows_per_tile) + " rows per tile, " + std::to_string(p.shared_bytes) +
+         " bytes of shared memory per block" + (forced.empty() ? "" : "; layout set by NNRNN_CUDA_PLAN=" + forced) +
+         "; " + predicted;
+}
+
+// "auto", "v1", "v2" or "tc" (NNRNN_CUDA_KERNEL; empty: auto).
+inline KernelChoice parse_kernel_choice(const std::string& v, const char* what) {
+  if (v.empty() || v == "auto") return KernelChoice::Auto;
+  if (v == "v1") return KernelChoice::V1;
+  if (v == "v2") return KernelChoice::V2;
+  if (v == "tc") return KernelChoice::TC;
+  TORCH_CHECK_VALUE(false, what, " must be 'auto', 'v1', 'v2' or 'tc', got '", v, "'");
+}
+
+// Kernel v2's plan for a dtype: float32 and float64; float16/bfloat16 keep v1
+// (their recurrence runs in float32 there; the tensor-core path is to come).
+inline Plan v2_plan_for(int64_t N, int64_t B, c10::ScalarType dtype, const DeviceModel& d) {
+  if (dtype != c10::kFloat && dtype != c10::kDouble) {
+    Plan p;
+    p.reason = "kernel v2 runs float32 and float64 only";
+    return p;
+  }
+  return choose_v2_plan(N, B, dtype == c10::kDouble ? 8 : 4, d);
+}
+
+}  // namespace nnrnn::kern

@@ -1,0 +1,109 @@
+"""Mutation check of the kernels' synchronisation (docs/cuda.md, "Mutation check").
+
+For every barrier and wait in a kernel source (default csrc/cuda/kernels_v2.h: block,
+warp and cluster barriers, mbarrier waits and armings, step-counter waits), builds a
+copy of the package (CPU only) with that one call removed and runs the emulation
+tests of the kernel against the float64 reference (tests/test_cuda_emulation.py -k v2).
+A mutant is killed when a test fails (a wrong result, or the emulation's deadlock
+watchdog). Prints one line per mutant; exit status 1 if any survives.
+
+    python tools/mutation_check.py [--source csrc/cuda/kernels_v2.h] [--tests "-k v2"] [--workdir DIR]
+                                   [--sites 1,4]
+
+Slow (a rebuild of two translation units per mutant, 1-3 minutes each on 2 cores):
+run by hand after changing the kernels' synchronisation, not in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CALLS = r"env\.(sync_block|sync_warp|sync_cluster|sync_grid|mbar_wait|mbar_expect|flag_wait)\("
+
+
+def call_sites(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, call) of every synchronising call, end just after its closing parenthesis."""
+    sites = []
+    for m in re.finditer(CALLS, text):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        sites.append((m.start(), i, text[m.start():i]))
+    return sites
+
+
+def run(cmd, cwd, timeout, env=None):
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="csrc/cuda/kernels_v2.h")
+    parser.add_argument("--tests", default="-k v2", help="pytest selection within tests/test_cuda_emulation.py")
+    parser.add_argument("--workdir", default=None, help="where the copy is built (default: a temporary folder)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant's tests")
+    parser.add_argument("--sites", default="", help="the mutants to run, by number (default: all)")
+    args = parser.parse_args(argv)
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="nnrnn_mutants_")
+    files = run(["git", "ls-files"], ROOT, 60).stdout.split()
+    for f in files:
+        os.makedirs(os.path.dirname(os.path.join(workdir, f)) or workdir, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, f), os.path.join(workdir, f))
+    env = dict(os.environ, NNRNN_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    build = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    tests = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_cuda_emulation.py",
+             *shlex.split(args.tests)]
+
+    source_path = os.path.join(workdir, args.source)
+    original = open(source_path).read()
+    os.utime(source_path)  # newer than any object a mutant left in a reused workdir: it is rebuilt
+    print(f"building the unmutated copy in {workdir}", flush=True)
+    proc = run(build, workdir, 3600, env)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:] + proc.stderr[-3000:])
+        return 2
+    proc = run(tests, workdir, args.timeout)
+    if proc.returncode != 0:
+        print("the unmutated copy fails its tests:\n" + proc.stdout[-3000:])
+        return 2
+
+    survived = 0
+    sites = call_sites(original)
+    chosen = {int(n) for n in args.sites.split(",") if n} or set(range(1, len(sites) + 1))
+    for n, (start, end, call) in enumerate(sites, 1):
+        if n not in chosen:
+            continue
+        line = original.count("\n", 0, start) + 1
+        with open(source_path, "w") as f:
+            f.write(original[:start] + "(void)0" + original[end:])
+        proc = run(build, workdir, 3600, env)
+        if proc.returncode != 0:
+            print(f"[{n}/{len(sites)}] {args.source}:{line} {call}: the mutant does not build")
+            survived += 1
+            continue
+        try:
+            proc = run(tests, workdir, args.timeout)
+            tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            killed = proc.returncode != 0
+        except subprocess.TimeoutExpired:
+            tail, killed = f"tests ran past {args.timeout} s (a hang)", True
+        survived += not killed
+        print(f"[{n}/{len(sites)}] {args.source}:{line} {call}: {'killed' if killed else 'SURVIVED'} ({tail})",
+              flush=True)
+    with open(source_path, "w") as f:
+        f.write(original)
+    print(f"{len(chosen) - survived} of {len(chosen)} mutants killed")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
