@@ -161,7 +161,8 @@ inline void pack_panels(const typename I::scalar* src, int64_t ks, int64_t cs, i
 
 // The epilogues: the same pointwise math as the BLAS path (activation.h).
 template <Nonlinearity F, typename T>
-inline void activate_row(const T* acc, const T* x, const T* bias, T* h, int64_t ncols) {
+inline void activate_row(const T* __restrict__ acc, const T* __restrict__ x, const T* __restrict__ bias,
+                         T* __restrict__ h, int64_t ncols) {
   for (int64_t c = 0; c < ncols; ++c) h[c] = activate<T>(F, x[c] + acc[c], bias[c]);
 }
 
@@ -176,7 +177,8 @@ inline void activate_row(Nonlinearity f, const T* acc, const T* x, const T* bias
 
 // da = (g + grad_out) * dh/dz from the output h; db += da * (dh/db)/(dh/dz).
 template <Nonlinearity F, typename T>
-inline void derivative_row(const T* g, const T* go, const T* h, T* da, T* da_packed, double* db, int64_t ncols) {
+inline void derivative_row(const T* __restrict__ g, const T* __restrict__ go, const T* __restrict__ h,
+                           T* __restrict__ da, T* __restrict__ da_packed, double* __restrict__ db, int64_t ncols) {
   for (int64_t c = 0; c < ncols; ++c) {
     const T d = (g[c] + go[c]) * derivative_from_output<T>(F, h[c]);
     da[c] = d;
