@@ -196,9 +196,10 @@ def test_cpu_path_reports_and_forces(monkeypatch, threads):
     assert nnrnn_fused.cpu_path(128, 10) .startswith("packed: ")  # the small case
     assert nnrnn_fused.cpu_path(128, 10).endswith(", 2 threads")
     assert nnrnn_fused.cpu_path(8, 10).endswith(", 1 thread")  # one panel: one thread
-    assert nnrnn_fused.cpu_path(128, 1).startswith("blas: faster for this shape")  # the crossover table
-    assert nnrnn_fused.cpu_path(1024, 1).startswith("packed: ")
-    assert nnrnn_fused.cpu_path(2048, 10).startswith("blas: N beyond the measured")
+    assert nnrnn_fused.cpu_path(128, 1).startswith("packed: ")  # the crossover table
+    assert nnrnn_fused.cpu_path(256, 1).startswith("blas: faster for this shape")
+    assert nnrnn_fused.cpu_path(256, 2).startswith("packed: ")
+    assert nnrnn_fused.cpu_path(512, 100).startswith("blas: faster for this shape")
     assert nnrnn_fused.cpu_path(5000, 10).startswith("blas: N > ")
     assert nnrnn_fused.cpu_path(0, 10).startswith("blas: empty")
     monkeypatch.setenv("NNRNN_CPU_KERNEL", "blas")

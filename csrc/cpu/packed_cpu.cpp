@@ -28,15 +28,17 @@ std::string env(const char* name) {
   return v == nullptr ? std::string() : std::string(v);
 }
 
-// Where the packed path beat one BLAS GEMM per step (float32, 2 threads, forward
-// and forward+backward, T=100; `--grid crossover` on the shared 2-core development
-// machine, benchmarks/results/cpu_v2/): the packed path is taken for N <= max_N
-// when B >= min_B; beyond the last row (not measured) the BLAS path. At B=1 and
-// N <= 512 the BLAS path (a GEMV, no team) was as fast or faster in some runs.
+// Where the packed path beat one BLAS GEMM per step: `--grid crossover` (float32,
+// T=100, N 32..1024, B 1..256, forward and forward+backward), 5 passes with 2
+// threads and 3 with 1 on the quiet 2-core development machine
+// (benchmarks/results/cpu_v2/). The packed path is taken for N <= max_N when
+// B >= min_B, the BLAS path otherwise: the packed path was 1.2x to 1.5x faster
+// forward+backward up to N=256 and lost at N=512 and 1024 (0.4x to 1.0x, except at
+// single points within the noise); at N=256, B=1 the two were even.
 struct Crossover {
   int64_t max_N, min_B;
 };
-constexpr Crossover kCrossover[] = {{512, 2}, {1024, 1}};
+constexpr Crossover kCrossover[] = {{128, 1}, {256, 2}};
 
 // Beyond this the packed copies of W, W^T and dW (3 N^2 elements) are no longer small.
 constexpr int64_t kMaxPackedN = 4096;
@@ -184,8 +186,7 @@ CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
   if (forced != "packed") {
     const auto* row = std::find_if(std::begin(kCrossover), std::end(kCrossover),
                                    [&](const Crossover& c) { return N <= c.max_N; });
-    if (row == std::end(kCrossover)) return {false, "blas: N beyond the measured crossover table"};
-    if (B < row->min_B) return {false, "blas: faster for this shape (crossover table)"};
+    if (row == std::end(kCrossover) || B < row->min_B) return {false, "blas: faster for this shape (crossover table)"};
   }
   const Level level = chosen_level();
   const int64_t cols = dtype == at::kDouble ? kernels<double>(level).cols : kernels<float>(level).cols;
