@@ -3,6 +3,8 @@ and mode ("fwd" or "fwdbwd"), built into a closure that runs it once."""
 from __future__ import annotations
 
 import itertools
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -10,17 +12,25 @@ import torch
 import nnrnn_fused
 from nnrnn_fused.reference import nnrnn_recurrence
 
-IMPLS = ("fused", "reference", "torch_rnn", "torch_lstm", "nnrnn_layer")
+# fused: the op as shipped (on the CPU, the path that cpu_path names); fused_blas: the op
+# forced onto its previous CPU path, one BLAS GEMM per step (NNRNN_CPU_KERNEL=blas);
+# fused_packed: forced onto the packed CPU kernels (NNRNN_CPU_KERNEL=packed).
+IMPLS = ("fused", "fused_blas", "reference", "torch_rnn", "torch_lstm", "nnrnn_layer")
+CPU_ONLY_IMPLS = {"fused_blas": "blas", "fused_packed": "packed"}
 MODES = ("fwd", "fwdbwd")
 
-# Grids: (N values, B values, T values). "gpu" is the GPU-verification grid (issue 6), "gpucheck"
-# the small one that benchmarks/gpu_check.sh runs with the time it has left.
+# Grids: (N values, B values, T values), and the implementations when not IMPLS. "gpu" is the
+# GPU-verification grid (issue 6), "gpucheck" the small one that benchmarks/gpu_check.sh runs with
+# the time it has left; "crossover" measures where the packed CPU path beats the BLAS path (the
+# table in csrc/cpu/packed_cpu.cpp).
 GRIDS = {
     "quick": dict(N=(64, 128), B=(10,), T=(50,)),
     "targets": dict(N=(128, 512), B=(10, 100), T=(220,)),
     "full": dict(N=(128, 256, 512, 1024), B=(1, 10, 32, 128), T=(220, 784)),
     "gpu": dict(N=(256, 512, 1024), B=(1, 32, 128), T=(784,)),
     "gpucheck": dict(N=(512,), B=(32,), T=(200,)),  # what fits the end of benchmarks/gpu_check.sh
+    "crossover": dict(N=(32, 64, 128, 256, 512, 1024), B=(1, 10, 32, 100, 256), T=(100,),
+                      impls=("fused_packed", "fused_blas")),
 }
 
 
@@ -52,18 +62,37 @@ def dtypes(device):
     return ["float32"] + (["float16", "bfloat16"] if device == "cuda" else [])
 
 
-def cases(grid: str, impls=IMPLS, modes=MODES, T=None):
+def cases(grid: str, impls=None, modes=MODES, T=None):
     """Every case of a grid; T, when given, replaces the grid's sequence lengths."""
     sizes = GRIDS[grid]
+    impls = impls or sizes.get("impls", IMPLS)
     for device in devices():
         for dtype in dtypes(device):
             for N, B, T_, mode, impl in itertools.product(sizes["N"], sizes["B"], T or sizes["T"], modes, impls):
-                yield Case(impl, mode, N, B, T_, dtype, device)
+                if device == "cpu" or impl not in CPU_ONLY_IMPLS:
+                    yield Case(impl, mode, N, B, T_, dtype, device)
 
 
 def memory_cases(grid: str):
     """Forward+backward of the four recurrences; at T=784 (issue 5) except in the quick grid."""
-    return cases(grid, impls=IMPLS[:4], modes=("fwdbwd",), T=None if grid == "quick" else (784,))
+    if grid == "crossover":
+        return iter(())
+    return cases(grid, impls=("fused", "reference", "torch_rnn", "torch_lstm"), modes=("fwdbwd",),
+                 T=None if grid == "quick" else (784,))
+
+
+@contextmanager
+def cpu_kernel(kernel):
+    """The op's CPU path forced to `kernel` ("packed" or "blas") inside the block."""
+    before = os.environ.get("NNRNN_CPU_KERNEL")
+    os.environ["NNRNN_CPU_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["NNRNN_CPU_KERNEL"]
+        else:
+            os.environ["NNRNN_CPU_KERNEL"] = before
 
 
 def synchronize(device):
@@ -85,11 +114,11 @@ def build(case: Case):
     def tensor(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen)).to(dev, dt).requires_grad_(grad)
 
-    if case.impl in ("fused", "reference"):
+    if case.impl in ("fused", "fused_blas", "fused_packed", "reference"):
         q, _ = torch.linalg.qr(torch.randn(N, N, generator=gen))
         W = (0.95 * q).to(dev, dt).requires_grad_(grad)
         x, b = tensor(T, B, N), tensor(N, scale=0.01)
-        fn = nnrnn_fused.fused_nnrnn if case.impl == "fused" else nnrnn_recurrence
+        fn = nnrnn_recurrence if case.impl == "reference" else nnrnn_fused.fused_nnrnn
 
         def forward():
             return fn(x, W, b, nonlinearity="modrelu")[0]
@@ -113,14 +142,21 @@ def build(case: Case):
     if grad:
         out_grad = torch.randn(T, B, N, generator=gen).to(dev, dt)
 
-        def run():
+        def run_once():
             forward().backward(out_grad)
             synchronize(case.device)
     else:
 
-        def run():
+        def run_once():
             with torch.no_grad():
                 forward()
             synchronize(case.device)
+
+    if case.impl not in CPU_ONLY_IMPLS:
+        return run_once
+
+    def run():  # setting the variable costs about a microsecond a call
+        with cpu_kernel(CPU_ONLY_IMPLS[case.impl]):
+            run_once()
 
     return run

@@ -5,8 +5,11 @@ import torch
 
 
 def pytest_addoption(parser):
-    parser.addoption("--grid", default="targets", choices=("quick", "targets", "full", "gpu", "gpucheck"),
+    parser.addoption("--grid", default="targets",
+                     choices=("quick", "targets", "full", "gpu", "gpucheck", "crossover"),
                      help="benchmark sizes (benchmarks/cases.py: GRIDS)")
+    parser.addoption("--impls", default=None,
+                     help="comma-separated implementations (default: the grid's; benchmarks/cases.py: IMPLS)")
     parser.addoption("--rounds", type=int, default=None, help="timed rounds per case")
 
 
@@ -14,7 +17,9 @@ def pytest_generate_tests(metafunc):
     from benchmarks.cases import cases, memory_cases
 
     grid = metafunc.config.getoption("--grid")
-    for name, make in (("case", cases), ("memory_case", memory_cases)):
+    impls = metafunc.config.getoption("--impls")
+    impls = tuple(impls.split(",")) if impls else None
+    for name, make in (("case", lambda g: cases(g, impls=impls)), ("memory_case", memory_cases)):
         if name in metafunc.fixturenames:
             selected = list(make(grid))
             metafunc.parametrize(name, selected, ids=[c.id for c in selected])

@@ -1,9 +1,11 @@
 """Turn pytest-benchmark JSON into markdown tables and PNG plots.
 
-    python -m benchmarks.report RESULTS.json [--out DIR]
+    python -m benchmarks.report RESULTS.json [MORE.json ...] [--out DIR]
 
 Speed: microseconds per timestep (median time of a call / T) per implementation,
 and how many times faster fused_nnrnn is than each baseline in the same run.
+Several JSON files are repeated passes of the same grid: each figure is the median
+over the passes, and each ratio also shows its range over the passes (the noise).
 Memory: bytes saved for backward (and CUDA peak) per implementation.
 """
 from __future__ import annotations
@@ -13,9 +15,10 @@ import json
 import os
 from collections import defaultdict
 
-IMPL_NAMES = {"fused": "fused_nnrnn", "reference": "reference loop", "torch_rnn": "nn.RNN(tanh)",
-              "torch_lstm": "nn.LSTM", "nnrnn_layer": "NNRNN layer"}
-BASELINES = ("reference", "torch_rnn", "torch_lstm")
+IMPL_NAMES = {"fused": "fused_nnrnn", "fused_packed": "packed path", "fused_blas": "previous (BLAS per step)",
+              "reference": "reference loop", "torch_rnn": "nn.RNN(tanh)", "torch_lstm": "nn.LSTM",
+              "nnrnn_layer": "NNRNN layer"}
+BASELINES = ("fused_blas", "reference", "torch_rnn", "torch_lstm")
 KEY_FIELDS = ("device", "dtype", "mode", "N", "B", "T")
 
 
@@ -23,6 +26,20 @@ def load(path):
     with open(path) as f:
         data = json.load(f)
     return (data,) + tables((b["extra_info"], b["stats"]["median"]) for b in data["benchmarks"])
+
+
+def median(values):
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def combine(passes):
+    """The median over passes of each case's µs/step (a case missing from a pass is left out there)."""
+    speed = defaultdict(dict)
+    for key in {k for p in passes for k in p}:
+        for impl in {i for p in passes for i in p.get(key, {})}:
+            speed[key][impl] = median([p[key][impl] for p in passes if impl in p.get(key, {})])
+    return speed
 
 
 def tables(entries):
@@ -51,17 +68,27 @@ def header(data) -> str:
     return "; ".join(parts)
 
 
-def speed_table(speed) -> str:
+def speed_table(speed, passes=()) -> str:
+    """Ratios are of the op as shipped ("fused"), or of the forced packed path when only it ran;
+    with several passes, each ratio is followed by its (min-max) over the passes."""
     impls = [i for i in IMPL_NAMES if any(i in v for v in speed.values())]
-    baselines = [b for b in BASELINES if b in impls and "fused" in impls]
+    subject = "fused" if "fused" in impls else "fused_packed"
+    baselines = [b for b in BASELINES if b in impls and subject in impls]
     cols = ["device", "dtype", "mode", "N", "B", "T"] + [f"{IMPL_NAMES[i]} µs/step" for i in impls]
-    cols += [f"fused vs {IMPL_NAMES[b]}" for b in baselines]
+    cols += [f"{IMPL_NAMES[subject]} vs {IMPL_NAMES[b]}" for b in baselines]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for key in sorted(speed):
         row = speed[key]
         cells = [str(k) for k in key] + [f"{row[i]:.2f}" if i in row else "" for i in impls]
         for b in baselines:
-            cells.append(f"{row[b] / row['fused']:.2f}x" if b in row and "fused" in row else "")
+            if b not in row or subject not in row:
+                cells.append("")
+                continue
+            cell = f"{row[b] / row[subject]:.2f}x"
+            per_pass = [p[key][b] / p[key][subject] for p in passes if {b, subject} <= set(p.get(key, {}))]
+            if len(per_pass) > 1:
+                cell += f" ({min(per_pass):.2f}-{max(per_pass):.2f})"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -124,16 +151,22 @@ def plot(speed, out_dir) -> list[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON (--benchmark-json); several: passes")
     parser.add_argument("--out", default=None, help="folder for report.md and the PNGs (default: beside RESULTS)")
     args = parser.parse_args(argv)
-    data, speed, memory = load(args.results)
-    out_dir = args.out or os.path.dirname(os.path.abspath(args.results))
+    loaded = [load(path) for path in args.results]
+    data, _, memory = loaded[0]
+    passes = [speed for _, speed, _ in loaded]
+    speed = combine(passes)
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.results[0]))
     os.makedirs(out_dir, exist_ok=True)
     parts = [header(data)]
+    if len(passes) > 1:
+        parts.append(f"{len(passes)} passes: " + ", ".join(d.get("datetime", "?")[:19] for d, _, _ in loaded))
     if speed:
-        parts.append("Speed (median µs per timestep; ratios: times faster than the baseline, same run)\n\n"
-                     + speed_table(speed))
+        what = "median over the passes of each pass's median" if len(passes) > 1 else "median"
+        parts.append(f"Speed ({what} µs per timestep; ratios: times faster than the baseline, same run)\n\n"
+                     + speed_table(speed, passes))
     if memory:
         parts.append("Memory of forward+backward\n\n" + memory_table(memory))
     text = "\n\n".join(parts) + "\n"

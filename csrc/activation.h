@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define NNRNN_HD __host__ __device__ __forceinline__
@@ -41,10 +42,14 @@ inline float host_tanh(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  union { int32_t i; float f; } two_k;
-  two_k.i = (ki + 127) << 23;
-  const float t = 1.0f - 2.0f / (p * two_k.f + 1.0f);
-  return x == x ? std::copysign(t, x) : x;  // NaN in, NaN out
+  const int32_t two_k_bits = (ki + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &two_k_bits, sizeof(two_k));
+  const float t = 1.0f - 2.0f / (p * two_k + 1.0f);
+  // NaN in, NaN out. Written as "+ (NaN or -0)" rather than "x == x ? t : x", and 2^k
+  // by memcpy rather than a union: with either of those, GCC 12 keeps the loop scalar
+  // inside the packed kernels' target("avx512f") functions.
+  return std::copysign(t, x) + (x == x ? -0.0f : x);
 }
 inline double host_tanh(double x) { return std::tanh(x); }
 #endif

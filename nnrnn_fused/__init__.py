@@ -6,17 +6,18 @@ C++/CUDA recurrence.
     reference.nnrnn_recurrence(...)          the same recurrence as a PyTorch loop
     status()                                 what is built and which path runs
     cuda_path(N, B, dtype, device)           which CUDA path (persistent or fallback) a shape takes
+    cpu_path(N, B, dtype)                    which CPU path (packed or BLAS) a shape takes
 """
 from . import recipe, reference
 from ._version import __version__
 from ._extension import status
 from .layer import NNRNN, count_free_parameters
-from .ops import cuda_path, fused_nnrnn
+from .ops import cpu_path, cuda_path, fused_nnrnn
 from .parametrization import DenseRecurrence, OrthogonalRecurrence, SchurRecurrence
 from .recipe import delta_penalty, make_optimizers, parameter_groups
 
 __all__ = [
-    "NNRNN", "fused_nnrnn", "cuda_path", "reference", "recipe", "status", "count_free_parameters",
+    "NNRNN", "fused_nnrnn", "cuda_path", "cpu_path", "reference", "recipe", "status", "count_free_parameters",
     "SchurRecurrence", "OrthogonalRecurrence", "DenseRecurrence",
     "parameter_groups", "make_optimizers", "delta_penalty",
 ]

@@ -19,7 +19,7 @@ from . import _extension
 from ._amp import AUTOCAST_DEVICES, under_autocast_policy
 from ._checks import as_lengths, check_backward_inputs, check_inputs
 
-__all__ = ["fused_nnrnn", "cuda_path"]
+__all__ = ["fused_nnrnn", "cuda_path", "cpu_path"]
 
 DOUBLE_BACKWARD_MESSAGE = (
     "fused_nnrnn: double backward (create_graph=True, or torch.func.grad of a gradient) is not supported; "
@@ -84,6 +84,20 @@ def cuda_path(N, B, dtype=torch.float32, device="cuda"):
     """
     _extension.require()
     return torch.ops.nnrnn_fused.cuda_path(int(N), int(B), dtype, torch.device(device))
+
+
+def cpu_path(N, B, dtype=torch.float32):
+    """Which path ``fused_nnrnn`` takes on the CPU for hidden size N, batch B, dtype.
+
+    Returns "packed: <isa>, <k> threads" (W packed once per call, a team of threads
+    in lockstep, the nonlinearity fused into the micro-kernel) or "blas: <reason>"
+    (one BLAS GEMM per step), as the measured crossover table in
+    csrc/cpu/packed_cpu.cpp decides. Environment variables, read at every call:
+    NNRNN_CPU_KERNEL=packed|blas forces a path, NNRNN_CPU_ISA=avx512|avx2|generic
+    caps the packed kernels' instruction set.
+    """
+    _extension.require()
+    return torch.ops.nnrnn_fused.cpu_path(int(N), int(B), dtype)
 
 
 # Autograd: one setup_context and one formula, for the op and for _FunctorchRecurrence.

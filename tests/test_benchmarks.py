@@ -20,7 +20,7 @@ def test_quick_benchmarks_and_report(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(results.read_text())
     impls = {b["extra_info"]["impl"] for b in data["benchmarks"]}
-    assert impls == {"fused", "reference", "torch_rnn", "torch_lstm", "nnrnn_layer"}
+    assert impls == {"fused", "fused_blas", "reference", "torch_rnn", "torch_lstm", "nnrnn_layer"}
     assert all(b["stats"]["median"] > 0 for b in data["benchmarks"])
 
     report = subprocess.run([sys.executable, "-m", "benchmarks.report", str(results), "--out", str(tmp_path)],
@@ -28,7 +28,8 @@ def test_quick_benchmarks_and_report(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     md = (tmp_path / "report.md").read_text()
     assert "| cpu | float32 | fwdbwd | 128 | 10 | 50 |" in md
-    assert "fused vs nn.RNN(tanh)" in md and "Memory of forward+backward" in md
+    assert "fused_nnrnn vs nn.RNN(tanh)" in md and "fused_nnrnn vs previous (BLAS per step)" in md
+    assert "Memory of forward+backward" in md
     assert (tmp_path / "speed_cpu_float32_fwdbwd.png").stat().st_size > 1000
 
 

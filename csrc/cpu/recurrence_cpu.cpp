@@ -1,9 +1,12 @@
 // CPU kernels of nnrnn_fused::recurrence and recurrence_backward.
 //
-// Each direction is one call that loops over the timesteps in C++: per step one
-// small GEMM on raw pointers (blas.h) with the nonlinearity applied right after
-// it, while the step's rows are still in cache. No tensor is created inside the
-// time loop. The weight gradient is one GEMM over all steps after the loop.
+// Two paths, chosen per shape by choose_cpu_path (packed.h): the packed kernels
+// (packed_kernels.h: W packed once, a team of threads in lockstep, the
+// nonlinearity in the micro-kernel's epilogue), and the BLAS path below. In the
+// BLAS path each direction is one call that loops over the timesteps in C++: per
+// step one small GEMM on raw pointers (blas.h) with the nonlinearity applied right
+// after it, while the step's rows are still in cache. No tensor is created inside
+// the time loop. The weight gradient is one GEMM over all steps after the loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +16,7 @@
 #include "../activation.h"
 #include "../checks.h"
 #include "blas.h"
+#include "packed.h"
 
 namespace nnrnn::cpu {
 namespace {
@@ -47,6 +51,24 @@ std::vector<int64_t> lengths_vector(const std::optional<at::Tensor>& lengths, in
   check_length_values(*lengths, T);
   auto l = lengths->to(at::kLong).contiguous();
   return std::vector<int64_t>(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + l.numel());
+}
+
+// h_n with lengths on the packed path: each row's output at its last step, or its
+// initial state where its length is 0.
+at::Tensor last_states(const at::Tensor& out, const std::vector<int64_t>& len, const at::Tensor& initial) {
+  const int64_t B = out.size(1), N = out.size(2);
+  std::vector<int64_t> rows, steps;
+  for (int64_t r = 0; r < B; ++r) {
+    if (len[r] > 0) {
+      rows.push_back(r);
+      steps.push_back((len[r] - 1) * B + r);
+    }
+  }
+  auto h_n = initial.clone(at::MemoryFormat::Contiguous);
+  if (!rows.empty()) {
+    h_n.index_copy_(0, at::tensor(rows), out.view({-1, N}).index_select(0, at::tensor(steps)));
+  }
+  return h_n;
 }
 
 template <typename scalar_t, Nonlinearity F>
@@ -84,25 +106,33 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   const int64_t T = s.T, B = s.B, N = s.N;
   const auto len = lengths_vector(lengths, T);
 
-  auto out = x.clone(at::MemoryFormat::Contiguous);
+  const bool packed = choose_cpu_path(N, B, x.scalar_type()).packed;
+  // The BLAS loop adds each step's product to x in place; the packed kernels read x.
+  auto xc = packed ? x.contiguous() : at::Tensor();
+  auto out = packed ? at::empty({T, B, N}, x.options()) : x.clone(at::MemoryFormat::Contiguous);
   auto Wc = W.contiguous();
   auto bc = b ? b->contiguous() : at::zeros({N}, x.options());
   auto h0c = h0 ? h0->contiguous() : at::Tensor();
-  // With lengths the running state is h_n itself; start it from h0.
-  auto state = len.empty() ? at::Tensor() : (h0 ? h0c.clone() : at::zeros({B, N}, x.options()));
+  // With lengths the BLAS loop keeps the running state in h_n itself; start it from h0.
+  auto state = len.empty() || packed ? at::Tensor() : (h0 ? h0c.clone() : at::zeros({B, N}, x.options()));
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nnrnn_recurrence_cpu", [&] {
+    const scalar_t* h0p = h0 ? h0c.data_ptr<scalar_t>() : nullptr;
+    if (packed) {
+      packed_forward<scalar_t>(T, B, N, xc.data_ptr<scalar_t>(), Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
+                               h0p, len, f, out.data_ptr<scalar_t>());
+      return;
+    }
     with_nonlinearity(f, [&](auto fc) {
       forward_loop<scalar_t, decltype(fc)::value>(
-          T, B, N, Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
-          h0 ? h0c.data_ptr<scalar_t>() : nullptr, len, out.data_ptr<scalar_t>(),
+          T, B, N, Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), h0p, len, out.data_ptr<scalar_t>(),
           state.defined() ? state.data_ptr<scalar_t>() : nullptr);
     });
   });
 
   at::Tensor h_n;
   if (!len.empty()) {
-    h_n = state;
+    h_n = packed ? last_states(out, len, h0 ? h0c : at::zeros({B, N}, x.options())) : state;
   } else if (T > 0) {
     h_n = out[T - 1].clone();
   } else {
@@ -159,6 +189,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
   auto out = output.contiguous();
   auto go = grad_output.contiguous();
   auto Wc = W.contiguous();
+  if (choose_cpu_path(N, B, output.scalar_type()).packed) {
+    auto dx = at::empty_like(out);
+    auto dW = at::empty({N, N}, out.options());
+    auto db = at::empty({N}, out.options().dtype(at::kDouble));
+    auto grad_h0 = at::empty({B, N}, out.options());
+    auto gh = grad_h_n.contiguous();
+    auto h0c = h0 ? h0->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "nnrnn_recurrence_backward_cpu", [&] {
+      packed_backward<scalar_t>(T, B, N, Wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(),
+                                gh.data_ptr<scalar_t>(), h0 ? h0c.data_ptr<scalar_t>() : nullptr, len, f,
+                                dx.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(), db.data_ptr<double>(),
+                                grad_h0.data_ptr<scalar_t>());
+    });
+    return {dx, dW, db.to(output.scalar_type()), grad_h0};
+  }
   auto g = grad_h_n.clone(at::MemoryFormat::Contiguous);
   auto g_next = len.empty() ? at::Tensor() : at::empty_like(g);
   auto dx = at::empty_like(out);

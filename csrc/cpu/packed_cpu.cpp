@@ -1,0 +1,267 @@
+// The packed CPU path: per-ISA instantiation of the workers (packed_kernels.h),
+// the runtime choice of ISA and of path, and the op nnrnn_fused::cpu_path.
+#include "packed.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <numeric>
+#include <string>
+
+#if defined(__GNUC__)  // GCC and Clang: vector extensions and target attributes
+#define NNRNN_PACKED 1
+#include "packed_kernels.h"
+#if defined(__x86_64__) || defined(__i386__)
+#define NNRNN_PACKED_X86 1
+#endif
+#endif
+
+namespace nnrnn::cpu {
+namespace {
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? std::string() : std::string(v);
+}
+
+// Where the packed path beat one BLAS GEMM per step: `--grid crossover` (float32,
+// T=100, N 32..1024, B 1..256, forward and forward+backward), 5 passes with 2
+// threads and 3 with 1 on the quiet 2-core development machine
+// (benchmarks/results/cpu_v2/). The packed path is taken for N <= max_N when
+// B >= min_B, the BLAS path otherwise: the packed path was 1.2x to 1.5x faster
+// forward+backward up to N=256 and lost at N=512 and 1024 (0.4x to 1.0x, except at
+// single points within the noise); at N=256, B=1 the two were even.
+struct Crossover {
+  int64_t max_N, min_B;
+};
+constexpr Crossover kCrossover[] = {{128, 1}, {256, 2}};
+
+// Beyond this the packed copies of W, W^T and dW (3 N^2 elements) are no longer small.
+constexpr int64_t kMaxPackedN = 4096;
+
+#if NNRNN_PACKED
+enum class Level { Generic, Avx2, Avx512 };
+
+// One instantiation of the workers per ISA, in functions that carry the ISA's
+// target attribute and inline (flatten) the whole time loop.
+#define NNRNN_PACKED_ISA(name, attributes, vec_bytes, max_rows)                                   \
+  template <typename T>                                                                          \
+  using name##_isa = packed::Isa<T, vec_bytes, max_rows>;                                        \
+  template <typename T>                                                                          \
+  attributes void forward_##name(const packed::ForwardArgs<T>& a, Team& team) {            \
+    packed::forward_worker<name##_isa<T>>(a, team);                                              \
+  }                                                                                              \
+  template <typename T>                                                                          \
+  attributes void backward_##name(const packed::BackwardArgs<T>& a, Team& team) {          \
+    packed::backward_worker<name##_isa<T>>(a, team);                                             \
+  }
+
+// Registers: AVX-512 has 32 vector registers (8 x 2 accumulators), AVX2 and SSE2 16
+// (6 x 2 and 4 x 2); NEON has 32 but gets the SSE2 tile.
+NNRNN_PACKED_ISA(generic, __attribute__((flatten)), 16, 4)
+#if NNRNN_PACKED_X86
+NNRNN_PACKED_ISA(avx2, __attribute__((flatten, target("avx2,fma"))), 32, 6)
+NNRNN_PACKED_ISA(avx512, __attribute__((flatten, target("avx512f,fma"))), 64, 8)
+#endif
+
+template <typename T>
+struct Kernels {
+  void (*forward)(const packed::ForwardArgs<T>&, Team&);
+  void (*backward)(const packed::BackwardArgs<T>&, Team&);
+  int64_t cols;  // panel width
+  const char* name;
+};
+
+Level best_level() {
+#if NNRNN_PACKED_X86
+  static const Level best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return Level::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Level::Avx2;
+    return Level::Generic;
+  }();
+  return best;
+#else
+  return Level::Generic;
+#endif
+}
+
+// The best level of this CPU, capped by NNRNN_CPU_ISA.
+Level chosen_level() {
+  const std::string cap = env("NNRNN_CPU_ISA");
+  Level wanted = Level::Avx512;
+  if (cap == "avx2") {
+    wanted = Level::Avx2;
+  } else if (cap == "generic") {
+    wanted = Level::Generic;
+  } else {
+    TORCH_CHECK_VALUE(cap.empty() || cap == "avx512",
+                      "NNRNN_CPU_ISA must be avx512, avx2 or generic (or unset), got '", cap, "'");
+  }
+  return std::min(best_level(), wanted);
+}
+
+template <typename T>
+Kernels<T> kernels(Level level) {
+#if NNRNN_PACKED_X86
+  if (level == Level::Avx512) return {forward_avx512<T>, backward_avx512<T>, avx512_isa<T>::kCols, "avx512"};
+  if (level == Level::Avx2) return {forward_avx2<T>, backward_avx2<T>, avx2_isa<T>::kCols, "avx2"};
+#endif
+  return {forward_generic<T>, backward_generic<T>, generic_isa<T>::kCols, "generic"};
+}
+
+// As many threads as torch uses, at most one per panel.
+int team_size(int64_t N, int64_t cols) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + cols - 1) / cols)));
+}
+
+// Consecutive calls that ran solo: a team that went solo (team.h) says the
+// machine is busy, so the next calls start solo, and every kProbeEvery-th call
+// tries a team again. Which thread computes a column never changes its bits.
+std::atomic<unsigned> solo_calls{0};
+constexpr unsigned kProbeEvery = 8;
+
+// NNRNN_CPU_TEAM=fixed (tests, measurements): the team keeps its size.
+template <class Body>
+void run_adaptive_team(int wanted, const Body& body) {
+  const std::string team = env("NNRNN_CPU_TEAM");
+  TORCH_CHECK_VALUE(team.empty() || team == "adaptive" || team == "fixed",
+                    "NNRNN_CPU_TEAM must be adaptive or fixed (or unset), got '", team, "'");
+  if (team == "fixed") {
+    run_team(wanted, false, body);
+    return;
+  }
+  const unsigned streak = solo_calls.load(std::memory_order_relaxed);
+  if (wanted > 1 && streak % kProbeEvery != 0) {
+    run_team(1, false, body);
+    solo_calls.store(streak + 1, std::memory_order_relaxed);
+    return;
+  }
+  const bool solo = run_team(wanted, true, body);
+  if (wanted > 1) solo_calls.store(solo ? streak + 1 : 0, std::memory_order_relaxed);
+}
+
+int slow_member_us() {
+  const std::string v = env("NNRNN_CPU_SLOW_MEMBER_US");  // tests: a member descheduled at every step
+  return v.empty() ? 0 : std::max(0, std::atoi(v.c_str()));
+}
+
+// Rows by decreasing length (stable), and how many are still running at each step.
+struct RowOrder {
+  std::vector<int64_t> order, active;
+};
+RowOrder row_order(int64_t steps, int64_t B, const std::vector<int64_t>& lengths) {
+  RowOrder r{std::vector<int64_t>(B), std::vector<int64_t>(steps, B)};
+  std::iota(r.order.begin(), r.order.end(), 0);
+  if (lengths.empty()) return r;
+  std::stable_sort(r.order.begin(), r.order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  int64_t running = B;
+  for (int64_t t = 0; t < steps; ++t) {
+    while (running > 0 && lengths[r.order[running - 1]] <= t) --running;
+    r.active[t] = running;
+  }
+  return r;
+}
+
+template <typename T>
+at::Tensor scratch(int64_t elements) {  // 64-byte aligned (c10's CPU allocator)
+  return at::empty({elements}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+#endif  // NNRNN_PACKED
+
+}  // namespace
+
+CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
+  const std::string forced = env("NNRNN_CPU_KERNEL");
+  TORCH_CHECK_VALUE(forced.empty() || forced == "auto" || forced == "packed" || forced == "blas",
+                    "NNRNN_CPU_KERNEL must be auto, packed or blas (or unset), got '", forced, "'");
+#if NNRNN_PACKED
+  if (forced == "blas") return {false, "blas: forced by NNRNN_CPU_KERNEL=blas"};
+  if (N == 0 || B == 0) return {false, "blas: empty (N or B is 0)"};
+  if (N > kMaxPackedN) return {false, "blas: N > " + std::to_string(kMaxPackedN)};
+  if (forced != "packed") {
+    const auto* row = std::find_if(std::begin(kCrossover), std::end(kCrossover),
+                                   [&](const Crossover& c) { return N <= c.max_N; });
+    if (row == std::end(kCrossover) || B < row->min_B) return {false, "blas: faster for this shape (crossover table)"};
+  }
+  const Level level = chosen_level();
+  const int64_t cols = dtype == at::kDouble ? kernels<double>(level).cols : kernels<float>(level).cols;
+  const int threads = team_size(N, cols);
+  return {true, std::string("packed: ") + kernels<float>(level).name + ", " + std::to_string(threads) +
+                    (threads == 1 ? " thread" : " threads")};
+#else
+  (void)N, (void)B, (void)dtype;
+  return {false, "blas: the packed kernels need GCC or Clang"};
+#endif
+}
+
+#define NNRNN_INSTANTIATE(T)                                                                                  \
+  template void packed_forward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,         \
+                                  const std::vector<int64_t>&, Nonlinearity, T*);                             \
+  template void packed_backward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const T*, \
+                                   const std::vector<int64_t>&, Nonlinearity, T*, T*, double*, T*);
+
+#if NNRNN_PACKED
+template <typename T>
+void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W, const T* bias, const T* h0,
+                    const std::vector<int64_t>& lengths, Nonlinearity f, T* out) {
+  if (steps == 0) return;
+  const Kernels<T> k = kernels<T>(chosen_level());
+  const int64_t panels = (N + k.cols - 1) / k.cols;
+  auto packed_W = scratch<T>(panels * N * k.cols);
+  const RowOrder rows = row_order(steps, B, lengths);
+  const packed::ForwardArgs<T> args{steps, B, N, x, W, bias, h0, out, rows.order.data(), rows.active.data(), f,
+                                    packed_W.template data_ptr<T>(), slow_member_us()};
+  run_adaptive_team(team_size(N, k.cols), [&](Team& team) { k.forward(args, team); });
+}
+
+template <typename T>
+void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* out, const T* grad_out,
+                     const T* grad_h_n, const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* dx,
+                     T* dW, double* db, T* grad_h0) {
+  const Kernels<T> k = kernels<T>(chosen_level());
+  const int64_t panels = (N + k.cols - 1) / k.cols;
+  auto packed_Wt = scratch<T>(panels * N * k.cols);
+  auto packed_dW = scratch<T>(panels * N * k.cols);
+  auto packed_d = scratch<T>(panels * B * k.cols);
+  const RowOrder rows = row_order(steps, B, lengths);
+  const packed::BackwardArgs<T> args{steps, B, N, W, out, grad_out, grad_h_n, h0, rows.order.data(),
+                                     rows.active.data(), f, dx, dW, db, grad_h0,
+                                     packed_Wt.template data_ptr<T>(), packed_dW.template data_ptr<T>(),
+                                     packed_d.template data_ptr<T>(), slow_member_us()};
+  run_adaptive_team(team_size(N, k.cols), [&](Team& team) { k.backward(args, team); });
+}
+
+#else  // choose_cpu_path never picks the packed path here
+template <typename T>
+void packed_forward(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const std::vector<int64_t>&,
+                    Nonlinearity, T*) {
+  TORCH_INTERNAL_ASSERT(false, "the packed CPU kernels are not built");
+}
+template <typename T>
+void packed_backward(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const T*,
+                     const std::vector<int64_t>&, Nonlinearity, T*, T*, double*, T*) {
+  TORCH_INTERNAL_ASSERT(false, "the packed CPU kernels are not built");
+}
+#endif  // NNRNN_PACKED
+NNRNN_INSTANTIATE(float)
+NNRNN_INSTANTIATE(double)
+
+namespace {
+std::string cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
+  TORCH_CHECK_VALUE(N >= 0 && B >= 0, "cpu_path: N and B must be >= 0, got N = ", N, ", B = ", B);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble, "cpu_path: unsupported dtype ", dtype,
+                    "; supported on the CPU: float32, float64");
+  return choose_cpu_path(N, B, dtype).description;
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nnrnn_fused, m) {
+  m.def("cpu_path(int N, int B, ScalarType dtype) -> str", &cpu_path);
+}
+
+}  // namespace nnrnn::cpu

@@ -1,0 +1,351 @@
+// The CPU time loops of the packed path (packed_cpu.cpp chooses it per shape).
+//
+// Per call, each thread of a Team packs its share of W (forward) or W^T
+// (backward) once into column panels, the layout the micro-kernel reads
+// contiguously; then every step it computes its panels' columns for all running
+// rows, applies the nonlinearity (or the derivative from the output) to each
+// tile right after the tile's last FMA, and meets the other threads at the
+// step's barrier. No BLAS call and no allocation inside the time loop. The
+// backward also accumulates its columns of dW (a rank-B update per step, in
+// registers tile by tile) and of db, so a column is always computed by one thread
+// in one order: the results are the same bits whatever the number of threads.
+//
+// One micro-kernel template: vectors are GCC/Clang vector extensions whose width
+// is a template parameter. packed_cpu.cpp instantiates the workers once per ISA
+// (AVX-512, AVX2, and a 16-byte-vector generic one: SSE2 on x86-64, NEON on
+// aarch64) inside functions that carry the ISA's target attribute and inline
+// everything below. at::vec fixes its width per translation unit at compile
+// time (one extra translation unit and flag set per ISA, and ODR care for every
+// inline function they share); intrinsics would mean one copy per ISA.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "../activation.h"
+#include "team.h"
+
+#define NNRNN_UNROLL _Pragma("GCC unroll 16")
+
+namespace nnrnn::cpu::packed {
+
+// A tile is MR rows (MR <= MaxRows) by kCols = kVecs vectors of columns, held in
+// MR * kVecs accumulator registers.
+template <typename T, int VecBytes, int MaxRows>
+struct Isa {
+  using scalar = T;
+  typedef T vec __attribute__((vector_size(VecBytes)));
+  static constexpr int kLanes = VecBytes / static_cast<int>(sizeof(T));
+  static constexpr int kVecs = 2;
+  static constexpr int kCols = kLanes * kVecs;
+  static constexpr int kMaxRows = MaxRows;
+};
+
+// Forward of one call: out (steps, B, N) = h_t from x (steps, B, N).
+// Rows are taken in `order` (by decreasing length); at step t the first active[t]
+// of them are running and the rest output zero.
+template <typename T>
+struct ForwardArgs {
+  int64_t steps, B, N;
+  const T* x;
+  const T* W;
+  const T* bias;
+  const T* h0;  // nullptr: zero initial state
+  T* out;
+  const int64_t* order;
+  const int64_t* active;
+  Nonlinearity f;
+  T* packed_W;  // panels(N) * N * kCols
+  int slow_member_us;  // tests: the last member sleeps this long before each step
+};
+
+// Backward of one call: dx (steps, B, N) = da_t, dW, db (accumulated in double),
+// grad_h0 (B, N).
+template <typename T>
+struct BackwardArgs {
+  int64_t steps, B, N;
+  const T* W;
+  const T* out;
+  const T* grad_out;
+  const T* grad_h_n;
+  const T* h0;  // nullptr: zero initial state
+  const int64_t* order;
+  const int64_t* active;
+  Nonlinearity f;
+  T* dx;
+  T* dW;
+  double* db;
+  T* grad_h0;
+  T* packed_Wt;  // panels(N) * N * kCols
+  T* packed_dW;  // panels(N) * N * kCols
+  T* packed_d;   // panels(N) * B * kCols: this step's da, per panel
+  int slow_member_us;
+};
+
+template <class I>
+int64_t panel_count(int64_t cols) {
+  return (cols + I::kCols - 1) / I::kCols;
+}
+
+// acc[i] += sum over s < depth of a(i, s) * b[s * b_stride, +kCols): the micro-kernel.
+template <class I, int MR, class A>
+inline void fma_tile(int64_t depth, const A& a, const typename I::scalar* b, int64_t b_stride,
+                     typename I::vec (&acc)[MR][I::kVecs]) {
+  using V = typename I::vec;
+  for (int64_t s = 0; s < depth; ++s) {
+    V bv[I::kVecs];
+    NNRNN_UNROLL
+    for (int v = 0; v < I::kVecs; ++v) std::memcpy(&bv[v], b + s * b_stride + v * I::kLanes, sizeof(V));
+    NNRNN_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      const V ai = a(i, s) - V{};  // a broadcast (x - 0 is x)
+      NNRNN_UNROLL
+      for (int v = 0; v < I::kVecs; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+}
+
+template <class I, int MR>
+inline void store_tile(const typename I::vec (&acc)[MR][I::kVecs], typename I::scalar* tile, int64_t stride) {
+  NNRNN_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    NNRNN_UNROLL
+    for (int v = 0; v < I::kVecs; ++v) std::memcpy(tile + i * stride + v * I::kLanes, &acc[i][v], sizeof(acc[i][v]));
+  }
+}
+
+template <class I, int MR>
+inline void load_tile(typename I::vec (&acc)[MR][I::kVecs], const typename I::scalar* tile, int64_t stride) {
+  NNRNN_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    NNRNN_UNROLL
+    for (int v = 0; v < I::kVecs; ++v) std::memcpy(&acc[i][v], tile + i * stride + v * I::kLanes, sizeof(acc[i][v]));
+  }
+}
+
+// Calls fn(std::integral_constant<int, mr>{}) for 1 <= mr <= I::kMaxRows: one
+// tile routine per row count, each with its accumulators in registers.
+template <class I, int MR = I::kMaxRows, class Fn>
+inline void with_rows(int mr, const Fn& fn) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return with_rows<I, MR - 1>(mr, fn);
+  }
+  fn(std::integral_constant<int, MR>{});
+}
+
+// body(first, count) over [0, m) in balanced blocks of at most I::kMaxRows.
+template <class I, class Body>
+inline void row_blocks(int64_t m, const Body& body) {
+  const int64_t blocks = (m + I::kMaxRows - 1) / I::kMaxRows;
+  for (int64_t k = 0, first = 0; k < blocks; ++k) {
+    const int count = static_cast<int>(m / blocks + (k < m % blocks ? 1 : 0));
+    body(first, count);
+    first += count;
+  }
+}
+
+// Panels [p0, p1) of the K x C matrix whose (k, c) element is src[k * ks + c * cs],
+// zero beyond column C: panel p holds (k, p * kCols + c) at ((p * K) + k) * kCols + c.
+template <class I>
+inline void pack_panels(const typename I::scalar* src, int64_t ks, int64_t cs, int64_t K, int64_t C, int64_t p0,
+                        int64_t p1, typename I::scalar* dst) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c0 = p * I::kCols, ncols = std::min<int64_t>(I::kCols, C - c0);
+    typename I::scalar* panel = dst + p * K * I::kCols;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < I::kCols; ++c) panel[k * I::kCols + c] = c < ncols ? src[k * ks + (c0 + c) * cs] : 0;
+    }
+  }
+}
+
+// The epilogues: the same pointwise math as the BLAS path (activation.h).
+template <Nonlinearity F, typename T>
+inline void activate_row(const T* __restrict__ acc, const T* __restrict__ x, const T* __restrict__ bias,
+                         T* __restrict__ h, int64_t ncols) {
+  for (int64_t c = 0; c < ncols; ++c) h[c] = activate<T>(F, x[c] + acc[c], bias[c]);
+}
+
+template <typename T>
+inline void activate_row(Nonlinearity f, const T* acc, const T* x, const T* bias, T* h, int64_t ncols) {
+  switch (f) {
+    case Nonlinearity::ModReLU: return activate_row<Nonlinearity::ModReLU>(acc, x, bias, h, ncols);
+    case Nonlinearity::Tanh: return activate_row<Nonlinearity::Tanh>(acc, x, bias, h, ncols);
+    case Nonlinearity::ReLU: return activate_row<Nonlinearity::ReLU>(acc, x, bias, h, ncols);
+  }
+}
+
+// da = (g + grad_out) * dh/dz from the output h; db += da * (dh/db)/(dh/dz).
+template <Nonlinearity F, typename T>
+inline void derivative_row(const T* __restrict__ g, const T* __restrict__ go, const T* __restrict__ h,
+                           T* __restrict__ da, T* __restrict__ da_packed, double* __restrict__ db, int64_t ncols) {
+  for (int64_t c = 0; c < ncols; ++c) {
+    const T d = (g[c] + go[c]) * derivative_from_output<T>(F, h[c]);
+    da[c] = d;
+    da_packed[c] = d;
+    db[c] += static_cast<double>(d * bias_factor_from_output<T>(F, h[c]));
+  }
+}
+
+template <typename T>
+inline void derivative_row(Nonlinearity f, const T* g, const T* go, const T* h, T* da, T* da_packed, double* db,
+                           int64_t ncols) {
+  switch (f) {
+    case Nonlinearity::ModReLU: return derivative_row<Nonlinearity::ModReLU>(g, go, h, da, da_packed, db, ncols);
+    case Nonlinearity::Tanh: return derivative_row<Nonlinearity::Tanh>(g, go, h, da, da_packed, db, ncols);
+    case Nonlinearity::ReLU: return derivative_row<Nonlinearity::ReLU>(g, go, h, da, da_packed, db, ncols);
+  }
+}
+
+// Panels [first, last) of this member: a contiguous, balanced share.
+struct PanelRange {
+  int64_t first, last;
+};
+inline PanelRange my_panels(int64_t panels, const Team& team) {
+  return {panels * team.member() / team.members(), panels * (team.member() + 1) / team.members()};
+}
+
+inline double share(const PanelRange& mine, int64_t panels) {
+  return static_cast<double>(mine.last - mine.first) / static_cast<double>(panels);
+}
+
+inline void slow_down(int us, const Team& team) {
+  if (us > 0 && team.members() > 1 && team.member() == team.members() - 1) {
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+  }
+}
+
+// C rows (given by `rows`) of one panel: acc = A[rows] (mr x K) @ panel (K x kCols),
+// with A's row r at a + r * K; then epilogue(i, acc row i) for each row.
+template <class I, class Epilogue>
+inline void gemm_rows(const typename I::scalar* a, int64_t K, const int64_t* rows, int mr,
+                      const typename I::scalar* panel, const Epilogue& epilogue) {
+  using T = typename I::scalar;
+  with_rows<I>(mr, [&](auto MRc) {
+    constexpr int MR = decltype(MRc)::value;
+    typename I::vec acc[MR][I::kVecs] = {};
+    if (a != nullptr) {
+      const T* a_rows[MR];
+      NNRNN_UNROLL
+      for (int i = 0; i < MR; ++i) a_rows[i] = a + rows[i] * K;
+      fma_tile<I, MR>(K, [&](int i, int64_t k) { return a_rows[i][k]; }, panel, I::kCols, acc);
+    }
+    alignas(64) T tile[MR][I::kCols];
+    store_tile<I, MR>(acc, &tile[0][0], I::kCols);
+    for (int i = 0; i < MR; ++i) epilogue(i, tile[i]);
+  });
+}
+
+template <class I>
+void forward_worker(const ForwardArgs<typename I::scalar>& a, Team& team) {
+  using T = typename I::scalar;
+  const int64_t N = a.N, BN = a.B * a.N, panels = panel_count<I>(N);
+  PanelRange mine = my_panels(panels, team);
+  pack_panels<I>(a.W, N, 1, N, N, mine.first, mine.last, a.packed_W);  // W (k, j) -> panels of j
+
+  for (int64_t t = 0; t < a.steps; ++t) {
+    slow_down(a.slow_member_us, team);
+    T* cur = a.out + t * BN;
+    const T* x = a.x + t * BN;
+    const T* prev = t > 0 ? cur - BN : a.h0;  // running rows at t were running at t - 1
+    const int64_t running = a.active[t];
+    for (int64_t p = mine.first; p < mine.last; ++p) {
+      const int64_t c0 = p * I::kCols, ncols = std::min<int64_t>(I::kCols, N - c0);
+      const T* panel = a.packed_W + p * N * I::kCols;
+      row_blocks<I>(running, [&](int64_t first, int mr) {
+        const int64_t* rows = a.order + first;
+        gemm_rows<I>(prev, N, rows, mr, panel, [&](int i, const T* acc) {
+          const int64_t o = rows[i] * N + c0;
+          activate_row(a.f, acc, x + o, a.bias + c0, cur + o, ncols);
+        });
+      });
+      for (int64_t s = running; s < a.B; ++s) std::fill_n(cur + a.order[s] * N + c0, ncols, T(0));
+    }
+    if (t + 1 < a.steps) {
+      if (!team.sync(share(mine, panels))) return;
+      mine = my_panels(panels, team);  // every panel once the team went solo
+    }
+  }
+}
+
+template <class I>
+void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
+  using T = typename I::scalar;
+  const int64_t N = a.N, B = a.B, BN = B * N, panels = panel_count<I>(N);
+  PanelRange mine = my_panels(panels, team);
+  pack_panels<I>(a.W, 1, N, N, N, mine.first, mine.last, a.packed_Wt);  // W^T (j, k) -> panels of k
+  for (int64_t p = mine.first; p < mine.last; ++p) {
+    std::fill_n(a.packed_dW + p * N * I::kCols, N * I::kCols, T(0));
+    std::fill_n(a.packed_d + p * B * I::kCols, B * I::kCols, T(0));  // columns past N stay zero
+    const int64_t c0 = p * I::kCols;
+    std::fill_n(a.db + c0, std::min<int64_t>(I::kCols, N - c0), 0.0);
+  }
+
+  // Step t: g = da_{t+1} W^T for the rows running at t + 1, grad_h_n for rows whose
+  // last step is t; da_t = (g + grad_out_t) * dh/dz; then dW += h_{t-1}^T da_t.
+  for (int64_t t = a.steps - 1; t >= 0; --t) {
+    slow_down(a.slow_member_us, team);
+    const T* h = a.out + t * BN;
+    const T* go = a.grad_out + t * BN;
+    T* da = a.dx + t * BN;
+    const T* da_next = t + 1 < a.steps ? da + BN : nullptr;
+    const int64_t running = a.active[t], running_next = t + 1 < a.steps ? a.active[t + 1] : 0;
+    for (int64_t p = mine.first; p < mine.last; ++p) {
+      const int64_t c0 = p * I::kCols, ncols = std::min<int64_t>(I::kCols, N - c0);
+      T* d_packed = a.packed_d + p * B * I::kCols;
+      auto derivative = [&](int64_t s, const T* g) {
+        const int64_t o = a.order[s] * N + c0;
+        derivative_row(a.f, g, go + o, h + o, da + o, d_packed + s * I::kCols, a.db + c0, ncols);
+      };
+      row_blocks<I>(running_next, [&](int64_t first, int mr) {
+        gemm_rows<I>(da_next, N, a.order + first, mr, a.packed_Wt + p * N * I::kCols,
+                     [&](int i, const T* acc) { derivative(first + i, acc); });
+      });
+      for (int64_t s = running_next; s < running; ++s) derivative(s, a.grad_h_n + a.order[s] * N + c0);
+      for (int64_t s = running; s < B; ++s) std::fill_n(da + a.order[s] * N + c0, ncols, T(0));
+    }
+    const unsigned round = team.arrive();
+
+    // While the others finish the step: dW[:, my columns] += h_{t-1}^T da_t. Reads
+    // only h (never written here) and this member's own buffers.
+    const T* h_prev = t > 0 ? h - BN : a.h0;
+    if (h_prev != nullptr && running > 0) {
+      for (int64_t p = mine.first; p < mine.last; ++p) {
+        T* dW_panel = a.packed_dW + p * N * I::kCols;
+        const T* d_packed = a.packed_d + p * B * I::kCols;
+        row_blocks<I>(N, [&](int64_t k0, int mk) {
+          with_rows<I>(mk, [&](auto MRc) {
+            constexpr int MR = decltype(MRc)::value;
+            typename I::vec acc[MR][I::kVecs];
+            load_tile<I, MR>(acc, dW_panel + k0 * I::kCols, I::kCols);
+            fma_tile<I, MR>(
+                running, [&](int i, int64_t s) { return h_prev[a.order[s] * N + k0 + i]; }, d_packed, I::kCols,
+                acc);
+            store_tile<I, MR>(acc, dW_panel + k0 * I::kCols, I::kCols);
+          });
+        });
+      }
+    }
+    if (!team.wait(round, share(mine, panels))) return;
+    mine = my_panels(panels, team);
+  }
+
+  // grad_h0 = da_0 W^T for rows that ran at step 0, grad_h_n for the others.
+  const int64_t running0 = a.steps > 0 ? a.active[0] : 0;
+  for (int64_t p = mine.first; p < mine.last; ++p) {
+    const int64_t c0 = p * I::kCols, ncols = std::min<int64_t>(I::kCols, N - c0);
+    row_blocks<I>(running0, [&](int64_t first, int mr) {
+      const int64_t* rows = a.order + first;
+      gemm_rows<I>(a.dx, N, rows, mr, a.packed_Wt + p * N * I::kCols,
+                   [&](int i, const T* acc) { std::copy_n(acc, ncols, a.grad_h0 + rows[i] * N + c0); });
+    });
+    for (int64_t s = running0; s < B; ++s) {
+      const int64_t o = a.order[s] * N + c0;
+      std::copy_n(a.grad_h_n + o, ncols, a.grad_h0 + o);
+    }
+    const T* dW_panel = a.packed_dW + p * N * I::kCols;
+    for (int64_t k = 0; k < N; ++k) std::copy_n(dW_panel + k * I::kCols, ncols, a.dW + k * N + c0);
+  }
+}
+
+}  // namespace nnrnn::cpu::packed
