@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.gpu_check import (FAILED, NOT_VERIFIED, PASSED, find_tool, read_results, record, since_start,
                                   source_hash)
+from benchmarks.static_check import read_ptxas_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = torch.cuda.is_available()
@@ -235,22 +236,8 @@ def short_kernel(name: str) -> str:
 
 
 def ptxas_rows(text: str) -> list[dict]:
-    """Per kernel and arch: registers, stack frame and spills from ptxas -v."""
-    rows, cur = [], None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
-        if m:
-            cur = {"kernel": m.group(1), "arch": m.group(2)}
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and cur is not None:
-            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-            continue
-        m = re.search(r"Used (\d+) registers", line)
-        if m and cur is not None:
-            cur["registers"] = int(m.group(1))
-            rows.append(cur)
-            cur = None
+    """Per kernel and arch: registers, stack frame and spills from ptxas -v, kernels demangled."""
+    rows = read_ptxas_report(text)
     for row, name in zip(rows, demangle([r["kernel"] for r in rows])):
         row["kernel"] = short_kernel(name)
     return rows

@@ -101,14 +101,14 @@ def compile_cubin(nvcc: str, workdir: str) -> tuple[str, str]:
     return cubin, proc.stderr + proc.stdout
 
 
-def parse_ptxas(report: str) -> dict[str, dict]:
-    """Per mangled kernel name: registers, stack frame, spill stores and loads."""
-    kernels: dict[str, dict] = {}
-    current = None
+def read_ptxas_report(report: str) -> list[dict]:
+    """ptxas -v's report, per kernel and arch in report order: mangled kernel name, arch, stack frame,
+    spill stores and loads, registers. (The GPU check's build phase reads its report with this too.)"""
+    rows, current = [], None
     for line in report.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)' for", line)
+        m = re.search(r"Compiling entry function '(\S+)' for '(\w+)'", line)
         if m:
-            current = kernels.setdefault(m.group(1), {})
+            current = {"kernel": m.group(1), "arch": m.group(2)}
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and current is not None:
@@ -117,7 +117,15 @@ def parse_ptxas(report: str) -> dict[str, dict]:
         m = re.search(r"Used (\d+) registers", line)
         if m and current is not None:
             current["registers"] = int(m.group(1))
-    return kernels
+            rows.append(current)
+            current = None
+    return rows
+
+
+def parse_ptxas(report: str) -> dict[str, dict]:
+    """Per mangled kernel name (one arch is compiled here): registers, stack frame, spill stores and loads."""
+    return {row["kernel"]: {k: v for k, v in row.items() if k not in ("kernel", "arch")}
+            for row in read_ptxas_report(report)}
 
 
 def sass_functions(cuobjdump: str, cubin: str) -> dict[str, list[tuple[int, str]]]:
