@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from collections import defaultdict
 
 IMPL_NAMES = {"fused": "fused_nnrnn", "fused_packed": "packed path", "fused_blas": "previous (BLAS per step)",
@@ -28,17 +29,12 @@ def load(path):
     return (data,) + tables((b["extra_info"], b["stats"]["median"]) for b in data["benchmarks"])
 
 
-def median(values):
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
 def combine(passes):
     """The median over passes of each case's µs/step (a case missing from a pass is left out there)."""
     speed = defaultdict(dict)
     for key in {k for p in passes for k in p}:
         for impl in {i for p in passes for i in p.get(key, {})}:
-            speed[key][impl] = median([p[key][impl] for p in passes if impl in p.get(key, {})])
+            speed[key][impl] = statistics.median([p[key][impl] for p in passes if impl in p.get(key, {})])
     return speed
 
 
