@@ -116,7 +116,8 @@ Kernels<T> kernels(Level level) {
 
 // As many threads as torch uses, at most one per panel.
 int team_size(int64_t N, int64_t cols) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + cols - 1) / cols)));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), packed::panel_count(N, cols));
+  return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
 // Consecutive calls that ran solo: a team that went solo (team.h) says the
@@ -211,7 +212,7 @@ void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W,
                     const std::vector<int64_t>& lengths, Nonlinearity f, T* out) {
   if (steps == 0) return;
   const Kernels<T> k = kernels<T>(chosen_level());
-  const int64_t panels = (N + k.cols - 1) / k.cols;
+  const int64_t panels = packed::panel_count(N, k.cols);
   auto packed_W = scratch<T>(panels * N * k.cols);
   const RowOrder rows = row_order(steps, B, lengths);
   const packed::ForwardArgs<T> args{steps, B, N, x, W, bias, h0, out, rows.order.data(), rows.active.data(), f,
@@ -224,7 +225,7 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* o
                      const T* grad_h_n, const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* dx,
                      T* dW, double* db, T* grad_h0) {
   const Kernels<T> k = kernels<T>(chosen_level());
-  const int64_t panels = (N + k.cols - 1) / k.cols;
+  const int64_t panels = packed::panel_count(N, k.cols);
   auto packed_Wt = scratch<T>(panels * N * k.cols);
   auto packed_dW = scratch<T>(panels * N * k.cols);
   auto packed_d = scratch<T>(panels * B * k.cols);

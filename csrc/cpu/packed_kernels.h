@@ -83,9 +83,9 @@ struct BackwardArgs {
   int slow_member_us;
 };
 
-template <class I>
-int64_t panel_count(int64_t cols) {
-  return (cols + I::kCols - 1) / I::kCols;
+// Panels of `cols` columns each that hold n columns (the last one zero-padded).
+inline int64_t panel_count(int64_t n, int64_t cols) {
+  return (n + cols - 1) / cols;
 }
 
 // acc[i] += sum over s < depth of a(i, s) * b[s * b_stride, +kCols): the micro-kernel.
@@ -239,7 +239,7 @@ inline void gemm_rows(const typename I::scalar* a, int64_t K, const int64_t* row
 template <class I>
 void forward_worker(const ForwardArgs<typename I::scalar>& a, Team& team) {
   using T = typename I::scalar;
-  const int64_t N = a.N, BN = a.B * a.N, panels = panel_count<I>(N);
+  const int64_t N = a.N, BN = a.B * a.N, panels = panel_count(N, I::kCols);
   PanelRange mine = my_panels(panels, team);
   pack_panels<I>(a.W, N, 1, N, N, mine.first, mine.last, a.packed_W);  // W (k, j) -> panels of j
 
@@ -271,7 +271,7 @@ void forward_worker(const ForwardArgs<typename I::scalar>& a, Team& team) {
 template <class I>
 void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
   using T = typename I::scalar;
-  const int64_t N = a.N, B = a.B, BN = B * N, panels = panel_count<I>(N);
+  const int64_t N = a.N, B = a.B, BN = B * N, panels = panel_count(N, I::kCols);
   PanelRange mine = my_panels(panels, team);
   pack_panels<I>(a.W, 1, N, N, N, mine.first, mine.last, a.packed_Wt);  // W^T (j, k) -> panels of k
   for (int64_t p = mine.first; p < mine.last; ++p) {
