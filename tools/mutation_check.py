@@ -53,6 +53,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sites", default="", help="the mutants to run, by number (default: all)")
     args = parser.parse_args(argv)
 
+    with open(os.path.join(ROOT, args.source)) as f:
+        sites = call_sites(f.read())
+    chosen = {int(n) for n in args.sites.split(",") if n} or set(range(1, len(sites) + 1))
+    if not chosen <= set(range(1, len(sites) + 1)):
+        parser.error(f"--sites: {args.source} has mutants 1 to {len(sites)}, got {sorted(chosen)}")
+
     workdir = args.workdir or tempfile.mkdtemp(prefix="nnrnn_mutants_")
     files = run(["git", "ls-files"], ROOT, 60).stdout.split()
     for f in files:
@@ -77,8 +83,6 @@ def main(argv=None) -> int:
         return 2
 
     survived = 0
-    sites = call_sites(original)
-    chosen = {int(n) for n in args.sites.split(",") if n} or set(range(1, len(sites) + 1))
     for n, (start, end, call) in enumerate(sites, 1):
         if n not in chosen:
             continue
