@@ -1,6 +1,6 @@
 """The packed CPU path (csrc/cpu/packed_kernels.h) against the reference loop, the float64
-truth and the BLAS path; the same bits for any number of threads; the barrier with a slow
-thread; the path choice (nnrnn_fused.cpu_path and its environment variables)."""
+truth and the BLAS path; the same bits for any number of threads; batch slices; the barrier
+with a slow thread; the path choice (nnrnn_fused.cpu_path and its environment variables)."""
 import pytest
 import torch
 
@@ -21,6 +21,7 @@ def packed(monkeypatch):
     monkeypatch.delenv("NNRNN_CPU_ISA", raising=False)
     monkeypatch.delenv("NNRNN_CPU_SLOW_MEMBER_US", raising=False)
     monkeypatch.delenv("NNRNN_CPU_TEAM", raising=False)
+    monkeypatch.delenv("NNRNN_CPU_SLICES", raising=False)
     return lambda isa: monkeypatch.setenv("NNRNN_CPU_ISA", isa)
 
 
@@ -68,12 +69,17 @@ def assert_all_close(got, want, rtol, atol):
 SHAPES = [(1, 1, 1), (1, 3, 5), (7, 1, 33), (5, 9, 40), (30, 13, 70), (3, 2, 129)]
 
 
+@pytest.mark.parametrize("slices", ["default", "1", "3"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("with_h0,with_lengths", [(False, False), (True, False), (True, True), (False, True)])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-N{}".format(*s))
-def test_matches_reference_float64(packed, isa, nonlinearity, with_h0, with_lengths, shape):
+def test_matches_reference_float64(packed, monkeypatch, slices, isa, nonlinearity, with_h0, with_lengths, shape):
+    """By default with two threads B=13 runs in two batch slices and the others in one; 3
+    slices are uneven (B=13: 5, 4, 4 rows) or fewer than asked (B < 3)."""
     packed(isa)
+    if slices != "default":
+        monkeypatch.setenv("NNRNN_CPU_SLICES", slices)
     args = inputs(*shape, torch.float64, with_h0, with_lengths)
     got = outputs_and_grads(fused_nnrnn, *args, nonlinearity)
     want = outputs_and_grads(nnrnn_recurrence, *args, nonlinearity)
@@ -106,21 +112,47 @@ def test_packed_matches_blas_path(monkeypatch, nonlinearity):
     assert_all_close(results["packed"], results["blas"], *tolerances(torch.float64))
 
 
+@pytest.mark.parametrize("slices", ["1", "2", "4"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_same_bits_for_one_and_two_threads(packed, threads, monkeypatch, isa, with_lengths):
-    """Each column is computed by one thread in one order (the weight and bias gradients
-    too), so the results do not depend on how the columns are split."""
+def test_same_bits_for_one_and_two_threads(packed, threads, monkeypatch, slices, isa, with_lengths):
+    """A column of a batch slice is computed by one thread in one order (the weight and
+    bias gradients too, summed over the slices in order), so for a given slice count the
+    results do not depend on how the columns (one slice) or the slices (several) are
+    spread over threads."""
     packed(isa)
     monkeypatch.setenv("NNRNN_CPU_TEAM", "fixed")  # two threads even if an earlier call went solo
+    monkeypatch.setenv("NNRNN_CPU_SLICES", slices)
     args = inputs(20, 10, 100, torch.float32, True, with_lengths)
     results = []
     for n in (1, 2):
         threads(n)
-        assert nnrnn_fused.cpu_path(100, 10).endswith(f"{n} thread" + ("s" if n > 1 else ""))
+        assert nnrnn_fused.cpu_path(100, 10).endswith(f", {n} thread" + ("s" if n > 1 else ""))
         results.append(outputs_and_grads(fused_nnrnn, *args, "tanh"))
     for i, (a, b) in enumerate(zip(*results)):
         assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_slices_change_only_the_rounding_of_the_weight_gradients(packed, threads, monkeypatch, with_lengths):
+    """Rows are independent: the outputs and the gradients of x and h0 are the same bits
+    however the batch is sliced (by default one slice per thread); dW and db are sums over
+    the slices, so they agree to rounding."""
+    args = inputs(30, 12, 70, torch.float32, True, with_lengths)
+    results = {}
+    for slices, n in (("1", 1), ("2", 2), ("5", 2)):
+        threads(n)
+        if slices != "5":  # one slice per thread by default
+            assert f", {slices} batch slice" in nnrnn_fused.cpu_path(70, 12)
+        else:
+            monkeypatch.setenv("NNRNN_CPU_SLICES", slices)
+            assert f", {slices} batch slices, 2 threads" in nnrnn_fused.cpu_path(70, 12)
+        results[slices] = outputs_and_grads(fused_nnrnn, *args, "modrelu")
+    for slices in ("2", "5"):
+        for i in (0, 1, 2, 5):  # output, h_n, grad x, grad h0
+            assert torch.equal(results[slices][i], results["1"][i]), (slices, i)
+        grads_W_b = [results[slices][i] for i in (3, 4)]
+        assert_all_close(grads_W_b, [results["1"][i] for i in (3, 4)], rtol=1e-5, atol=1e-5)  # atol x max |value|
 
 
 def test_barrier_with_a_slow_thread(packed, threads, monkeypatch):
@@ -128,6 +160,7 @@ def test_barrier_with_a_slow_thread(packed, threads, monkeypatch):
     the barrier, nothing deadlocks, and the results are the same bits."""
     threads(2)
     monkeypatch.setenv("NNRNN_CPU_TEAM", "fixed")
+    monkeypatch.setenv("NNRNN_CPU_SLICES", "1")  # the column team, the only one with a barrier
     args = inputs(12, 5, 96, torch.float32, True, True)
     fast = outputs_and_grads(fused_nnrnn, *args, "modrelu")
     monkeypatch.setenv("NNRNN_CPU_SLOW_MEMBER_US", "3000")
@@ -141,6 +174,7 @@ def test_team_goes_solo_with_the_same_bits(packed, threads, monkeypatch, with_le
     """A member that sleeps 3 ms before every step makes waiting cost more than member 0
     alone would (csrc/cpu/team.h): the team goes solo after a few steps, in the forward and
     in the backward, and later calls start solo. The results are those of one thread."""
+    monkeypatch.setenv("NNRNN_CPU_SLICES", "1")  # the column team, the only one with a barrier
     args = inputs(40, 9, 130, torch.float32, True, with_lengths)
     threads(1)
     want = outputs_and_grads(fused_nnrnn, *args, "modrelu")
@@ -192,10 +226,21 @@ def test_gradcheck(packed):
 def test_cpu_path_reports_and_forces(monkeypatch, threads):
     monkeypatch.delenv("NNRNN_CPU_KERNEL", raising=False)
     monkeypatch.delenv("NNRNN_CPU_ISA", raising=False)
+    monkeypatch.delenv("NNRNN_CPU_SLICES", raising=False)
     threads(2)
     assert nnrnn_fused.cpu_path(128, 10) .startswith("packed: ")  # the issue's small case
-    assert nnrnn_fused.cpu_path(128, 10).endswith(", 2 threads")
-    assert nnrnn_fused.cpu_path(8, 10).endswith(", 1 thread")  # one panel: one thread
+    assert nnrnn_fused.cpu_path(128, 10).endswith(", 2 batch slices, 2 threads")  # 5 rows a slice
+    assert nnrnn_fused.cpu_path(128, 9).endswith(", 1 batch slice, 2 threads")  # a team over the columns
+    assert nnrnn_fused.cpu_path(8, 9).endswith(", 1 batch slice, 1 thread")  # one panel: one thread
+    assert nnrnn_fused.cpu_path(8, 10).endswith(", 2 batch slices, 2 threads")
+    assert nnrnn_fused.cpu_path(64, 1000).endswith(", 2 batch slices, 2 threads")  # one per thread
+    threads(1)
+    assert nnrnn_fused.cpu_path(64, 1000).endswith(", 1 batch slice, 1 thread")
+    threads(2)
+    monkeypatch.setenv("NNRNN_CPU_SLICES", "3")
+    assert nnrnn_fused.cpu_path(64, 40).endswith(", 3 batch slices, 2 threads")
+    assert nnrnn_fused.cpu_path(64, 2).endswith(", 2 batch slices, 2 threads")  # at most B
+    monkeypatch.delenv("NNRNN_CPU_SLICES")
     assert nnrnn_fused.cpu_path(128, 1).startswith("packed: ")  # the crossover table
     assert nnrnn_fused.cpu_path(256, 1).startswith("blas: faster for this shape")
     assert nnrnn_fused.cpu_path(256, 2).startswith("packed: ")
@@ -222,5 +267,10 @@ def test_bad_settings_are_refused(monkeypatch):
     monkeypatch.setenv("NNRNN_CPU_TEAM", "sometimes")
     with pytest.raises(ValueError, match="NNRNN_CPU_TEAM must be adaptive or fixed"):
         fused_nnrnn(x, W, b, h0)
+    monkeypatch.delenv("NNRNN_CPU_TEAM")
+    for bad in ("0", "-2", "two", "3x"):
+        monkeypatch.setenv("NNRNN_CPU_SLICES", bad)
+        with pytest.raises(ValueError, match="NNRNN_CPU_SLICES must be a positive integer"):
+            fused_nnrnn(x, W, b, h0)
     with pytest.raises(ValueError, match="N and B must be >= 0"):
         nnrnn_fused.cpu_path(-1, 3)

@@ -1,14 +1,19 @@
 // The CPU time loops of the packed path (packed_cpu.cpp chooses it per shape).
 //
-// Per call, each thread of a Team packs its share of W (forward) or W^T
-// (backward) once into column panels, the layout the micro-kernel reads
-// contiguously; then every step it computes its panels' columns for all running
-// rows, applies the nonlinearity (or the derivative from the output) to each
-// tile right after the tile's last FMA, and meets the other threads at the
-// step's barrier. No BLAS call and no allocation inside the time loop. The
-// backward also accumulates its columns of dW (a rank-B update per step, in
-// registers tile by tile) and of db, so a column is always computed by one thread
-// in one order: the results are the same bits whatever the number of threads.
+// Per call, W (forward) or W^T (backward) is packed once into column panels, the
+// layout the micro-kernel reads contiguously (packed_cpu.cpp). A worker runs the
+// whole time loop for its rows of the batch (a batch slice, or all rows): every
+// step it computes its panels' columns for its running rows and applies the
+// nonlinearity (or the derivative from the output) to each tile right after the
+// tile's last FMA. Slices share nothing but the packed W, so they never wait for
+// one another; the threads of a Team that split one slice's columns meet at a
+// barrier every step. No BLAS call and no allocation inside the time loop. The
+// backward also accumulates the slice's dW (a rank-update per step, in registers
+// tile by tile) and db in the slice's own buffers, summed over the slices in a
+// fixed order after the loop. A column of a slice is always computed by one thread
+// in one order, and rows never mix: the outputs and the gradients of x and h0 are
+// the same bits whatever the number of threads and slices; dW and db are the same
+// bits for the same number of slices (packed_cpu.cpp chooses it).
 //
 // One micro-kernel template: vectors are GCC/Clang vector extensions whose width
 // is a template parameter. packed_cpu.cpp instantiates the workers once per ISA
@@ -42,30 +47,29 @@ struct Isa {
   static constexpr int kMaxRows = MaxRows;
 };
 
-// Forward of one call: out (steps, B, N) = h_t from x (steps, B, N).
-// Rows are taken in `order` (by decreasing length); at step t the first active[t]
-// of them are running and the rest output zero.
+// Forward of one worker: out (steps, B, N) = h_t from x (steps, B, N) for its
+// `rows` rows, taken in `order` (by decreasing length); at step t the first
+// active[t] of them are running and the rest output zero.
 template <typename T>
 struct ForwardArgs {
-  int64_t steps, B, N;
+  int64_t steps, B, N, rows;
   const T* x;
-  const T* W;
   const T* bias;
   const T* h0;  // nullptr: zero initial state
   T* out;
   const int64_t* order;
   const int64_t* active;
   Nonlinearity f;
-  T* packed_W;  // panels(N) * N * kCols
+  const T* packed_W;  // panels(N) * N * kCols
   int slow_member_us;  // tests: the last member sleeps this long before each step
 };
 
-// Backward of one call: dx (steps, B, N) = da_t, dW, db (accumulated in double),
-// grad_h0 (B, N).
+// Backward of one worker, for the rows as in ForwardArgs: dx (steps, B, N) = da_t
+// and grad_h0 (B, N) for its rows; this slice's dW (in column panels, as W^T is
+// packed) and db (accumulated in double).
 template <typename T>
 struct BackwardArgs {
-  int64_t steps, B, N;
-  const T* W;
+  int64_t steps, B, N, rows;
   const T* out;
   const T* grad_out;
   const T* grad_h_n;
@@ -74,12 +78,11 @@ struct BackwardArgs {
   const int64_t* active;
   Nonlinearity f;
   T* dx;
-  T* dW;
-  double* db;
   T* grad_h0;
-  T* packed_Wt;  // panels(N) * N * kCols
+  double* db;    // N
+  const T* packed_Wt;  // panels(N) * N * kCols
   T* packed_dW;  // panels(N) * N * kCols
-  T* packed_d;   // panels(N) * B * kCols: this step's da, per panel
+  T* packed_d;   // panels(N) * rows * kCols: this step's da, per panel
   int slow_member_us;
 };
 
@@ -145,16 +148,17 @@ inline void row_blocks(int64_t m, const Body& body) {
   }
 }
 
-// Panels [p0, p1) of the K x C matrix whose (k, c) element is src[k * ks + c * cs],
-// zero beyond column C: panel p holds (k, p * kCols + c) at ((p * K) + k) * kCols + c.
-template <class I>
-inline void pack_panels(const typename I::scalar* src, int64_t ks, int64_t cs, int64_t K, int64_t C, int64_t p0,
-                        int64_t p1, typename I::scalar* dst) {
+// Panels [p0, p1) of `cols` columns of the K x C matrix whose (k, c) element is
+// src[k * ks + c * cs], zero beyond column C: panel p holds (k, p * cols + c) at
+// ((p * K) + k) * cols + c.
+template <typename T>
+inline void pack_panels(const T* src, int64_t ks, int64_t cs, int64_t K, int64_t C, int64_t cols, int64_t p0,
+                        int64_t p1, T* dst) {
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c0 = p * I::kCols, ncols = std::min<int64_t>(I::kCols, C - c0);
-    typename I::scalar* panel = dst + p * K * I::kCols;
+    const int64_t c0 = p * cols, ncols = std::min<int64_t>(cols, C - c0);
+    T* panel = dst + p * K * cols;
     for (int64_t k = 0; k < K; ++k) {
-      for (int64_t c = 0; c < I::kCols; ++c) panel[k * I::kCols + c] = c < ncols ? src[k * ks + (c0 + c) * cs] : 0;
+      for (int64_t c = 0; c < cols; ++c) panel[k * cols + c] = c < ncols ? src[k * ks + (c0 + c) * cs] : 0;
     }
   }
 }
@@ -241,7 +245,6 @@ void forward_worker(const ForwardArgs<typename I::scalar>& a, Team& team) {
   using T = typename I::scalar;
   const int64_t N = a.N, BN = a.B * a.N, panels = panel_count(N, I::kCols);
   PanelRange mine = my_panels(panels, team);
-  pack_panels<I>(a.W, N, 1, N, N, mine.first, mine.last, a.packed_W);  // W (k, j) -> panels of j
 
   for (int64_t t = 0; t < a.steps; ++t) {
     slow_down(a.slow_member_us, team);
@@ -259,7 +262,7 @@ void forward_worker(const ForwardArgs<typename I::scalar>& a, Team& team) {
           activate_row(a.f, acc, x + o, a.bias + c0, cur + o, ncols);
         });
       });
-      for (int64_t s = running; s < a.B; ++s) std::fill_n(cur + a.order[s] * N + c0, ncols, T(0));
+      for (int64_t s = running; s < a.rows; ++s) std::fill_n(cur + a.order[s] * N + c0, ncols, T(0));
     }
     if (t + 1 < a.steps) {
       if (!team.sync(share(mine, panels))) return;
@@ -271,12 +274,11 @@ void forward_worker(const ForwardArgs<typename I::scalar>& a, Team& team) {
 template <class I>
 void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
   using T = typename I::scalar;
-  const int64_t N = a.N, B = a.B, BN = B * N, panels = panel_count(N, I::kCols);
+  const int64_t N = a.N, rows = a.rows, BN = a.B * N, panels = panel_count(N, I::kCols);
   PanelRange mine = my_panels(panels, team);
-  pack_panels<I>(a.W, 1, N, N, N, mine.first, mine.last, a.packed_Wt);  // W^T (j, k) -> panels of k
   for (int64_t p = mine.first; p < mine.last; ++p) {
     std::fill_n(a.packed_dW + p * N * I::kCols, N * I::kCols, T(0));
-    std::fill_n(a.packed_d + p * B * I::kCols, B * I::kCols, T(0));  // columns past N stay zero
+    std::fill_n(a.packed_d + p * rows * I::kCols, rows * I::kCols, T(0));  // columns past N stay zero
     const int64_t c0 = p * I::kCols;
     std::fill_n(a.db + c0, std::min<int64_t>(I::kCols, N - c0), 0.0);
   }
@@ -292,7 +294,7 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
     const int64_t running = a.active[t], running_next = t + 1 < a.steps ? a.active[t + 1] : 0;
     for (int64_t p = mine.first; p < mine.last; ++p) {
       const int64_t c0 = p * I::kCols, ncols = std::min<int64_t>(I::kCols, N - c0);
-      T* d_packed = a.packed_d + p * B * I::kCols;
+      T* d_packed = a.packed_d + p * rows * I::kCols;
       auto derivative = [&](int64_t s, const T* g) {
         const int64_t o = a.order[s] * N + c0;
         derivative_row(a.f, g, go + o, h + o, da + o, d_packed + s * I::kCols, a.db + c0, ncols);
@@ -302,7 +304,7 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
                      [&](int i, const T* acc) { derivative(first + i, acc); });
       });
       for (int64_t s = running_next; s < running; ++s) derivative(s, a.grad_h_n + a.order[s] * N + c0);
-      for (int64_t s = running; s < B; ++s) std::fill_n(da + a.order[s] * N + c0, ncols, T(0));
+      for (int64_t s = running; s < rows; ++s) std::fill_n(da + a.order[s] * N + c0, ncols, T(0));
     }
     const unsigned round = team.arrive();
 
@@ -312,7 +314,7 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
     if (h_prev != nullptr && running > 0) {
       for (int64_t p = mine.first; p < mine.last; ++p) {
         T* dW_panel = a.packed_dW + p * N * I::kCols;
-        const T* d_packed = a.packed_d + p * B * I::kCols;
+        const T* d_packed = a.packed_d + p * rows * I::kCols;
         row_blocks<I>(N, [&](int64_t k0, int mk) {
           with_rows<I>(mk, [&](auto MRc) {
             constexpr int MR = decltype(MRc)::value;
@@ -339,12 +341,33 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
       gemm_rows<I>(a.dx, N, rows, mr, a.packed_Wt + p * N * I::kCols,
                    [&](int i, const T* acc) { std::copy_n(acc, ncols, a.grad_h0 + rows[i] * N + c0); });
     });
-    for (int64_t s = running0; s < B; ++s) {
+    for (int64_t s = running0; s < rows; ++s) {
       const int64_t o = a.order[s] * N + c0;
       std::copy_n(a.grad_h_n + o, ncols, a.grad_h0 + o);
     }
-    const T* dW_panel = a.packed_dW + p * N * I::kCols;
-    for (int64_t k = 0; k < N; ++k) std::copy_n(dW_panel + k * I::kCols, ncols, a.dW + k * N + c0);
+  }
+}
+
+// dW[:, panel p's columns] = the sum over the slices, in order, of their dW in
+// panels of `cols` columns; db likewise. Panels [p0, p1).
+template <typename T>
+void sum_slices(int64_t N, int64_t cols, int64_t slices, const T* const* packed_dW, const double* const* db,
+                int64_t p0, int64_t p1, T* dW, double* db_sum) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c0 = p * cols, ncols = std::min<int64_t>(cols, N - c0);
+    for (int64_t k = 0; k < N; ++k) {
+      const int64_t at = (p * N + k) * cols;
+      for (int64_t c = 0; c < ncols; ++c) {
+        T sum = packed_dW[0][at + c];
+        for (int64_t s = 1; s < slices; ++s) sum += packed_dW[s][at + c];
+        dW[k * N + c0 + c] = sum;
+      }
+    }
+    for (int64_t c = c0; c < c0 + ncols; ++c) {
+      double sum = db[0][c];
+      for (int64_t s = 1; s < slices; ++s) sum += db[s][c];
+      db_sum[c] = sum;
+    }
   }
 }
 
