@@ -302,10 +302,10 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* o
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     packed::pack_panels(W, 1, N, N, N, k.cols, p0, p1, pwt);  // W^T (j, k) -> panels of k
   });
-  // Per slice: its dW panels, its db, and its da of a step per panel (rows of the
-  // slices add up to B).
+  // Per slice: its dW panels, its db, and the da of its last kDwSteps steps per panel
+  // (the rows of the slices add up to B).
   auto packed_dW = scratch<T>(slices * panels * panel_size);
-  auto packed_d = scratch<T>(panels * B * k.cols);
+  auto packed_d = scratch<T>(panels * packed::kDwSteps * B * k.cols);
   auto slice_db = at::empty({slices, N}, at::kDouble);
   std::vector<const T*> dW_parts(slices);
   std::vector<const double*> db_parts(slices);
@@ -318,7 +318,7 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* o
     T* slice_dW = packed_dW.template data_ptr<T>() + s * panels * panel_size;
     double* db_s = slice_db.template data_ptr<double>() + s * N;
     args.push_back({steps, B, N, count, out, grad_out, grad_h_n, h0, rows.order.data(), rows.active.data(), f, dx,
-                    grad_h0, db_s, pwt, slice_dW, packed_d.template data_ptr<T>() + panels * rows_before * k.cols,
+                    grad_h0, db_s, pwt, slice_dW, packed_d.template data_ptr<T>() + panels * packed::kDwSteps * rows_before * k.cols,
                     slow_us});
     dW_parts[s] = slice_dW;
     db_parts[s] = db_s;

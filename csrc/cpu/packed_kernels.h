@@ -82,9 +82,15 @@ struct BackwardArgs {
   double* db;    // N
   const T* packed_Wt;  // panels(N) * N * kCols
   T* packed_dW;  // panels(N) * N * kCols
-  T* packed_d;   // panels(N) * rows * kCols: this step's da, per panel
+  T* packed_d;   // panels(N) * kDwSteps * rows * kCols: the da of the last steps, per panel
   int slow_member_us;
 };
+
+// The backward adds h_{t-1}^T da_t to dW for kDwSteps steps at a time: each dW tile
+// is loaded and stored once per kDwSteps steps instead of every step (a slice of a
+// few rows makes a thin update; N=128 holds dW in 64 KB, more than L1). The steps are
+// added in the same order either way, so the bits do not change.
+constexpr int64_t kDwSteps = 4;
 
 // Panels of `cols` columns each that hold n columns (the last one zero-padded).
 inline int64_t panel_count(int64_t n, int64_t cols) {
@@ -278,14 +284,16 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
   PanelRange mine = my_panels(panels, team);
   for (int64_t p = mine.first; p < mine.last; ++p) {
     std::fill_n(a.packed_dW + p * N * I::kCols, N * I::kCols, T(0));
-    std::fill_n(a.packed_d + p * rows * I::kCols, rows * I::kCols, T(0));  // columns past N stay zero
+    std::fill_n(a.packed_d + p * kDwSteps * rows * I::kCols, kDwSteps * rows * I::kCols, T(0));  // columns past N stay zero
     const int64_t c0 = p * I::kCols;
     std::fill_n(a.db + c0, std::min<int64_t>(I::kCols, N - c0), 0.0);
   }
 
   // Step t: g = da_{t+1} W^T for the rows running at t + 1, grad_h_n for rows whose
-  // last step is t; da_t = (g + grad_out_t) * dh/dz; then dW += h_{t-1}^T da_t.
+  // last step is t; da_t = (g + grad_out_t) * dh/dz, kept in slot `slot` of packed_d;
+  // when the slots are full (or at t = 0), dW += h_{t'-1}^T da_t' for their steps t'.
   for (int64_t t = a.steps - 1; t >= 0; --t) {
+    const int64_t slot = (a.steps - 1 - t) % kDwSteps;
     slow_down(a.slow_member_us, team);
     const T* h = a.out + t * BN;
     const T* go = a.grad_out + t * BN;
@@ -294,7 +302,7 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
     const int64_t running = a.active[t], running_next = t + 1 < a.steps ? a.active[t + 1] : 0;
     for (int64_t p = mine.first; p < mine.last; ++p) {
       const int64_t c0 = p * I::kCols, ncols = std::min<int64_t>(I::kCols, N - c0);
-      T* d_packed = a.packed_d + p * rows * I::kCols;
+      T* d_packed = a.packed_d + (p * kDwSteps + slot) * rows * I::kCols;
       auto derivative = [&](int64_t s, const T* g) {
         const int64_t o = a.order[s] * N + c0;
         derivative_row(a.f, g, go + o, h + o, da + o, d_packed + s * I::kCols, a.db + c0, ncols);
@@ -308,21 +316,27 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
     }
     const unsigned round = team.arrive();
 
-    // While the others finish the step: dW[:, my columns] += h_{t-1}^T da_t. Reads
-    // only h (never written here) and this member's own buffers.
-    const T* h_prev = t > 0 ? h - BN : a.h0;
-    if (h_prev != nullptr && running > 0) {
+    // While the others finish the step: dW[:, my columns] += h_{t'-1}^T da_t' for the
+    // steps t' = t + slot, ..., t in the slots, in that order. Reads only h (never
+    // written here) and this member's own buffers. The schedule depends on t alone:
+    // a member that takes over panels (the team went solo) adds the slots that the
+    // leaver filled.
+    if (slot == kDwSteps - 1 || t == 0) {
       for (int64_t p = mine.first; p < mine.last; ++p) {
         T* dW_panel = a.packed_dW + p * N * I::kCols;
-        const T* d_packed = a.packed_d + p * rows * I::kCols;
         row_blocks<I>(N, [&](int64_t k0, int mk) {
           with_rows<I>(mk, [&](auto MRc) {
             constexpr int MR = decltype(MRc)::value;
             typename I::vec acc[MR][I::kVecs];
             load_tile<I, MR>(acc, dW_panel + k0 * I::kCols, I::kCols);
-            fma_tile<I, MR>(
-                running, [&](int i, int64_t s) { return h_prev[a.order[s] * N + k0 + i]; }, d_packed, I::kCols,
-                acc);
+            for (int64_t j = 0; j <= slot; ++j) {
+              const int64_t tj = t + slot - j;
+              const T* h_prev = tj > 0 ? a.out + (tj - 1) * BN : a.h0;
+              if (h_prev == nullptr) continue;
+              fma_tile<I, MR>(
+                  a.active[tj], [&](int i, int64_t s) { return h_prev[a.order[s] * N + k0 + i]; },
+                  a.packed_d + (p * kDwSteps + j) * rows * I::kCols, I::kCols, acc);
+            }
             store_tile<I, MR>(acc, dW_panel + k0 * I::kCols, I::kCols);
           });
         });
