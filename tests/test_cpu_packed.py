@@ -244,6 +244,9 @@ def test_cpu_path_reports_and_forces(monkeypatch, threads):
     assert nnrnn_fused.cpu_path(128, 1).startswith("packed: ")  # the crossover table
     assert nnrnn_fused.cpu_path(256, 1).startswith("blas: faster for this shape")
     assert nnrnn_fused.cpu_path(256, 2).startswith("packed: ")
+    assert nnrnn_fused.cpu_path(256, 100).startswith("packed: ")
+    assert nnrnn_fused.cpu_path(256, 101).startswith("blas: faster for this shape")
+    assert nnrnn_fused.cpu_path(128, 256).startswith("packed: ")
     assert nnrnn_fused.cpu_path(512, 100).startswith("blas: faster for this shape")
     assert nnrnn_fused.cpu_path(5000, 10).startswith("blas: N > ")
     assert nnrnn_fused.cpu_path(0, 10).startswith("blas: empty")

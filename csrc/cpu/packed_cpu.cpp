@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <numeric>
 #include <string>
 
@@ -29,16 +30,19 @@ std::string env(const char* name) {
 }
 
 // Where the packed path beat one BLAS GEMM per step: `--grid crossover` (float32,
-// T=100, N 32..1024, B 1..256, forward and forward+backward), 5 passes with 2
-// threads and 3 with 1 on the quiet 2-core development machine
-// (benchmarks/results/cpu_v2/). The packed path is taken for N <= max_N when
-// B >= min_B, the BLAS path otherwise: the packed path was 1.2x to 1.5x faster
-// forward+backward up to N=256 and lost at N=512 and 1024 (0.4x to 1.0x, except at
-// single points within the noise); at N=256, B=1 the two were even.
+// T=100, N 32..1024, B 1..256, forward and forward+backward) on the quiet 2-core
+// development machine, with batch slices: 3 passes with 2 threads and 2 with 1
+// (benchmarks/results/cpu_v2/slices_crossover_*; the first table, before slices,
+// came from 5 and 3 passes in crossover_*). The packed path is taken for
+// N <= max_N when min_B <= B <= max_B, the BLAS path otherwise. Forward+backward,
+// packed against BLAS: N <= 128 1.1x to 1.9x faster (N=128 B=256 on one thread
+// 0.94x, within the noise); N=256 1.0x to 1.5x for B from 1 to 100 and 0.90x to
+// 0.93x at B=256; N=512 and 1024 mostly slower (0.67x to 1.0x; 1.1x to 1.3x at
+// N=512 B=10 and 32 on two threads only). N=256 B=1 was even in the first table.
 struct Crossover {
-  int64_t max_N, min_B;
+  int64_t max_N, min_B, max_B;
 };
-constexpr Crossover kCrossover[] = {{128, 1}, {256, 2}};
+constexpr Crossover kCrossover[] = {{128, 1, std::numeric_limits<int64_t>::max()}, {256, 2, 100}};
 
 // Beyond this the packed copies of W, W^T and dW (3 N^2 elements) are no longer small.
 constexpr int64_t kMaxPackedN = 4096;
@@ -248,7 +252,9 @@ CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
   if (forced != "packed") {
     const auto* row = std::find_if(std::begin(kCrossover), std::end(kCrossover),
                                    [&](const Crossover& c) { return N <= c.max_N; });
-    if (row == std::end(kCrossover) || B < row->min_B) return {false, "blas: faster for this shape (crossover table)"};
+    if (row == std::end(kCrossover) || B < row->min_B || B > row->max_B) {
+      return {false, "blas: faster for this shape (crossover table)"};
+    }
   }
   const Level level = chosen_level();
   const int64_t cols = dtype == at::kDouble ? kernels<double>(level).cols : kernels<float>(level).cols;
