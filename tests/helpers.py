@@ -15,6 +15,21 @@ def stable_W(n, dtype, scale=0.95, generator=None):
     return (scale * q).to(dtype)
 
 
+def random_inputs(T, B, N, dtype, with_h0=True, with_lengths=False, seed=0):
+    """(x, W, b, h0, lengths) for the op: drawn in float64 from a seeded generator (the same
+    values whatever the dtype), W stable; lengths in [0, T] with one full-length sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, N, generator=gen, dtype=torch.float64).to(dtype)
+    W = stable_W(N, dtype, generator=gen)
+    b = (0.1 * torch.randn(N, generator=gen, dtype=torch.float64)).to(dtype)
+    h0 = torch.randn(B, N, generator=gen, dtype=torch.float64).to(dtype) if with_h0 else None
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(0, T + 1, (B,), generator=gen)
+        lengths[:1] = T
+    return x, W, b, h0, lengths
+
+
 def relative_gradient_error(n, dtype, device="cpu", seed=0):
     """|g - g64| / |g64| for the gradient of sum(P * G) w.r.t. log_P computed in `dtype`,
     against the float64 gradient, near an nnRNN initialisation (Cayley plus a perturbation)."""

@@ -8,7 +8,7 @@ import nnrnn_fused
 from nnrnn_fused import fused_nnrnn
 from nnrnn_fused.reference import nnrnn_recurrence
 
-from helpers import stable_W, tolerances
+from helpers import random_inputs as inputs, stable_W, tolerances
 
 NONLINEARITIES = ["modrelu", "tanh", "relu"]
 ISAS = ["avx512", "avx2", "generic"]
@@ -31,19 +31,6 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
-
-
-def inputs(T, B, N, dtype, with_h0=True, with_lengths=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, B, N, generator=gen, dtype=torch.float64).to(dtype)
-    W = stable_W(N, dtype, generator=gen)
-    b = (0.1 * torch.randn(N, generator=gen, dtype=torch.float64)).to(dtype)
-    h0 = torch.randn(B, N, generator=gen, dtype=torch.float64).to(dtype) if with_h0 else None
-    lengths = None
-    if with_lengths:
-        lengths = torch.randint(0, T + 1, (B,), generator=gen)
-        lengths[:1] = T  # one full-length sequence
-    return x, W, b, h0, lengths
 
 
 def outputs_and_grads(fn, x, W, b, h0, lengths, nonlinearity, seed=1):

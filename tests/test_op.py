@@ -10,21 +10,10 @@ import torch
 from nnrnn_fused import fused_nnrnn
 from nnrnn_fused.reference import nnrnn_recurrence
 
-from helpers import stable_W, tolerances
+from helpers import random_inputs, stable_W, tolerances
 
 NONLINEARITIES = ["modrelu", "tanh", "relu"]
 SHAPES = [(1, 1, 4), (7, 3, 6), (13, 1, 33), (300, 5, 16)]  # (T, B, N): T=1, odd, >= 300; B=1, odd
-
-
-def make_inputs(T, B, N, dtype, with_h0, with_lengths):
-    x = torch.randn(T, B, N, dtype=dtype)
-    W = stable_W(N, dtype)
-    b = 0.1 * torch.randn(N, dtype=dtype)
-    h0 = torch.randn(B, N, dtype=dtype) if with_h0 else None
-    lengths = torch.randint(0, T + 1, (B,)) if with_lengths else None
-    if with_lengths:
-        lengths[0] = T  # one full-length sequence
-    return x, W, b, h0, lengths
 
 
 def run_both(fn_inputs, nonlinearity, lengths):
@@ -49,7 +38,7 @@ def run_both(fn_inputs, nonlinearity, lengths):
 @pytest.mark.parametrize("with_lengths", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-N{}".format(*s))
 def test_matches_reference(dtype, nonlinearity, with_h0, with_lengths, shape):
-    x, W, b, h0, lengths = make_inputs(*shape, dtype, with_h0, with_lengths)
+    x, W, b, h0, lengths = random_inputs(*shape, dtype, with_h0, with_lengths)
     (out, h_n, grads), (out_r, h_n_r, grads_r) = run_both([x, W, b, h0], nonlinearity, lengths)
     rtol, atol = tolerances(dtype)
     torch.testing.assert_close(out, out_r, rtol=rtol, atol=atol)
@@ -80,7 +69,7 @@ def test_lengths_semantics():
     """A sequence's state stops at its length; output is zero after it; h_n is the
     state after its last valid step (as packed torch RNNs give)."""
     T, B, N = 6, 3, 4
-    x, W, b, h0, _ = make_inputs(T, B, N, torch.float64, True, False)
+    x, W, b, h0, _ = random_inputs(T, B, N, torch.float64, True, False)
     lengths = torch.tensor([6, 2, 0])
     out, h_n = fused_nnrnn(x, W, b, h0, lengths=lengths)
     full, _ = fused_nnrnn(x, W, b, h0)
@@ -251,7 +240,7 @@ print("END", flush=True)
     assert rows == [3, 3, 2] * 3, calls
 
     T, B, N = 50, 7, 32
-    x, W, b, h0, lengths = make_inputs(T, B, N, torch.float32, True, True)
+    x, W, b, h0, lengths = random_inputs(T, B, N, torch.float32, True, True)
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (x, W, b, h0)]
@@ -264,7 +253,7 @@ print("END", flush=True)
 
 def test_grad_of_h_n_only_and_output_only():
     """Gradients flow from either output alone (autograd passes None for the other)."""
-    x, W, b, h0, _ = make_inputs(8, 3, 6, torch.float64, True, False)
+    x, W, b, h0, _ = random_inputs(8, 3, 6, torch.float64, True, False)
     for pick in (0, 1):
         leaves = [t.clone().requires_grad_() for t in (x, W, b, h0)]
         ref_leaves = [t.clone().requires_grad_() for t in (x, W, b, h0)]
