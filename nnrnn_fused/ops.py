@@ -89,12 +89,14 @@ def cuda_path(N, B, dtype=torch.float32, device="cuda"):
 def cpu_path(N, B, dtype=torch.float32):
     """Which path ``fused_nnrnn`` takes on the CPU for hidden size N, batch B, dtype.
 
-    Returns "packed: <isa>, <k> threads" (W packed once per call, a team of threads
-    in lockstep, the nonlinearity fused into the micro-kernel) or "blas: <reason>"
-    (one BLAS GEMM per step), as the measured crossover table in
-    csrc/cpu/packed_cpu.cpp decides. Environment variables, read at every call:
-    NNRNN_CPU_KERNEL=packed|blas forces a path, NNRNN_CPU_ISA=avx512|avx2|generic
-    caps the packed kernels' instruction set.
+    Returns "packed: <isa>, <s> batch slices, <k> threads" (W packed once per call,
+    one slice of the batch per thread with no barrier, or for a single slice a team of
+    threads in lockstep over the columns; the nonlinearity fused into the
+    micro-kernel) or "blas: <reason>" (one BLAS GEMM per step), as the measured
+    crossover table in csrc/cpu/packed_cpu.cpp decides. Environment variables, read at
+    every call: NNRNN_CPU_KERNEL=packed|blas forces a path, NNRNN_CPU_ISA=avx512|avx2|generic
+    caps the packed kernels' instruction set, NNRNN_CPU_SLICES=<n> sets the number of
+    batch slices (docs/cpu.md).
     """
     _extension.require()
     return torch.ops.nnrnn_fused.cpu_path(int(N), int(B), dtype)
