@@ -323,9 +323,9 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* o
     const int64_t count = static_cast<int64_t>(rows.order.size());
     T* slice_dW = packed_dW.template data_ptr<T>() + s * panels * panel_size;
     double* db_s = slice_db.template data_ptr<double>() + s * N;
+    T* slice_d = packed_d.template data_ptr<T>() + panels * packed::kDwSteps * rows_before * k.cols;
     args.push_back({steps, B, N, count, out, grad_out, grad_h_n, h0, rows.order.data(), rows.active.data(), f, dx,
-                    grad_h0, db_s, pwt, slice_dW, packed_d.template data_ptr<T>() + panels * packed::kDwSteps * rows_before * k.cols,
-                    slow_us});
+                    grad_h0, db_s, pwt, slice_dW, slice_d, slow_us});
     dW_parts[s] = slice_dW;
     db_parts[s] = db_s;
     rows_before += count;

@@ -284,7 +284,8 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
   PanelRange mine = my_panels(panels, team);
   for (int64_t p = mine.first; p < mine.last; ++p) {
     std::fill_n(a.packed_dW + p * N * I::kCols, N * I::kCols, T(0));
-    std::fill_n(a.packed_d + p * kDwSteps * rows * I::kCols, kDwSteps * rows * I::kCols, T(0));  // columns past N stay zero
+    // columns past N stay zero
+    std::fill_n(a.packed_d + p * kDwSteps * rows * I::kCols, kDwSteps * rows * I::kCols, T(0));
     const int64_t c0 = p * I::kCols;
     std::fill_n(a.db + c0, std::min<int64_t>(I::kCols, N - c0), 0.0);
   }
