@@ -62,8 +62,8 @@ class _SkewExpEigh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G, _grad_V, _grad_w):
         V, w = ctx.saved_tensors
-        phi = torch.exp(-0.5j * (w[..., :, None] + w[..., None, :])) * torch.sinc(
-            (w[..., :, None] - w[..., None, :]) / (2 * math.pi))
+        half = torch.exp(-0.5j * w)  # e^{-i (w_j + w_k) / 2} as an outer product: N exps, not N^2
+        phi = half[..., :, None] * half[..., None, :] * torch.sinc((w[..., :, None] - w[..., None, :]) / (2 * math.pi))
         return (V @ ((V.mH @ G.to(V.dtype) @ V) * phi) @ V.mH).real.to(G.dtype, copy=True)
 
 
