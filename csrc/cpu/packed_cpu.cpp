@@ -204,14 +204,26 @@ RowOrder row_order(int64_t steps, int64_t B, const std::vector<int64_t>& lengths
   return r;
 }
 
-// Slice s of S takes the rows at positions s, s + S, ... of the length order, so
-// that the slices get sequences of similar lengths; its order is still by
-// decreasing length, and active[t] counts its running rows.
-std::vector<RowOrder> split_rows(const RowOrder& all, int64_t slices) {
+// The rows of each slice, in the length order, and how many run at each step.
+// With lengths, slice s of S takes the rows at positions s, s + S, ... of the
+// length order, so that the slices get sequences of similar lengths. Without, every
+// split is balanced and slice s takes a block of consecutive rows: a thread's rows
+// then do not sit between the other thread's in memory (measured at N=128 B=10,
+// two threads: forward 12-15% faster than every other row; backward the same).
+std::vector<RowOrder> split_rows(const RowOrder& all, int64_t slices, bool with_lengths) {
+  const int64_t B = static_cast<int64_t>(all.order.size());
   std::vector<RowOrder> parts(slices);
   for (int64_t s = 0; s < slices; ++s) {
-    for (int64_t i = s; i < static_cast<int64_t>(all.order.size()); i += slices) parts[s].order.push_back(all.order[i]);
-    for (int64_t running : all.active) parts[s].active.push_back(running > s ? (running - s + slices - 1) / slices : 0);
+    if (with_lengths) {
+      for (int64_t i = s; i < B; i += slices) parts[s].order.push_back(all.order[i]);
+      for (int64_t running : all.active) {
+        parts[s].active.push_back(running > s ? (running - s + slices - 1) / slices : 0);
+      }
+    } else {
+      const int64_t first = B * s / slices, last = B * (s + 1) / slices;
+      parts[s].order.assign(all.order.begin() + first, all.order.begin() + last);
+      parts[s].active.assign(all.active.size(), last - first);
+    }
   }
   return parts;
 }
@@ -287,7 +299,7 @@ void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W,
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     packed::pack_panels(W, N, 1, N, N, k.cols, p0, p1, pw);  // W (k, j) -> panels of j
   });
-  const std::vector<RowOrder> parts = split_rows(row_order(steps, B, lengths), slices);
+  const std::vector<RowOrder> parts = split_rows(row_order(steps, B, lengths), slices, !lengths.empty());
   const int slow_us = slices == 1 ? slow_member_us() : 0;
   run_slices(slices, thread_count(N, k.cols, slices), [&](int64_t s, Team& team) {
     const RowOrder& rows = parts[s];
@@ -315,7 +327,7 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* o
   auto slice_db = at::empty({slices, N}, at::kDouble);
   std::vector<const T*> dW_parts(slices);
   std::vector<const double*> db_parts(slices);
-  const std::vector<RowOrder> parts = split_rows(row_order(steps, B, lengths), slices);
+  const std::vector<RowOrder> parts = split_rows(row_order(steps, B, lengths), slices, !lengths.empty());
   const int slow_us = slices == 1 ? slow_member_us() : 0;
   std::vector<packed::BackwardArgs<T>> args;
   for (int64_t s = 0, rows_before = 0; s < slices; ++s) {
