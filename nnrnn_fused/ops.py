@@ -92,7 +92,8 @@ def cpu_path(N, B, dtype=torch.float32):
     Returns "packed: <isa>, <s> batch slices, <k> threads" (W packed once per call,
     one slice of the batch per thread with no barrier, or for a single slice a team of
     threads in lockstep over the columns; the nonlinearity fused into the
-    micro-kernel) or "blas: <reason>" (one BLAS GEMM per step), as the measured
+    micro-kernel) or "blas: <reason>, <s> batch slices" (one BLAS GEMM per step, per
+    slice: sliced where W fits a core's L2 with room to spare), as the measured
     crossover table in csrc/cpu/packed_cpu.cpp decides. Environment variables, read at
     every call: NNRNN_CPU_KERNEL=packed|blas forces a path, NNRNN_CPU_ISA=avx512|avx2|generic
     caps the packed kernels' instruction set, NNRNN_CPU_SLICES=<n> sets the number of

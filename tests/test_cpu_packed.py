@@ -1,6 +1,7 @@
 """The packed CPU path (csrc/cpu/packed_kernels.h) against the reference loop, the float64
-truth and the BLAS path; the same bits for any number of threads; batch slices; the barrier
-with a slow thread; the path choice (nnrnn_fused.cpu_path and its environment variables)."""
+truth and the BLAS path; the same bits for any number of threads; batch slices (of both
+paths); the barrier with a slow thread; the path choice (nnrnn_fused.cpu_path and its
+environment variables)."""
 import pytest
 import torch
 
@@ -97,6 +98,28 @@ def test_packed_matches_blas_path(monkeypatch, nonlinearity):
         monkeypatch.setenv("NNRNN_CPU_KERNEL", kernel)
         results[kernel] = outputs_and_grads(fused_nnrnn, *args, nonlinearity)
     assert_all_close(results["packed"], results["blas"], *tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("slices", ["default", "1", "2", "3"])
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+@pytest.mark.parametrize("with_h0,with_lengths", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blas_path_slices_match_reference(monkeypatch, threads, slices, nonlinearity, with_h0, with_lengths, dtype):
+    """The BLAS path with its batch in slices of consecutive rows (B=13 in 3: 4, 4, 5 rows),
+    each running its time loop and single-threaded GEMMs on a thread of its own."""
+    threads(2)
+    monkeypatch.setenv("NNRNN_CPU_KERNEL", "blas")
+    if slices != "default":
+        monkeypatch.setenv("NNRNN_CPU_SLICES", slices)
+    else:
+        monkeypatch.delenv("NNRNN_CPU_SLICES", raising=False)
+    want_slices = {"default": "2 batch slices", "1": "1 batch slice"}.get(slices, f"{slices} batch slices")
+    assert nnrnn_fused.cpu_path(40, 13, dtype).endswith(", " + want_slices)
+    args = inputs(17, 13, 40, dtype, with_h0, with_lengths)
+    got = outputs_and_grads(fused_nnrnn, *args, nonlinearity)
+    want = outputs_and_grads(nnrnn_recurrence, *args, nonlinearity)
+    rtol, atol = tolerances(dtype)
+    assert_all_close(got, want, rtol * 10, atol * 10)  # float32: sums over T*B terms
 
 
 @pytest.mark.parametrize("slices", ["1", "2", "4"])
@@ -234,11 +257,19 @@ def test_cpu_path_reports_and_forces(monkeypatch, threads):
     assert nnrnn_fused.cpu_path(256, 100).startswith("packed: ")
     assert nnrnn_fused.cpu_path(256, 101).startswith("blas: faster for this shape")
     assert nnrnn_fused.cpu_path(128, 256).startswith("packed: ")
-    assert nnrnn_fused.cpu_path(512, 100).startswith("blas: faster for this shape")
+    assert nnrnn_fused.cpu_path(512, 100) == "blas: faster for this shape (crossover table), 2 batch slices"
+    # the BLAS path slices while W takes at most 1 MiB (each slice's thread reads all of it every step)
+    assert nnrnn_fused.cpu_path(513, 100).endswith(", 1 batch slice")
+    assert nnrnn_fused.cpu_path(362, 100, torch.float64).endswith(", 2 batch slices")
+    assert nnrnn_fused.cpu_path(363, 100, torch.float64).endswith(", 1 batch slice")
+    assert nnrnn_fused.cpu_path(512, 9).endswith(", 1 batch slice")  # at least 5 rows a slice
     assert nnrnn_fused.cpu_path(5000, 10).startswith("blas: N > ")
     assert nnrnn_fused.cpu_path(0, 10).startswith("blas: empty")
     monkeypatch.setenv("NNRNN_CPU_KERNEL", "blas")
-    assert nnrnn_fused.cpu_path(128, 10) == "blas: forced by NNRNN_CPU_KERNEL=blas"
+    assert nnrnn_fused.cpu_path(128, 10) == "blas: forced by NNRNN_CPU_KERNEL=blas, 2 batch slices"
+    threads(1)
+    assert nnrnn_fused.cpu_path(512, 100).endswith(", 1 batch slice")
+    threads(2)
     monkeypatch.setenv("NNRNN_CPU_KERNEL", "packed")
     monkeypatch.setenv("NNRNN_CPU_ISA", "generic")
     assert nnrnn_fused.cpu_path(128, 10).startswith("packed: generic, ")

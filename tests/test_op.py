@@ -228,7 +228,7 @@ with torch.backends.mkl.verbose(torch.backends.mkl.VERBOSE_ON):
     fused_nnrnn(x, W, None, h0, nonlinearity="tanh")
 print("END", flush=True)
 """
-    env = dict(os.environ, NNRNN_BLAS_MAX_ROWS="3")
+    env = dict(os.environ, NNRNN_BLAS_MAX_ROWS="3", NNRNN_CPU_KERNEL="blas")  # small shapes go packed
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logged = proc.stdout.split("LOGGED FORWARD")[1].split("END")[0]

@@ -13,23 +13,25 @@ namespace nnrnn::cpu {
 
 struct CpuPath {
   bool packed;
-  std::string description;  // "packed: avx512, 2 threads" or "blas: <why>"
+  int64_t slices;  // batch slices: blocks of rows that run their time loops on threads of their own
+  std::string description;  // "packed: avx512, 2 batch slices, 2 threads" or "blas: <why>, 1 batch slice"
 };
 
 // The path recurrence takes for hidden size N and batch B: the packed kernels
 // where the measured crossover table says they are faster, else one BLAS GEMM per
-// step. NNRNN_CPU_KERNEL=packed|blas forces one (read at every call);
+// step; and into how many batch slices it splits the rows. NNRNN_CPU_KERNEL=
+// packed|blas forces a path (read at every call), NNRNN_CPU_SLICES=<n> the slices;
 // NNRNN_CPU_ISA=avx512|avx2|generic caps the packed kernels' instruction set.
 CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype);
 
 // x and out (steps, B, N): out gets h_t; lengths empty or (B,).
 template <typename T>
-void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W, const T* bias, const T* h0,
-                    const std::vector<int64_t>& lengths, Nonlinearity f, T* out);
+void packed_forward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* x, const T* W, const T* bias,
+                    const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* out);
 
 // dx (steps, B, N), dW (N, N), db (N, double) and grad_h0 (B, N) are written whole.
 template <typename T>
-void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* out, const T* grad_out,
+void packed_backward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* W, const T* out, const T* grad_out,
                      const T* grad_h_n, const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* dx,
                      T* dW, double* db, T* grad_h0);
 

@@ -47,6 +47,56 @@ constexpr Crossover kCrossover[] = {{128, 1, std::numeric_limits<int64_t>::max()
 // Beyond this the packed copies of W, W^T and dW (3 N^2 elements) are no longer small.
 constexpr int64_t kMaxPackedN = 4096;
 
+// Batch slices. Rows of the batch never exchange anything, so slices of rows run
+// their whole time loops on threads of their own with no barrier at all; a team
+// that splits each step's columns over threads meets at a barrier every step and
+// reads the other threads' columns of h_{t-1} from their caches. Measured on the
+// 2-core machine (forward, float32, T=220, two threads): split by columns, N=128
+// B=10 ran 3.4 µs/step, as fast as one thread; split into two slices, 2.1 µs/step
+// (N=128 B=100: 25 and 14.6). One slice per thread, each of at least
+// kMinSliceRows rows (a tile of fewer rows has too few independent FMA chains);
+// more slices than threads were slower (each re-reads W every step: N=128 B=100,
+// 8 slices on 2 threads ran the forward at 34 µs/step). dW and db are summed slice
+// by slice, so their last bits depend on the slice count, hence on the number of
+// threads; everything else does not. NNRNN_CPU_SLICES=<n> (tests, measurements)
+// sets the count; 1 gives the column team.
+//
+// The BLAS path slices the batch the same way (recurrence_cpu.cpp): each thread
+// runs single-threaded GEMMs on its rows and the nonlinearity while they are in
+// its cache, instead of every step's GEMM and pointwise pass each forking over
+// both threads and reading the other core's rows. Each thread then reads all of W
+// every step, so only while W fits in a core's L2 with room to spare (2 MB here).
+// Forward / backward µs/step, 2 threads, float32, modReLU, T=100, one slice against
+// two (two runs each, a noisy hour): N=512 B=100 395-407 / 747-788 against 318-371 /
+// 579-647; B=32 129 / 251-256 against 109-111 / 184-190; B=10 40-48 / 73 against
+// 34-38 / 62-65; N=256 B=256 236-278 / 524-540 against 177-186 / 366-370. N=768
+// (W 2.25 MB) at B=10 and 32 and N=1024 at B=10 to 32 were 1.2x to 1.8x slower
+// sliced; float64 N=512 (2 MB) about even.
+constexpr int64_t kMinSliceRows = 5;
+constexpr int64_t kMaxSlicedBlasWBytes = int64_t(1) << 20;
+
+int64_t slice_count(int64_t B, bool worth_slicing) {
+  const std::string forced = env("NNRNN_CPU_SLICES");
+  if (!forced.empty()) {
+    const int64_t n = std::atoll(forced.c_str());
+    TORCH_CHECK_VALUE(n >= 1 && std::to_string(n) == forced,
+                      "NNRNN_CPU_SLICES must be a positive integer (or unset), got '", forced, "'");
+    return std::max<int64_t>(1, std::min(n, B));
+  }
+  if (!worth_slicing) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinSliceRows));
+}
+
+std::string slices_text(int64_t slices) {
+  return std::to_string(slices) + (slices == 1 ? " batch slice" : " batch slices");
+}
+
+CpuPath blas_path(int64_t N, int64_t B, c10::ScalarType dtype, const std::string& why) {
+  const int64_t W_bytes = N * N * static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t slices = slice_count(B, W_bytes <= kMaxSlicedBlasWBytes);
+  return {false, slices, "blas: " + why + ", " + slices_text(slices)};
+}
+
 #if NNRNN_PACKED
 enum class Level { Generic, Avx2, Avx512 };
 
@@ -150,32 +200,6 @@ void run_adaptive_team(int wanted, const Body& body) {
   if (wanted > 1) solo_calls.store(solo ? streak + 1 : 0, std::memory_order_relaxed);
 }
 
-// Batch slices. Rows of the batch never exchange anything, so slices of rows run
-// their whole time loops on threads of their own with no barrier at all; a team
-// that splits each step's columns over threads meets at a barrier every step and
-// reads the other threads' columns of h_{t-1} from their caches. Measured on the
-// 2-core machine (forward, float32, T=220, two threads): split by columns, N=128
-// B=10 ran 3.4 µs/step, as fast as one thread; split into two slices, 2.1 µs/step
-// (N=128 B=100: 25 and 14.6). One slice per thread, each of at least
-// kMinSliceRows rows (a tile of fewer rows has too few independent FMA chains);
-// more slices than threads were slower (each re-reads W every step: N=128 B=100,
-// 8 slices on 2 threads ran the forward at 34 µs/step). dW and db are summed slice
-// by slice, so their last bits depend on the slice count, hence on the number of
-// threads; everything else does not. NNRNN_CPU_SLICES=<n> (tests, measurements)
-// sets the count; 1 gives the column team.
-constexpr int64_t kMinSliceRows = 5;
-
-int64_t slice_count(int64_t B) {
-  const std::string forced = env("NNRNN_CPU_SLICES");
-  if (!forced.empty()) {
-    const int64_t n = std::atoll(forced.c_str());
-    TORCH_CHECK_VALUE(n >= 1 && std::to_string(n) == forced,
-                      "NNRNN_CPU_SLICES must be a positive integer (or unset), got '", forced, "'");
-    return std::max<int64_t>(1, std::min(n, B));
-  }
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinSliceRows));
-}
-
 // Threads that run `slices` slices, or a team on one slice's panels.
 int thread_count(int64_t N, int64_t cols, int64_t slices) {
   if (slices == 1) return team_size(N, cols);
@@ -258,42 +282,41 @@ CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
   TORCH_CHECK_VALUE(forced.empty() || forced == "auto" || forced == "packed" || forced == "blas",
                     "NNRNN_CPU_KERNEL must be auto, packed or blas (or unset), got '", forced, "'");
 #if NNRNN_PACKED
-  if (forced == "blas") return {false, "blas: forced by NNRNN_CPU_KERNEL=blas"};
-  if (N == 0 || B == 0) return {false, "blas: empty (N or B is 0)"};
-  if (N > kMaxPackedN) return {false, "blas: N > " + std::to_string(kMaxPackedN)};
+  if (forced == "blas") return blas_path(N, B, dtype, "forced by NNRNN_CPU_KERNEL=blas");
+  if (N == 0 || B == 0) return blas_path(N, B, dtype, "empty (N or B is 0)");
+  if (N > kMaxPackedN) return blas_path(N, B, dtype, "N > " + std::to_string(kMaxPackedN));
   if (forced != "packed") {
     const auto* row = std::find_if(std::begin(kCrossover), std::end(kCrossover),
                                    [&](const Crossover& c) { return N <= c.max_N; });
     if (row == std::end(kCrossover) || B < row->min_B || B > row->max_B) {
-      return {false, "blas: faster for this shape (crossover table)"};
+      return blas_path(N, B, dtype, "faster for this shape (crossover table)");
     }
   }
   const Level level = chosen_level();
   const int64_t cols = dtype == at::kDouble ? kernels<double>(level).cols : kernels<float>(level).cols;
-  const int64_t slices = slice_count(B);
+  const int64_t slices = slice_count(B, true);
   const int threads = thread_count(N, cols, slices);
-  return {true, std::string("packed: ") + kernels<float>(level).name + ", " + std::to_string(slices) +
-                    (slices == 1 ? " batch slice, " : " batch slices, ") + std::to_string(threads) +
-                    (threads == 1 ? " thread" : " threads")};
+  return {true, slices,
+          std::string("packed: ") + kernels<float>(level).name + ", " + slices_text(slices) + ", " +
+              std::to_string(threads) + (threads == 1 ? " thread" : " threads")};
 #else
-  (void)N, (void)B, (void)dtype;
-  return {false, "blas: the packed kernels need GCC or Clang"};
+  return blas_path(N, B, dtype, "the packed kernels need GCC or Clang");
 #endif
 }
 
 #define NNRNN_INSTANTIATE(T)                                                                                  \
-  template void packed_forward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,         \
-                                  const std::vector<int64_t>&, Nonlinearity, T*);                             \
-  template void packed_backward<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const T*, \
-                                   const std::vector<int64_t>&, Nonlinearity, T*, T*, double*, T*);
+  template void packed_forward<T>(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, \
+                                  const std::vector<int64_t>&, Nonlinearity, T*);                              \
+  template void packed_backward<T>(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,  \
+                                   const T*, const std::vector<int64_t>&, Nonlinearity, T*, T*, double*, T*);
 
 #if NNRNN_PACKED
 template <typename T>
-void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W, const T* bias, const T* h0,
-                    const std::vector<int64_t>& lengths, Nonlinearity f, T* out) {
+void packed_forward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* x, const T* W, const T* bias,
+                    const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* out) {
   if (steps == 0) return;
   const Kernels<T> k = kernels<T>(chosen_level());
-  const int64_t panels = packed::panel_count(N, k.cols), slices = slice_count(B);
+  const int64_t panels = packed::panel_count(N, k.cols);
   auto packed_W = scratch<T>(panels * N * k.cols);
   T* pw = packed_W.template data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -310,11 +333,11 @@ void packed_forward(int64_t steps, int64_t B, int64_t N, const T* x, const T* W,
 }
 
 template <typename T>
-void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* out, const T* grad_out,
-                     const T* grad_h_n, const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* dx,
-                     T* dW, double* db, T* grad_h0) {
+void packed_backward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* W, const T* out,
+                     const T* grad_out, const T* grad_h_n, const T* h0, const std::vector<int64_t>& lengths,
+                     Nonlinearity f, T* dx, T* dW, double* db, T* grad_h0) {
   const Kernels<T> k = kernels<T>(chosen_level());
-  const int64_t panels = packed::panel_count(N, k.cols), slices = slice_count(B), panel_size = N * k.cols;
+  const int64_t panels = packed::panel_count(N, k.cols), panel_size = N * k.cols;
   auto packed_Wt = scratch<T>(panels * panel_size);
   T* pwt = packed_Wt.template data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -350,12 +373,12 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, const T* W, const T* o
 
 #else  // choose_cpu_path never picks the packed path here
 template <typename T>
-void packed_forward(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const std::vector<int64_t>&,
-                    Nonlinearity, T*) {
+void packed_forward(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,
+                    const std::vector<int64_t>&, Nonlinearity, T*) {
   TORCH_INTERNAL_ASSERT(false, "the packed CPU kernels are not built");
 }
 template <typename T>
-void packed_backward(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const T*,
+void packed_backward(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const T*,
                      const std::vector<int64_t>&, Nonlinearity, T*, T*, double*, T*) {
   TORCH_INTERNAL_ASSERT(false, "the packed CPU kernels are not built");
 }

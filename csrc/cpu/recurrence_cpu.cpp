@@ -1,12 +1,14 @@
 // CPU kernels of nnrnn_fused::recurrence and recurrence_backward.
 //
 // Two paths, chosen per shape by choose_cpu_path (packed.h): the packed kernels
-// (packed_kernels.h: W packed once, a team of threads in lockstep, the
-// nonlinearity in the micro-kernel's epilogue), and the BLAS path below. In the
+// (packed_kernels.h: W packed once, batch slices or a team of threads in lockstep,
+// the nonlinearity in the micro-kernel's epilogue), and the BLAS path below. In the
 // BLAS path each direction is one call that loops over the timesteps in C++: per
 // step one small GEMM on raw pointers (blas.h) with the nonlinearity applied right
-// after it, while the step's rows are still in cache. No tensor is created inside
-// the time loop. The weight gradient is one GEMM over all steps after the loop.
+// after it, while the step's rows are still in cache; the batch split into slices
+// of rows that run on threads of their own where W is small enough (packed_cpu.cpp).
+// No tensor is created inside the time loop. The weight gradient is one GEMM over
+// all steps after the loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,15 +24,52 @@ namespace nnrnn::cpu {
 namespace {
 
 // Rows of a step are independent in the pointwise pass; split them over threads
-// only when there is enough work to pay for it.
+// only when there is enough work to pay for it (and only with a single batch
+// slice: inside a slice's thread at::parallel_for runs inline).
 constexpr int64_t kPointwiseGrain = 1 << 15;
 
 template <typename F>
-void for_rows(int64_t B, int64_t N, const F& body) {
+void for_rows(int64_t first, int64_t end, int64_t N, const F& body) {
   const int64_t grain = std::max<int64_t>(1, kPointwiseGrain / std::max<int64_t>(N, 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) body(r);
+  at::parallel_for(first, end, grain, [&](int64_t begin, int64_t stop) {
+    for (int64_t r = begin; r < stop; ++r) body(r);
   });
+}
+
+// Runs body(first_row, end_row) for each of `slices` blocks of consecutive rows,
+// spread over the threads: every block runs its whole time loop on one thread, its
+// GEMMs single-threaded (MKL and OpenBLAS do not fork inside a parallel region).
+// With one slice the body runs on the calling thread and each GEMM uses all threads.
+template <typename Body>
+void for_slices(int64_t B, int64_t slices, const Body& body) {
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) body(B * s / slices, B * (s + 1) / slices);
+  });
+}
+
+// The pointwise loops over one row, compiled for AVX-512, AVX2 and the baseline and
+// chosen at load time (GCC's target_clones, glibc's ifunc): the baseline SSE2 build
+// left modReLU and tanh scalar.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NNRNN_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NNRNN_ISA_CLONES
+#endif
+
+template <typename scalar_t, Nonlinearity F>
+NNRNN_ISA_CLONES void activate_row(scalar_t* z, const scalar_t* b, int64_t N) {
+  for (int64_t j = 0; j < N; ++j) z[j] = activate<scalar_t>(F, z[j], b[j]);
+}
+
+// da = (g + go) phi'(a) from the output h; db accumulates da times dh/db / dh/dz.
+template <typename scalar_t, Nonlinearity F>
+NNRNN_ISA_CLONES void derivative_row(const scalar_t* g, const scalar_t* go, const scalar_t* h, scalar_t* da,
+                                     double* db, int64_t N) {
+  for (int64_t j = 0; j < N; ++j) {
+    const scalar_t d = (g[j] + go[j]) * derivative_from_output<scalar_t>(F, h[j]);
+    da[j] = d;
+    db[j] += static_cast<double>(d * bias_factor_from_output<scalar_t>(F, h[j]));
+  }
 }
 
 // Calls fn(std::integral_constant<Nonlinearity, f>{}): the time loops are compiled
@@ -72,28 +111,30 @@ at::Tensor last_states(const at::Tensor& out, const std::vector<int64_t>& len, c
 }
 
 template <typename scalar_t, Nonlinearity F>
-void forward_loop(int64_t T, int64_t B, int64_t N, const scalar_t* W, const scalar_t* b,
-                  const scalar_t* h0, const std::vector<int64_t>& len, scalar_t* out,
-                  scalar_t* state) {
+void forward_loop(int64_t T, int64_t B, int64_t N, int64_t slices, const scalar_t* W, const scalar_t* b,
+                  const scalar_t* h0, const std::vector<int64_t>& len, scalar_t* out, scalar_t* state) {
   // out holds x on entry. Without lengths the state of step t is out[t]; with
   // lengths it lives in `state`, because finished rows keep it while their
   // output is zero.
-  const scalar_t* prev = h0;  // nullptr: zero state, no GEMM needed
   const int64_t step = B * N;
-  for (int64_t t = 0; t < T; ++t) {
-    scalar_t* cur = out + t * step;
-    if (prev) gemm_rowmajor<scalar_t>(B, N, N, prev, W, /*transpose_b=*/false, /*accumulate=*/true, cur);
-    for_rows(B, N, [&](int64_t r) {
-      scalar_t* z = cur + r * N;
-      if (!len.empty() && t >= len[r]) {
-        std::fill(z, z + N, scalar_t(0));
-        return;
-      }
-      for (int64_t j = 0; j < N; ++j) z[j] = activate<scalar_t>(F, z[j], b[j]);
-      if (!len.empty()) std::copy(z, z + N, state + r * N);
-    });
-    prev = len.empty() ? cur : state;
-  }
+  for_slices(B, slices, [&](int64_t first, int64_t end) {
+    const int64_t offset = first * N;
+    const scalar_t* prev = h0 ? h0 + offset : nullptr;  // nullptr: zero state, no GEMM needed
+    for (int64_t t = 0; t < T; ++t) {
+      scalar_t* cur = out + t * step + offset;
+      if (prev) gemm_rowmajor<scalar_t>(end - first, N, N, prev, W, /*transpose_b=*/false, /*accumulate=*/true, cur);
+      for_rows(first, end, N, [&](int64_t r) {
+        scalar_t* z = out + t * step + r * N;
+        if (!len.empty() && t >= len[r]) {
+          std::fill(z, z + N, scalar_t(0));
+          return;
+        }
+        activate_row<scalar_t, F>(z, b, N);
+        if (!len.empty()) std::copy(z, z + N, state + r * N);
+      });
+      prev = len.empty() ? cur : state + offset;
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at::Tensor& W,
@@ -106,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   const int64_t T = s.T, B = s.B, N = s.N;
   const auto len = lengths_vector(lengths, T);
 
-  const bool packed = choose_cpu_path(N, B, x.scalar_type()).packed;
+  const CpuPath path = choose_cpu_path(N, B, x.scalar_type());
+  const bool packed = path.packed;
   // The BLAS loop adds each step's product to x in place; the packed kernels read x.
   auto xc = packed ? x.contiguous() : at::Tensor();
   auto out = packed ? at::empty({T, B, N}, x.options()) : x.clone(at::MemoryFormat::Contiguous);
@@ -119,13 +161,13 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nnrnn_recurrence_cpu", [&] {
     const scalar_t* h0p = h0 ? h0c.data_ptr<scalar_t>() : nullptr;
     if (packed) {
-      packed_forward<scalar_t>(T, B, N, xc.data_ptr<scalar_t>(), Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
-                               h0p, len, f, out.data_ptr<scalar_t>());
+      packed_forward<scalar_t>(T, B, N, path.slices, xc.data_ptr<scalar_t>(), Wc.data_ptr<scalar_t>(),
+                               bc.data_ptr<scalar_t>(), h0p, len, f, out.data_ptr<scalar_t>());
       return;
     }
     with_nonlinearity(f, [&](auto fc) {
       forward_loop<scalar_t, decltype(fc)::value>(
-          T, B, N, Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), h0p, len, out.data_ptr<scalar_t>(),
+          T, B, N, path.slices, Wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), h0p, len, out.data_ptr<scalar_t>(),
           state.defined() ? state.data_ptr<scalar_t>() : nullptr);
     });
   });
@@ -142,39 +184,40 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
 }
 
 template <typename scalar_t, Nonlinearity F>
-void backward_loop(int64_t T, int64_t B, int64_t N, const scalar_t* W, const scalar_t* out,
-                   const scalar_t* grad_out, const std::vector<int64_t>& len, scalar_t* g,
-                   scalar_t* g_next, scalar_t* dx, double* db_rows) {
+void backward_loop(int64_t T, int64_t B, int64_t N, int64_t slices, const scalar_t* Wt, const scalar_t* out,
+                   const scalar_t* grad_out, const std::vector<int64_t>& len, scalar_t* g, scalar_t* g_next,
+                   scalar_t* dx, double* db_rows) {
   // g holds dL/dh_t for the step being processed (starting from grad_h_n); the
   // output gradient of step t joins it before the derivative is applied.
   // db_rows (B, N) accumulates the bias gradient per row, summed after the loop,
-  // so that threads never share an accumulator (deterministic).
+  // so that threads never share an accumulator (deterministic). Wt is W^T,
+  // contiguous: a GEMM on a transposed operand was slower (single-threaded,
+  // 50 x 512 x 512: 277-299 µs against 236-246).
   const int64_t step = B * N;
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const scalar_t* h = out + t * step;
-    const scalar_t* go = grad_out + t * step;
-    scalar_t* da = dx + t * step;
-    for_rows(B, N, [&](int64_t r) {
-      const int64_t o = r * N;
-      if (!len.empty() && t >= len[r]) {  // finished: the state, and g, pass through
-        std::fill(da + o, da + o + N, scalar_t(0));
-        return;
-      }
-      for (int64_t j = 0; j < N; ++j) {
-        const scalar_t d = (g[o + j] + go[o + j]) * derivative_from_output<scalar_t>(F, h[o + j]);
-        da[o + j] = d;
-        db_rows[o + j] += static_cast<double>(d * bias_factor_from_output<scalar_t>(F, h[o + j]));
-      }
-    });
-    if (len.empty()) {
-      gemm_rowmajor<scalar_t>(B, N, N, da, W, /*transpose_b=*/true, /*accumulate=*/false, g);
-    } else {
-      gemm_rowmajor<scalar_t>(B, N, N, da, W, /*transpose_b=*/true, /*accumulate=*/false, g_next);
-      for_rows(B, N, [&](int64_t r) {
-        if (t < len[r]) std::copy(g_next + r * N, g_next + (r + 1) * N, g + r * N);
+  for_slices(B, slices, [&](int64_t first, int64_t end) {
+    const int64_t offset = first * N;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t at_t = t * step;
+      for_rows(first, end, N, [&](int64_t r) {
+        const int64_t o = at_t + r * N;
+        if (!len.empty() && t >= len[r]) {  // finished: the state, and g, pass through
+          std::fill(dx + o, dx + o + N, scalar_t(0));
+          return;
+        }
+        derivative_row<scalar_t, F>(g + r * N, grad_out + o, out + o, dx + o, db_rows + r * N, N);
       });
+      scalar_t* da = dx + at_t + offset;
+      if (len.empty()) {
+        gemm_rowmajor<scalar_t>(end - first, N, N, da, Wt, /*transpose_b=*/false, /*accumulate=*/false, g + offset);
+      } else {
+        gemm_rowmajor<scalar_t>(end - first, N, N, da, Wt, /*transpose_b=*/false, /*accumulate=*/false,
+                                g_next + offset);
+        for (int64_t r = first; r < end; ++r) {
+          if (t < len[r]) std::copy(g_next + r * N, g_next + (r + 1) * N, g + r * N);
+        }
+      }
     }
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
@@ -189,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
   auto out = output.contiguous();
   auto go = grad_output.contiguous();
   auto Wc = W.contiguous();
-  if (choose_cpu_path(N, B, output.scalar_type()).packed) {
+  const CpuPath path = choose_cpu_path(N, B, output.scalar_type());
+  if (path.packed) {
     auto dx = at::empty_like(out);
     auto dW = at::empty({N, N}, out.options());
     auto db = at::empty({N}, out.options().dtype(at::kDouble));
@@ -197,14 +241,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
     auto gh = grad_h_n.contiguous();
     auto h0c = h0 ? h0->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "nnrnn_recurrence_backward_cpu", [&] {
-      packed_backward<scalar_t>(T, B, N, Wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(),
-                                gh.data_ptr<scalar_t>(), h0 ? h0c.data_ptr<scalar_t>() : nullptr, len, f,
+      packed_backward<scalar_t>(T, B, N, path.slices, Wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                go.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
+                                h0 ? h0c.data_ptr<scalar_t>() : nullptr, len, f,
                                 dx.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(), db.data_ptr<double>(),
                                 grad_h0.data_ptr<scalar_t>());
     });
     return {dx, dW, db.to(output.scalar_type()), grad_h0};
   }
   auto g = grad_h_n.clone(at::MemoryFormat::Contiguous);
+  auto Wt = W.t().contiguous();
   auto g_next = len.empty() ? at::Tensor() : at::empty_like(g);
   auto dx = at::empty_like(out);
   auto db_rows = at::zeros({B, N}, output.options().dtype(at::kDouble));
@@ -212,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "nnrnn_recurrence_backward_cpu", [&] {
     with_nonlinearity(f, [&](auto fc) {
       backward_loop<scalar_t, decltype(fc)::value>(
-          T, B, N, Wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), len,
+          T, B, N, path.slices, Wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), len,
           g.data_ptr<scalar_t>(), g_next.defined() ? g_next.data_ptr<scalar_t>() : nullptr,
           dx.data_ptr<scalar_t>(), db_rows.data_ptr<double>());
     });
