@@ -252,11 +252,9 @@ def test_cpu_path_reports_and_forces(monkeypatch, threads):
     assert nnrnn_fused.cpu_path(64, 2).endswith(", 2 batch slices, 2 threads")  # at most B
     monkeypatch.delenv("NNRNN_CPU_SLICES")
     assert nnrnn_fused.cpu_path(128, 1).startswith("packed: ")  # the crossover table
-    assert nnrnn_fused.cpu_path(256, 1).startswith("blas: faster for this shape")
-    assert nnrnn_fused.cpu_path(256, 2).startswith("packed: ")
-    assert nnrnn_fused.cpu_path(256, 100).startswith("packed: ")
-    assert nnrnn_fused.cpu_path(256, 101).startswith("blas: faster for this shape")
     assert nnrnn_fused.cpu_path(128, 256).startswith("packed: ")
+    assert nnrnn_fused.cpu_path(129, 1).startswith("blas: faster for this shape")
+    assert nnrnn_fused.cpu_path(256, 100).startswith("blas: faster for this shape")
     assert nnrnn_fused.cpu_path(512, 100) == "blas: faster for this shape (crossover table), 2 batch slices"
     # the BLAS path slices while W takes at most 1 MiB (each slice's thread reads all of it every step)
     assert nnrnn_fused.cpu_path(513, 100).endswith(", 1 batch slice")

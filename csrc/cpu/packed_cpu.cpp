@@ -31,18 +31,18 @@ std::string env(const char* name) {
 
 // Where the packed path beat one BLAS GEMM per step: `--grid crossover` (float32,
 // T=100, N 32..1024, B 1..256, forward and forward+backward) on the quiet 2-core
-// development machine, with batch slices: 3 passes with 2 threads and 2 with 1
-// (benchmarks/results/cpu_v2/slices_crossover_*; the first table, before slices,
-// came from 5 and 3 passes in crossover_*). The packed path is taken for
-// N <= max_N when min_B <= B <= max_B, the BLAS path otherwise. Forward+backward,
-// packed against BLAS: N <= 128 1.1x to 1.9x faster (N=128 B=256 on one thread
-// 0.94x, within the noise); N=256 1.0x to 1.5x for B from 1 to 100 and 0.90x to
-// 0.93x at B=256; N=512 and 1024 mostly slower (0.67x to 1.0x; 1.1x to 1.3x at
-// N=512 B=10 and 32 on two threads only). N=256 B=1 was even in the first table.
+// development machine, both paths with batch slices: 3 passes with 2 threads and 2
+// with 1 (benchmarks/results/cpu_v2/blas_slices_crossover_*; the tables before came
+// from slices_crossover_* and crossover_*). The packed path is taken for N <= max_N
+// when min_B <= B <= max_B, the BLAS path otherwise. Forward+backward, packed
+// against BLAS: N <= 128 1.0x to 1.7x faster (N=32 B=256 on two threads 0.94x,
+// within the noise: 0.74x to 1.32x over the passes); N=256 0.85x to 1.05x (since
+// the BLAS path slices its batch too, it wins or ties there: before, packed won
+// 1.0x to 1.5x at B 2 to 100); N=512 and 1024 0.60x to 0.97x.
 struct Crossover {
   int64_t max_N, min_B, max_B;
 };
-constexpr Crossover kCrossover[] = {{128, 1, std::numeric_limits<int64_t>::max()}, {256, 2, 100}};
+constexpr Crossover kCrossover[] = {{128, 1, std::numeric_limits<int64_t>::max()}};
 
 // Beyond this the packed copies of W, W^T and dW (3 N^2 elements) are no longer small.
 constexpr int64_t kMaxPackedN = 4096;
