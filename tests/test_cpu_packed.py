@@ -122,6 +122,21 @@ def test_blas_path_slices_match_reference(monkeypatch, threads, slices, nonlinea
     assert_all_close(got, want, rtol * 10, atol * 10)  # float32: sums over T*B terms
 
 
+@pytest.mark.parametrize("slices", ["1", "2"])
+def test_blas_path_same_bits_run_to_run(monkeypatch, threads, slices):
+    """With the same threads and slices the BLAS path gives the same bits every call (across slice
+    counts it need not: the BLAS library blocks a product by its number of rows)."""
+    threads(2)
+    monkeypatch.setenv("NNRNN_CPU_KERNEL", "blas")
+    monkeypatch.setenv("NNRNN_CPU_SLICES", slices)
+    args = inputs(20, 24, 96, torch.float32, True, True)
+    first = outputs_and_grads(fused_nnrnn, *args, "tanh")
+    for _ in range(3):
+        again = outputs_and_grads(fused_nnrnn, *args, "tanh")
+        for i, (a, b) in enumerate(zip(first, again)):
+            assert torch.equal(a, b), f"result {i} changed between calls"
+
+
 @pytest.mark.parametrize("slices", ["1", "2", "4"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("with_lengths", [False, True])
