@@ -38,7 +38,8 @@ void for_rows(int64_t first, int64_t end, int64_t N, const F& body) {
 
 // Runs body(first_row, end_row) for each of `slices` blocks of consecutive rows,
 // spread over the threads: every block runs its whole time loop on one thread, its
-// GEMMs single-threaded (MKL and OpenBLAS do not fork inside a parallel region).
+// GEMMs single-threaded (MKL, and OpenBLAS built with OpenMP, do not fork inside a
+// parallel region).
 // With one slice the body runs on the calling thread and each GEMM uses all threads.
 template <typename Body>
 void for_slices(int64_t B, int64_t slices, const Body& body) {
