@@ -31,8 +31,8 @@ void packed_forward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T
 
 // dx (steps, B, N), dW (N, N), db (N, double) and grad_h0 (B, N) are written whole.
 template <typename T>
-void packed_backward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* W, const T* out, const T* grad_out,
-                     const T* grad_h_n, const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* dx,
-                     T* dW, double* db, T* grad_h0);
+void packed_backward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* W, const T* out,
+                     const T* grad_out, const T* grad_h_n, const T* h0, const std::vector<int64_t>& lengths,
+                     Nonlinearity f, T* dx, T* dW, double* db, T* grad_h0);
 
 }  // namespace nnrnn::cpu

@@ -39,8 +39,8 @@ void for_rows(int64_t first, int64_t end, int64_t N, const F& body) {
 // Runs body(first_row, end_row) for each of `slices` blocks of consecutive rows,
 // spread over the threads: every block runs its whole time loop on one thread, its
 // GEMMs single-threaded (MKL, and OpenBLAS built with OpenMP, do not fork inside a
-// parallel region).
-// With one slice the body runs on the calling thread and each GEMM uses all threads.
+// parallel region). With one slice the body runs on the calling thread and each
+// GEMM uses all threads.
 template <typename Body>
 void for_slices(int64_t B, int64_t slices, const Body& body) {
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
@@ -232,9 +232,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
 
   auto out = output.contiguous();
   auto go = grad_output.contiguous();
-  auto Wc = W.contiguous();
   const CpuPath path = choose_cpu_path(N, B, output.scalar_type());
   if (path.packed) {
+    auto Wc = W.contiguous();
     auto dx = at::empty_like(out);
     auto dW = at::empty({N, N}, out.options());
     auto db = at::empty({N}, out.options().dtype(at::kDouble));
