@@ -21,8 +21,9 @@ $TRAIN psmnist --model nnrnn --epochs 13 --threads 1 --out-dir results/psmnist/n
 #   $TRAIN --resume results/psmnist/exprnn/checkpoint.pt --epochs 31 --threads 1
 $TRAIN psmnist --model exprnn --epochs 40 --threads 1 --checkpoint-every 40 --out-dir results/psmnist/exprnn
 $TRAIN psmnist --model lstm --epochs 40 --threads 1 --checkpoint-every 40 --out-dir results/psmnist/lstm
-# then continued: --resume .../checkpoint.pt --epochs 100 --threads 1, stopped by SIGTERM at step 3310, and
-#   $TRAIN --resume results/psmnist/lstm/checkpoint.pt --epochs 83 --threads 2
+# then continued: --resume .../checkpoint.pt --epochs 100 --threads 1, stopped by SIGTERM at step 3310,
+#   $TRAIN --resume results/psmnist/lstm/checkpoint.pt --epochs 83 --threads 2, and
+#   $TRAIN --resume results/psmnist/lstm/checkpoint.pt --epochs 130 --threads 1
 # The adding task at T=750 (~17K parameters; lr 1e-3 diverges at this length).
 for model in nnrnn exprnn lstm; do
     $TRAIN adding --model "$model" --T 750 --lr 1e-4 --lr-orth 1e-5 --steps 1500 --out-dir "results/adding/$model"
