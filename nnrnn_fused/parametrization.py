@@ -24,57 +24,128 @@ def skew(log_P: torch.Tensor) -> torch.Tensor:
     return upper - upper.transpose(-1, -2)
 
 
-class _SkewExpEigh(torch.autograd.Function):
-    """exp(A) for a real skew-symmetric A, and its gradient, from one eigendecomposition.
+# Float64 helpers of the backward: x / x stays finite at 0 with this floor.
+_TINY = 1e-300
 
-    iA is Hermitian, so A = V diag(i w) V^H with V unitary and w real, and
-    exp(A) = V diag(e^{i w}) V^H. The gradient of a loss with dL/dP = G is the adjoint
-    Frechet derivative, exp's derivative at A^T = -A applied to G:
-        dL/dA = V [(V^H G V) * Phi] V^H,  Phi_jk = e^{-i (w_j + w_k) / 2} sinc((w_j - w_k) / 2)
-    (sinc(x) = sin(x) / x; continuous where eigenvalues coincide). Equal to what autograd
-    through torch.linalg.matrix_exp gives (to 1e-11 in float64), and in float32 about
-    1e-6 relative off the float64 truth where matrix_exp's autograd is 3e-5 to 1e-3 off
-    (scaling and squaring; tests/test_parametrization.py measures both).
 
-    float16/bfloat16 are computed in float32 (complex64); float64 in complex128.
+def _sinc(x: torch.Tensor) -> torch.Tensor:
+    """sin(x) / x for x >= 0, 1 at 0 (float64; torch.sinc is several times slower on the CPU)."""
+    x = x.clamp_min(_TINY)
+    return torch.sin(x) / x
+
+
+def _blend(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.where(cond, a, b) for finite a and b, by arithmetic (torch.where is slow on the CPU)."""
+    w = cond.to(a.dtype)
+    return a * w + b * (1 - w)
+
+
+def _divided_differences(theta: torch.Tensor):
+    """F_c, F_s (float64): the divided differences of c(l) = cos(sqrt(l)) and s(l) = sinc(sqrt(l))
+    between l_j = theta_j^2 and l_k = theta_k^2 (derivatives where they coincide), theta >= 0.
+
+    With hi, lo = max, min(theta_j, theta_k), m = (hi + lo) / 2, d = (hi - lo) / 2:
+        F_c = -sinc(m) sinc(d) / 2,
+        F_s = (sinc hi - sinc lo) / (hi^2 - lo^2) = (cos m sinc d - sinc lo) / (2 hi m),
+    free of the cancellation of the plain quotients as lo -> hi. The last one loses digits as
+    hi -> 0 (absolute error ~ eps / hi^2), so below hi = 0.1 its Taylor series takes over.
+    """
+    a, b = theta[..., :, None], theta[..., None, :]
+    hi, lo = torch.maximum(a, b), torch.minimum(a, b)
+    m, d = (hi + lo) * 0.5, (hi - lo) * 0.5
+    sinc_m, sinc_d = _sinc(m), _sinc(d)
+    F_c = sinc_m * sinc_d * -0.5
+    F_s = (torch.cos(m) * sinc_d - _sinc(lo)) / (hi * (hi + lo) + _TINY)
+    s1, s2 = a * a + b * b, (a * b).square()  # l_j + l_k, l_j l_k
+    s3 = s1 * s1 - s2  # l_j^2 + l_j l_k + l_k^2
+    series = -1 / 6 + s1 / 120 - s3 / 5040 + s1 * (s3 - s2) / 362880  # s(l) = sum (-l)^i / (2i + 1)!
+    return F_c, _blend(hi < 0.1, series, F_s)
+
+
+def _rotation_angles(lam: torch.Tensor) -> torch.Tensor:
+    """theta (float64), one per rotation plane of A, from the eigenvalues of A^T A (ascending).
+
+    A^T A = -A^2 has the eigenvalues theta_k^2 of A's 2x2 rotation planes, each twice, and one 0
+    for odd n: in ascending order the pairs are neighbours (where rounding mixes two pairs, they
+    are equal to rounding). Each pair's mean serves both, so the forward and the backward see one
+    theta per plane, and the backward's divided differences are over n/2 angles.
+    """
+    n, odd = lam.shape[-1], lam.shape[-1] % 2
+    pairs = lam[..., odd:].unflatten(-1, (n // 2, 2)).mean(-1, dtype=torch.float64)
+    if odd:
+        pairs = torch.cat([pairs.new_zeros((*pairs.shape[:-1], 1)), pairs], -1)
+    return pairs.clamp_min(0).sqrt()
+
+
+def _per_eigenvalue(x: torch.Tensor, n: int, dims: int = 1) -> torch.Tensor:
+    """x (..., k) over the angles, or (..., k, k) with dims=2, spread over the n eigenvalues:
+    every entry twice along each axis, less the first for odd n (its lone 0)."""
+    k, odd = x.shape[-1], n % 2
+    if dims == 1:
+        return x[..., :, None].expand(*x.shape, 2).reshape(*x.shape[:-1], 2 * k)[..., odd:]
+    x = x[..., :, None, :, None].expand(*x.shape[:-2], k, 2, k, 2).reshape(*x.shape[:-2], 2 * k, 2 * k)
+    return x[..., odd:, odd:]
+
+
+class _SkewExp(torch.autograd.Function):
+    """exp(A) for a real skew-symmetric A, and its gradient, from one real symmetric eigendecomposition.
+
+    S = A^T A = -A^2 is symmetric positive semi-definite, S = V diag(theta^2) V^T, and the even
+    and odd parts of exp's series are functions of S:
+        exp(A) = cos(sqrt S) + A sinc(sqrt S) = [V diag(cos theta) + (A V) diag(sinc theta)] V^T.
+    Its gradient (G = dL/dP), with the Daleckii-Krein formula for the functions of S:
+        dL/dA = [(G V) diag(sinc theta) + (A V) (F_c * (M + M^T) + F_s * (K + K^T))] V^T,
+        M = V^T G V, K = (A V)^T G V, F_c and F_s from _divided_differences.
+    (This is the gradient of the formula as a function of any A; on skew-symmetric directions,
+    the only ones skew() passes on, it is exp's.) Equal to torch.linalg.matrix_exp and its
+    autograd to about 1e-14 in float64; float32 gradients about 1e-6 off the float64 truth near
+    an nnRNN initialisation, where matrix_exp's float32 autograd is 2e-5 to 3e-5 off
+    (tests/test_parametrization.py).
+
+    float16/bfloat16 are computed in float32.
     """
 
-    # forward and setup_context apart (the form torch.func transforms need): the
-    # eigenvectors and eigenvalues go to the backward as extra, non-differentiable outputs
+    # forward and setup_context apart (the form torch.func transforms need): V, A V and the
+    # angles go to the backward as extra, non-differentiable outputs
     generate_vmap_rule = True
 
     @staticmethod
     def forward(A):
-        complex_dtype = torch.complex128 if A.dtype == torch.float64 else torch.complex64
-        h, V = torch.linalg.eigh(1j * A.to(complex_dtype))  # iA = V diag(h) V^H, so w = -h
-        w = -h
+        Aw = A.to(torch.float64 if A.dtype == torch.float64 else torch.float32)
+        lam, V = torch.linalg.eigh(Aw.mT @ Aw)
+        theta = _rotation_angles(lam)
+        AV = Aw @ V
+        cos, sinc = (_per_eigenvalue(f(theta).to(V.dtype), V.shape[-1]).unsqueeze(-2) for f in (torch.cos, _sinc))
         # copy=True: the output must be a new tensor. torch 2.11's torch.compile gives an
         # autograd.Function whose output is a same-dtype .to() (which returns its input)
         # zero gradients (docs/torch_versions.md has the three-line reproduction).
-        return ((V * torch.exp(1j * w)) @ V.mH).real.to(A.dtype, copy=True), V, w
+        return ((V * cos + AV * sinc) @ V.mT).to(A.dtype, copy=True), V, AV, theta
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, V, w = output
-        ctx.mark_non_differentiable(V, w)
-        ctx.save_for_backward(V, w)
+        _, V, AV, theta = output
+        ctx.mark_non_differentiable(V, AV, theta)
+        ctx.save_for_backward(V, AV, theta)
 
     @staticmethod
-    def backward(ctx, G, _grad_V, _grad_w):
-        V, w = ctx.saved_tensors
-        half = torch.exp(-0.5j * w)  # e^{-i (w_j + w_k) / 2} as an outer product: N exps, not N^2
-        phi = half[..., :, None] * half[..., None, :] * torch.sinc((w[..., :, None] - w[..., None, :]) / (2 * math.pi))
-        return (V @ ((V.mH @ G.to(V.dtype) @ V) * phi) @ V.mH).real.to(G.dtype, copy=True)
+    def backward(ctx, G, _grad_V, _grad_AV, _grad_theta):
+        V, AV, theta = ctx.saved_tensors
+        n = V.shape[-1]
+        F_c, F_s = (_per_eigenvalue(F.to(V.dtype), n, dims=2) for F in _divided_differences(theta))
+        GV = G.to(V.dtype) @ V
+        M, K = V.mT @ GV, AV.mT @ GV
+        inner = F_c * (M + M.mT) + F_s * (K + K.mT)
+        sinc = _per_eigenvalue(_sinc(theta).to(V.dtype), n).unsqueeze(-2)
+        return ((GV * sinc + AV @ inner) @ V.mT).to(G.dtype, copy=True)
 
 
 def orthogonal_from(log_P: torch.Tensor) -> torch.Tensor:
     """P = matrix_exp(skew(log_P)): orthogonal with det +1.
 
-    One route on every device: P and its gradient come from an eigendecomposition
-    (_SkewExpEigh), accurate in float32 and 2-4x faster than torch.linalg.matrix_exp on
-    the CPU for N = 128-512.
+    One route on every device: P and its gradient come from a real symmetric eigendecomposition
+    (_SkewExp), accurate in float32 and faster than torch.linalg.matrix_exp and its autograd.
     """
-    return _SkewExpEigh.apply(skew(log_P))[0]
+    return _SkewExp.apply(skew(log_P))[0]
 
 
 def block_rotations(thetas: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:

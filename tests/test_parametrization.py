@@ -155,7 +155,8 @@ def test_odd_hidden_size_rejected():
         SchurRecurrence(7)
 
 
-@pytest.mark.parametrize("n,scale", [(6, 0.1), (6, 3.0), (64, 1.0), (9, 0.5)])
+@pytest.mark.parametrize("n,scale", [(6, 0.1), (6, 3.0), (64, 1.0), (9, 0.5), (1, 1.0), (3, 1.0), (7, 1e-3),
+                                     (8, 5.0)])
 def test_skew_exponential_matches_matrix_exp(n, scale):
     """The eigendecomposition route against torch.linalg.matrix_exp and its autograd."""
     from nnrnn_fused.parametrization import orthogonal_from, skew
@@ -191,3 +192,50 @@ def test_float32_gradient_of_P_is_accurate(n):
     """float32 log_P gradients within 5e-6 of float64 (measured: 1.1e-6 at N=128, 1.7e-6 at 512;
     autograd through float32 torch.linalg.matrix_exp: 1.7e-5 and 3.2e-5 on the same inputs)."""
     assert relative_gradient_error(n, torch.float32) < 5e-6
+
+
+def test_divided_differences_against_40_digit_arithmetic():
+    """F_c and F_s of the backward against the plain quotients (derivatives where the angles
+    coincide) in 40-digit arithmetic, over the regimes: zero, tiny, both sides of the series'
+    threshold (0.1), nearly equal and far apart angles."""
+    mp = pytest.importorskip("mpmath")
+    from nnrnn_fused.parametrization import _divided_differences
+
+    mp.mp.dps = 40
+    angles = [0.0, 1e-12, 1e-9, 1e-4, 1e-3, 0.0999, 0.1, 0.1001, 0.3, 0.3 + 1e-9, 0.3 + 1e-5, 1.0, 2.0, math.pi,
+              10.0, 25.0, 100.0]
+    F_c, F_s = _divided_differences(torch.tensor(angles, dtype=torch.float64))
+
+    def sinc(x):
+        return mp.sin(x) / x if x else mp.mpf(1)
+
+    def divided(f, derivative, a, b):
+        a, b = mp.mpf(a), mp.mpf(b)
+        return derivative(a) if a == b else (f(a) - f(b)) / (a * a - b * b)
+
+    def d_cos(a):  # d/dl cos(sqrt l) at l = a^2
+        return -sinc(a) / 2
+
+    def d_sinc(a):  # d/dl sinc(sqrt l) at l = a^2
+        return (mp.cos(a) - sinc(a)) / (2 * a * a) if a else mp.mpf(-1) / 6
+
+    for j, a in enumerate(angles):
+        for k, b in enumerate(angles):
+            assert abs(F_c[j, k].item() - float(divided(mp.cos, d_cos, a, b))) < 1e-15, (a, b)
+            assert abs(F_s[j, k].item() - float(divided(sinc, d_sinc, a, b))) < 5e-14, (a, b)
+
+
+def test_skew_exponential_batched_and_vmapped():
+    """A stack of log_P matrices: P and gradients equal those of one matrix at a time, with
+    torch.func.vmap too (generate_vmap_rule)."""
+    from nnrnn_fused.parametrization import orthogonal_from
+
+    L = torch.randn(3, 7, 7, dtype=torch.float64, requires_grad=True)
+    G = torch.randn(3, 7, 7, dtype=torch.float64)
+    g, = torch.autograd.grad((orthogonal_from(L) * G).sum(), L)
+    for i in range(3):
+        torch.testing.assert_close(orthogonal_from(L[i]), torch.linalg.matrix_exp(skew(L[i])), rtol=0, atol=1e-12)
+        g_i, = torch.autograd.grad((orthogonal_from(L[i]) * G[i]).sum(), L)
+        torch.testing.assert_close(g[i], g_i[i], rtol=0, atol=1e-13)
+    grad_one = torch.func.grad(lambda log_P, G: (orthogonal_from(log_P) * G).sum())
+    torch.testing.assert_close(torch.func.vmap(grad_one)(L.detach(), G), g, rtol=0, atol=1e-13)
