@@ -48,18 +48,19 @@ def _divided_differences(theta: torch.Tensor):
         F_c = -sinc(m) sinc(d) / 2,
         F_s = (sinc hi - sinc lo) / (hi^2 - lo^2) = (cos m sinc d - sinc lo) / (2 hi m),
     free of the cancellation of the plain quotients as lo -> hi. The last one loses digits as
-    hi -> 0 (absolute error ~ eps / hi^2), so below hi = 0.1 its Taylor series takes over.
+    hi -> 0 (absolute error ~ eps / hi^2), so below hi = 0.05 its Taylor series takes over.
     """
     a, b = theta[..., :, None], theta[..., None, :]
     hi, lo = torch.maximum(a, b), torch.minimum(a, b)
-    m, d = (hi + lo) * 0.5, (hi - lo) * 0.5
+    m, d = (a + b) * 0.5, (hi - lo) * 0.5
     sinc_m, sinc_d = _sinc(m), _sinc(d)
     F_c = sinc_m * sinc_d * -0.5
-    F_s = (torch.cos(m) * sinc_d - _sinc(lo)) / (hi * (hi + lo) + _TINY)
-    s1, s2 = a * a + b * b, (a * b).square()  # l_j + l_k, l_j l_k
-    s3 = s1 * s1 - s2  # l_j^2 + l_j l_k + l_k^2
-    series = -1 / 6 + s1 / 120 - s3 / 5040 + s1 * (s3 - s2) / 362880  # s(l) = sum (-l)^i / (2i + 1)!
-    return F_c, _blend(hi < 0.1, series, F_s)
+    F_s = (torch.cos(m) * sinc_d - _sinc(lo)) / (hi * m * 2 + _TINY)
+    lam = theta * theta
+    s1, s2 = lam[..., :, None] + lam[..., None, :], (a * b).square()  # l_j + l_k, l_j l_k
+    # s(l) = 1 - l/6 + l^2/120 - l^3/5040 + ..., to the l^3 term (the next adds < 2e-13 below 0.05)
+    series = s1 * (1 / 120 - s1 / 5040) + (s2 / 5040 - 1 / 6)
+    return F_c, _blend(hi < 0.05, series, F_s)
 
 
 def _rotation_angles(lam: torch.Tensor) -> torch.Tensor:
@@ -105,8 +106,8 @@ class _SkewExp(torch.autograd.Function):
     float16/bfloat16 are computed in float32.
     """
 
-    # forward and setup_context apart (the form torch.func transforms need): V, A V and the
-    # angles go to the backward as extra, non-differentiable outputs
+    # forward and setup_context apart (the form torch.func transforms need): V, A V, the angles
+    # and sinc per eigenvalue go to the backward as extra, non-differentiable outputs
     generate_vmap_rule = True
 
     @staticmethod
@@ -119,23 +120,21 @@ class _SkewExp(torch.autograd.Function):
         # copy=True: the output must be a new tensor. torch 2.11's torch.compile gives an
         # autograd.Function whose output is a same-dtype .to() (which returns its input)
         # zero gradients (docs/torch_versions.md has the three-line reproduction).
-        return ((V * cos + AV * sinc) @ V.mT).to(A.dtype, copy=True), V, AV, theta
+        return ((V * cos + AV * sinc) @ V.mT).to(A.dtype, copy=True), V, AV, theta, sinc
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, V, AV, theta = output
-        ctx.mark_non_differentiable(V, AV, theta)
-        ctx.save_for_backward(V, AV, theta)
+        _, *saved = output
+        ctx.mark_non_differentiable(*saved)
+        ctx.save_for_backward(*saved)
 
     @staticmethod
-    def backward(ctx, G, _grad_V, _grad_AV, _grad_theta):
-        V, AV, theta = ctx.saved_tensors
-        n = V.shape[-1]
-        F_c, F_s = (_per_eigenvalue(F.to(V.dtype), n, dims=2) for F in _divided_differences(theta))
+    def backward(ctx, G, *_):
+        V, AV, theta, sinc = ctx.saved_tensors
+        F_c, F_s = (_per_eigenvalue(F.to(V.dtype), V.shape[-1], dims=2) for F in _divided_differences(theta))
         GV = G.to(V.dtype) @ V
         M, K = V.mT @ GV, AV.mT @ GV
         inner = F_c * (M + M.mT) + F_s * (K + K.mT)
-        sinc = _per_eigenvalue(_sinc(theta).to(V.dtype), n).unsqueeze(-2)
         return ((GV * sinc + AV @ inner) @ V.mT).to(G.dtype, copy=True)
 
 

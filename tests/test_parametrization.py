@@ -197,12 +197,12 @@ def test_float32_gradient_of_P_is_accurate(n):
 def test_divided_differences_against_40_digit_arithmetic():
     """F_c and F_s of the backward against the plain quotients (derivatives where the angles
     coincide) in 40-digit arithmetic, over the regimes: zero, tiny, both sides of the series'
-    threshold (0.1), nearly equal and far apart angles."""
+    threshold (0.05), nearly equal and far apart angles."""
     mp = pytest.importorskip("mpmath")
     from nnrnn_fused.parametrization import _divided_differences
 
     mp.mp.dps = 40
-    angles = [0.0, 1e-12, 1e-9, 1e-4, 1e-3, 0.0999, 0.1, 0.1001, 0.3, 0.3 + 1e-9, 0.3 + 1e-5, 1.0, 2.0, math.pi,
+    angles = [0.0, 1e-12, 1e-9, 1e-4, 1e-3, 0.0499, 0.05, 0.0501, 0.3, 0.3 + 1e-9, 0.3 + 1e-5, 1.0, 2.0, math.pi,
               10.0, 25.0, 100.0]
     F_c, F_s = _divided_differences(torch.tensor(angles, dtype=torch.float64))
 
@@ -222,7 +222,7 @@ def test_divided_differences_against_40_digit_arithmetic():
     for j, a in enumerate(angles):
         for k, b in enumerate(angles):
             assert abs(F_c[j, k].item() - float(divided(mp.cos, d_cos, a, b))) < 1e-15, (a, b)
-            assert abs(F_s[j, k].item() - float(divided(sinc, d_sinc, a, b))) < 5e-14, (a, b)
+            assert abs(F_s[j, k].item() - float(divided(sinc, d_sinc, a, b))) < 5e-13, (a, b)
 
 
 def test_skew_exponential_batched_and_vmapped():
