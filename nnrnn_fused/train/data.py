@@ -48,7 +48,9 @@ class CopyData(Data):
 
     @staticmethod
     def loss(logits, y):
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        # the classes along dim 1, as (1, C, T, B): the same mean, and about 3x faster on the CPU than
+        # over (T * B, C), where torch's log_softmax over a last dimension of 9 runs nearly scalar
+        loss = nn.functional.cross_entropy(logits.permute(2, 0, 1).unsqueeze(0), y.unsqueeze(0))
         n = tasks.synthetic.COPY_LENGTH
         return loss, (logits[-n:].argmax(-1) == y[-n:]).float().mean()
 
