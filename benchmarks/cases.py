@@ -16,13 +16,15 @@ from nnrnn_fused.reference import nnrnn_recurrence
 # forced onto its previous CPU path, one BLAS GEMM per step (NNRNN_CPU_KERNEL=blas);
 # fused_packed: forced onto the packed CPU kernels (NNRNN_CPU_KERNEL=packed).
 IMPLS = ("fused", "fused_blas", "reference", "torch_rnn", "torch_lstm", "nnrnn_layer")
+# nnrnn_layer_reused: the layer inside nnrnn_fused.reuse_recurrent_matrices (W built once; forward only).
 CPU_ONLY_IMPLS = {"fused_blas": "blas", "fused_packed": "packed"}
 MODES = ("fwd", "fwdbwd")
 
 # Grids: (N values, B values, T values), and the implementations when not IMPLS. "gpu" is the
 # GPU-verification grid (issue 6), "gpucheck" the small one that benchmarks/gpu_check.sh runs with
 # the time it has left; "crossover" measures where the packed CPU path beats the BLAS path (the
-# table in csrc/cpu/packed_cpu.cpp).
+# table in csrc/cpu/packed_cpu.cpp); "step" times inference one step per call, W rebuilt per call
+# or reused.
 GRIDS = {
     "quick": dict(N=(64, 128), B=(10,), T=(50,)),
     "targets": dict(N=(128, 512), B=(10, 100), T=(220,)),
@@ -31,6 +33,7 @@ GRIDS = {
     "gpucheck": dict(N=(512,), B=(32,), T=(200,)),  # what fits the end of benchmarks/gpu_check.sh
     "crossover": dict(N=(32, 64, 128, 256, 512, 1024), B=(1, 10, 32, 100, 256), T=(100,),
                       impls=("fused_packed", "fused_blas")),
+    "step": dict(N=(128, 512), B=(1,), T=(1,), modes=("fwd",), impls=("nnrnn_layer", "nnrnn_layer_reused", "torch_rnn")),
 }
 
 
@@ -66,6 +69,7 @@ def cases(grid: str, impls=None, modes=MODES, T=None):
     """Every case of a grid; T, when given, replaces the grid's sequence lengths."""
     sizes = GRIDS[grid]
     impls = impls or sizes.get("impls", IMPLS)
+    modes = sizes.get("modes", modes)
     for device in devices():
         for dtype in dtypes(device):
             for N, B, T_, mode, impl in itertools.product(sizes["N"], sizes["B"], T or sizes["T"], modes, impls):
@@ -74,8 +78,9 @@ def cases(grid: str, impls=None, modes=MODES, T=None):
 
 
 def memory_cases(grid: str):
-    """Forward+backward of the four recurrences; at T=784 (issue 5) except in the quick grid."""
-    if grid == "crossover":
+    """Forward+backward of the four recurrences; at T=784 (issue 5) except in the quick grid; none
+    in the grids that time one question (crossover, step)."""
+    if grid in ("crossover", "step"):
         return iter(())
     return cases(grid, impls=("fused", "reference", "torch_rnn", "torch_lstm"), modes=("fwdbwd",),
                  T=None if grid == "quick" else (784,))
@@ -130,12 +135,18 @@ def build(case: Case):
 
         def forward():
             return module(x)[0]
-    elif case.impl == "nnrnn_layer":
+    elif case.impl in ("nnrnn_layer", "nnrnn_layer_reused"):
         module = nnrnn_fused.NNRNN(N, N, device=dev, dtype=dt).requires_grad_(grad)
         x = tensor(T, B, N)
+        held = None
+        if case.impl == "nnrnn_layer_reused":
+            if grad:
+                raise ValueError("nnrnn_layer_reused is for inference: forward only")
+            held = nnrnn_fused.reuse_recurrent_matrices(module)
+            held.__enter__()  # never left: the module lives as long as this case's closure
 
-        def forward():
-            return module(x)[0]  # includes building W = P (Lambda + T*M) P^T
+        def forward(_held=held):  # holds the context: collected, it would leave the block
+            return module(x)[0]  # includes building W = P (Lambda + T*M) P^T, unless reused
     else:
         raise ValueError(f"unknown implementation {case.impl!r}")
 

@@ -6,7 +6,7 @@ import torch
 
 def pytest_addoption(parser):
     parser.addoption("--grid", default="targets",
-                     choices=("quick", "targets", "full", "gpu", "gpucheck", "crossover"),
+                     choices=("quick", "targets", "full", "gpu", "gpucheck", "crossover", "step"),
                      help="benchmark sizes (benchmarks/cases.py: GRIDS)")
     parser.addoption("--impls", default=None,
                      help="comma-separated implementations (default: the grid's; benchmarks/cases.py: IMPLS)")

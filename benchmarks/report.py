@@ -18,7 +18,7 @@ from collections import defaultdict
 
 IMPL_NAMES = {"fused": "fused_nnrnn", "fused_packed": "packed path", "fused_blas": "previous (BLAS per step)",
               "reference": "reference loop", "torch_rnn": "nn.RNN(tanh)", "torch_lstm": "nn.LSTM",
-              "nnrnn_layer": "NNRNN layer"}
+              "nnrnn_layer": "NNRNN layer", "nnrnn_layer_reused": "NNRNN layer, W reused"}
 BASELINES = ("fused_blas", "reference", "torch_rnn", "torch_lstm")
 KEY_FIELDS = ("device", "dtype", "mode", "N", "B", "T")
 

@@ -3,6 +3,7 @@ C++/CUDA recurrence.
 
     fused_nnrnn(x, W, b=None, h0=None, *, nonlinearity="modrelu", lengths=None)
     NNRNN(input_size, hidden_size, ...)      the layer
+    reuse_recurrent_matrices(module)         build each layer's W once, for inference
     reference.nnrnn_recurrence(...)          the same recurrence as a PyTorch loop
     status()                                 what is built and which path runs
     cuda_path(N, B, dtype, device)           which CUDA path (persistent or fallback) a shape takes
@@ -11,13 +12,13 @@ C++/CUDA recurrence.
 from . import recipe, reference
 from ._version import __version__
 from ._extension import status
-from .layer import NNRNN, count_free_parameters
+from .layer import NNRNN, count_free_parameters, reuse_recurrent_matrices
 from .ops import cpu_path, cuda_path, fused_nnrnn
 from .parametrization import DenseRecurrence, OrthogonalRecurrence, SchurRecurrence
 from .recipe import delta_penalty, make_optimizers, parameter_groups
 
 __all__ = [
-    "NNRNN", "fused_nnrnn", "cuda_path", "cpu_path", "reference", "recipe", "status", "count_free_parameters",
+    "NNRNN", "reuse_recurrent_matrices", "fused_nnrnn", "cuda_path", "cpu_path", "reference", "recipe", "status", "count_free_parameters",
     "SchurRecurrence", "OrthogonalRecurrence", "DenseRecurrence",
     "parameter_groups", "make_optimizers", "delta_penalty",
 ]

@@ -33,6 +33,35 @@ def test_quick_benchmarks_and_report(tmp_path):
     assert (tmp_path / "speed_cpu_float32_fwdbwd.png").stat().st_size > 1000
 
 
+def test_step_grid_runs_the_reused_layer(tmp_path):
+    """The inference-step grid (W rebuilt per call, or reused inside reuse_recurrent_matrices)."""
+    results = tmp_path / "step.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "--grid", "step", "-k", "speed and N128", "-q",
+           "-p", "no:cacheprovider", "--rounds", "2", f"--benchmark-json={results}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    benchmarks = json.loads(results.read_text())["benchmarks"]
+    assert {(b["extra_info"]["impl"], b["extra_info"]["mode"]) for b in benchmarks} == {
+        ("nnrnn_layer", "fwd"), ("nnrnn_layer_reused", "fwd"), ("torch_rnn", "fwd")}
+
+
+def test_reused_case_builds_W_once(monkeypatch):
+    """The benchmark's reused layer really reuses W, call after call (a context manager left
+    unreferenced would be closed by the garbage collector, and W rebuilt at every call)."""
+    import gc
+
+    from benchmarks.cases import Case, build
+
+    builds = []
+    original = nnrnn_fused.SchurRecurrence.forward
+    monkeypatch.setattr(nnrnn_fused.SchurRecurrence, "forward", lambda self: builds.append(1) or original(self))
+    run = build(Case("nnrnn_layer_reused", "fwd", 8, 1, 1, "float32", "cpu"))
+    gc.collect()
+    for _ in range(3):
+        run()
+    assert len(builds) == 1
+
+
 def test_fused_op_saves_output_and_weights_only():
     """Saved for backward: the output (T*B*N), W and h0, nothing else."""
     from benchmarks.memory import SavedTensorBytes

@@ -5,6 +5,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import nnrnn_fused
 from nnrnn_fused import NNRNN
+from nnrnn_fused.models import SequenceModel
 
 
 def rnn_twin(layer: NNRNN) -> torch.nn.RNN:
@@ -247,3 +248,88 @@ def test_training_step_reduces_loss():
         main.step(), orth.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------- reuse_recurrent_matrices
+
+def counting_recurrences(monkeypatch):
+    """Counts the builds of W (calls of any recurrence module's forward)."""
+    calls = []
+    for cls in (nnrnn_fused.SchurRecurrence, nnrnn_fused.OrthogonalRecurrence, nnrnn_fused.DenseRecurrence):
+        original = cls.forward
+
+        def counted(self, _original=original):
+            calls.append(type(self).__name__)
+            return _original(self)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("recurrent", ["nnrnn", "orthogonal", "free"])
+def test_reuse_recurrent_matrices_steps_like_the_whole_sequence(monkeypatch, recurrent):
+    """Step by step inside the block: the outputs of one call over the whole sequence, every W
+    built once (2 layers x 2 directions would be 4 builds per call without the block)."""
+    torch.manual_seed(0)
+    layer = NNRNN(3, 6, num_layers=2, recurrent=recurrent)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        whole, h_whole = layer(x)
+        calls = counting_recurrences(monkeypatch)
+        with nnrnn_fused.reuse_recurrent_matrices(layer):
+            assert len(calls) == 2
+            h, outs = None, []
+            for t in range(5):
+                out, h = layer(x[t:t + 1], h)
+                outs.append(out)
+        assert len(calls) == 2
+        torch.testing.assert_close(torch.cat(outs), whole)
+        torch.testing.assert_close(h, h_whole)
+        layer(x)  # after the block, W is built again
+        assert len(calls) == 4
+
+
+def test_reuse_recurrent_matrices_bidirectional_and_model():
+    torch.manual_seed(0)
+    model = SequenceModel("nnrnn", 3, 6, 4)
+    bi = NNRNN(3, 6, bidirectional=True)
+    x = torch.randn(7, 2, 3)
+    with torch.no_grad():
+        expected = model(x)[0], bi(x)[0]
+        with nnrnn_fused.reuse_recurrent_matrices(model), nnrnn_fused.reuse_recurrent_matrices(bi):
+            assert torch.equal(model(x)[0], expected[0]) and torch.equal(bi(x)[0], expected[1])
+            assert torch.equal(bi.recurrent_matrix(0, reverse=True), bi.layers_reverse[0].recurrent())
+
+
+def test_reuse_recurrent_matrices_refuses_stale_or_differentiable_use():
+    torch.manual_seed(0)
+    layer = NNRNN(3, 6)
+    x = torch.randn(4, 2, 3)
+    with nnrnn_fused.reuse_recurrent_matrices(layer):
+        with pytest.raises(RuntimeError, match="for inference: W was built without gradients"):
+            layer(x)
+        with torch.no_grad():
+            layer(x)
+            layer.layers[0].recurrent.T.add_(0.1)
+            with pytest.raises(RuntimeError, match="recurrent parameters changed inside"):
+                layer(x)
+        with pytest.raises(RuntimeError, match="already active"):
+            with nnrnn_fused.reuse_recurrent_matrices(layer):
+                pass
+    # left: the new T is used, and gradients flow again
+    layer(x)[0].sum().backward()
+    assert layer.layers[0].recurrent.T.grad is not None
+    # parameters that do not require grad may be reused under grad mode (x may still need gradients)
+    layer.layers[0].recurrent.requires_grad_(False)
+    x.requires_grad_()
+    with nnrnn_fused.reuse_recurrent_matrices(layer):
+        layer(x)[0].sum().backward()
+    assert x.grad is not None
+
+
+def test_reuse_recurrent_matrices_left_by_an_exception():
+    layer = NNRNN(3, 6)
+    with pytest.raises(KeyError):
+        with nnrnn_fused.reuse_recurrent_matrices(layer):
+            raise KeyError("inside")
+    assert layer.layers[0]._reused is None
