@@ -33,7 +33,8 @@ GRIDS = {
     "gpucheck": dict(N=(512,), B=(32,), T=(200,)),  # what fits the end of benchmarks/gpu_check.sh
     "crossover": dict(N=(32, 64, 128, 256, 512, 1024), B=(1, 10, 32, 100, 256), T=(100,),
                       impls=("fused_packed", "fused_blas")),
-    "step": dict(N=(128, 512), B=(1,), T=(1,), modes=("fwd",), impls=("nnrnn_layer", "nnrnn_layer_reused", "torch_rnn")),
+    "step": dict(N=(128, 512), B=(1,), T=(1,), modes=("fwd",),
+                 impls=("nnrnn_layer", "nnrnn_layer_reused", "torch_rnn")),
 }
 
 

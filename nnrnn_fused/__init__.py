@@ -18,7 +18,8 @@ from .parametrization import DenseRecurrence, OrthogonalRecurrence, SchurRecurre
 from .recipe import delta_penalty, make_optimizers, parameter_groups
 
 __all__ = [
-    "NNRNN", "reuse_recurrent_matrices", "fused_nnrnn", "cuda_path", "cpu_path", "reference", "recipe", "status", "count_free_parameters",
+    "NNRNN", "reuse_recurrent_matrices", "fused_nnrnn", "cuda_path", "cpu_path", "reference", "recipe", "status",
+    "count_free_parameters",
     "SchurRecurrence", "OrthogonalRecurrence", "DenseRecurrence",
     "parameter_groups", "make_optimizers", "delta_penalty",
 ]

@@ -116,7 +116,8 @@ class _SkewExp(torch.autograd.Function):
         lam, V = torch.linalg.eigh(Aw.mT @ Aw)
         theta = _rotation_angles(lam)
         AV = Aw @ V
-        cos, sinc = (_per_eigenvalue(f(theta).to(V.dtype), V.shape[-1]).unsqueeze(-2) for f in (torch.cos, _sinc))
+        cos, sinc = (_per_eigenvalue(f(theta).to(V.dtype), V.shape[-1]).unsqueeze(-2)
+                     for f in (torch.cos, _sinc))
         # copy=True: the output must be a new tensor. torch 2.11's torch.compile gives an
         # autograd.Function whose output is a same-dtype .to() (which returns its input)
         # zero gradients (docs/torch_versions.md has the three-line reproduction).
