@@ -36,8 +36,8 @@ def test_quick_benchmarks_and_report(tmp_path):
 def test_step_grid_runs_the_reused_layer(tmp_path):
     """The inference-step grid (W rebuilt per call, or reused inside reuse_recurrent_matrices)."""
     results = tmp_path / "step.json"
-    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "--grid", "step", "-k", "speed and N128", "-q",
-           "-p", "no:cacheprovider", "--rounds", "2", f"--benchmark-json={results}"]
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "--grid", "step", "-k", "speed and N128",
+           "-q", "-p", "no:cacheprovider", "--rounds", "2", f"--benchmark-json={results}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     benchmarks = json.loads(results.read_text())["benchmarks"]
