@@ -1,5 +1,6 @@
 """The training command (nnrnn_fused.train): presets, end-to-end runs on tiny
 configurations, checkpoint/resume equality, Ctrl-C, data errors."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -261,3 +262,27 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, signum):
     assert ckpt["step"] >= 1 and steps == list(range(1, ckpt["step"] + 1))
     assert train.main(["--resume", str(tmp_path / "checkpoint.pt"), "--steps", str(ckpt["step"] + 2)]) == 0
     assert train.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == ckpt["step"] + 2
+
+
+@pytest.mark.parametrize("task", ["psmnist", "ptb"])
+def test_evaluation_builds_W_once(monkeypatch, task):
+    """Evaluation over many batches (psMNIST) or chunks (PTB) builds W once (reuse_recurrent_matrices),
+    with the loss of building it per call."""
+    import nnrnn_fused
+
+    if task == "psmnist":
+        cfg = train.cli.resolve_config({"task": "psmnist", "dataset": "digits8x8", "hidden": 8, "eval_batch": 50})
+    else:
+        cfg = train.cli.resolve_config({"task": "ptb", "hidden": 8, "emb": 4, "eval_batch": 2, "bptt": 20,
+                                        "max_chars": 4000})
+    data = train.data.DATA[task](cfg)
+    model = train.loop.build_model(cfg, data)
+    builds = []
+    original = nnrnn_fused.SchurRecurrence.forward
+    monkeypatch.setattr(nnrnn_fused.SchurRecurrence, "forward", lambda self: builds.append(1) or original(self))
+    result = data.evaluate(model, "valid", torch.device("cpu"))
+    assert len(builds) == 1
+    monkeypatch.setattr(train.data, "reuse_recurrent_matrices", lambda module: contextlib.nullcontext())
+    rebuilt = data.evaluate(model, "valid", torch.device("cpu"))
+    assert len(builds) > 3  # one per batch or chunk without the block
+    assert rebuilt == result

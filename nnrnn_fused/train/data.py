@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import tasks
+from ..layer import reuse_recurrent_matrices
 
 
 class Data:
@@ -101,12 +102,13 @@ class MnistData(Data):
     def evaluate(self, model, split, device):
         X, y = self.splits[split]
         total = correct = 0.0
-        for s in range(0, len(y), self.cfg["eval_batch"]):
-            stop = s + self.cfg["eval_batch"]
-            xb, yb = self.prepare(tasks.as_sequence(X[s:stop], self.perm), device), y[s:stop].to(device)
-            logits, _ = model(xb)
-            total += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
-            correct += (logits.argmax(-1) == yb).sum().item()
+        with reuse_recurrent_matrices(model):  # W once, not once per batch
+            for s in range(0, len(y), self.cfg["eval_batch"]):
+                stop = s + self.cfg["eval_batch"]
+                xb, yb = self.prepare(tasks.as_sequence(X[s:stop], self.perm), device), y[s:stop].to(device)
+                logits, _ = model(xb)
+                total += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+                correct += (logits.argmax(-1) == yb).sum().item()
         return {"loss": total / len(y), "accuracy": correct / len(y)}
 
 
@@ -133,12 +135,13 @@ class TextData(Data):
     def evaluate(self, model, split, device):
         columns = tasks.batchify(self.splits[split], self.cfg["eval_batch"]).to(device)
         state, total, correct, count = None, 0.0, 0.0, 0
-        for i in range(tasks.n_chunks(columns, self.cfg["bptt"])):
-            x, y = tasks.bptt_chunk(columns, i, self.cfg["bptt"])
-            logits, state = model(x, state)
-            total += nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            count += y.numel()
+        with reuse_recurrent_matrices(model):  # W once, not once per chunk
+            for i in range(tasks.n_chunks(columns, self.cfg["bptt"])):
+                x, y = tasks.bptt_chunk(columns, i, self.cfg["bptt"])
+                logits, state = model(x, state)
+                total += nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+                correct += (logits.argmax(-1) == y).sum().item()
+                count += y.numel()
         return {"loss": total / count, "accuracy": correct / count, "bpc": total / count / math.log(2)}
 
 
