@@ -1,7 +1,8 @@
 """Helpers shared by the tests."""
 import torch
 
-from nnrnn_fused.parametrization import init_log_P, orthogonal_from
+from nnrnn_fused.parametrization import (DenseRecurrence, OrthogonalRecurrence, SchurRecurrence, init_log_P,
+                                         orthogonal_from)
 
 
 def tolerances(dtype):
@@ -45,3 +46,18 @@ def relative_gradient_error(n, dtype, device="cpu", seed=0):
     truth = grad(torch.float64)
     return ((grad(dtype) - truth).norm() / truth.norm()).item()
 
+
+
+def count_W_builds(monkeypatch):
+    """A list that grows by one at every build of a recurrent matrix W (a call of any
+    recurrence module's forward), for the rest of the test."""
+    builds = []
+    for cls in (SchurRecurrence, OrthogonalRecurrence, DenseRecurrence):
+        original = cls.forward
+
+        def counted(self, _original=original):
+            builds.append(type(self).__name__)
+            return _original(self)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    return builds

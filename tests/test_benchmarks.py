@@ -9,6 +9,8 @@ import torch
 
 import nnrnn_fused
 
+from helpers import count_W_builds
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,9 +54,7 @@ def test_reused_case_builds_W_once(monkeypatch):
 
     from benchmarks.cases import Case, build
 
-    builds = []
-    original = nnrnn_fused.SchurRecurrence.forward
-    monkeypatch.setattr(nnrnn_fused.SchurRecurrence, "forward", lambda self: builds.append(1) or original(self))
+    builds = count_W_builds(monkeypatch)
     run = build(Case("nnrnn_layer_reused", "fwd", 8, 1, 1, "float32", "cpu"))
     gc.collect()
     for _ in range(3):

@@ -7,6 +7,8 @@ import nnrnn_fused
 from nnrnn_fused import NNRNN
 from nnrnn_fused.models import SequenceModel
 
+from helpers import count_W_builds
+
 
 def rnn_twin(layer: NNRNN) -> torch.nn.RNN:
     """torch.nn.RNN computing what a recurrent='free' tanh/relu NNRNN computes: per layer and
@@ -252,20 +254,6 @@ def test_training_step_reduces_loss():
 
 # ---------------------------------------------------------------- reuse_recurrent_matrices
 
-def counting_recurrences(monkeypatch):
-    """Counts the builds of W (calls of any recurrence module's forward)."""
-    calls = []
-    for cls in (nnrnn_fused.SchurRecurrence, nnrnn_fused.OrthogonalRecurrence, nnrnn_fused.DenseRecurrence):
-        original = cls.forward
-
-        def counted(self, _original=original):
-            calls.append(type(self).__name__)
-            return _original(self)
-
-        monkeypatch.setattr(cls, "forward", counted)
-    return calls
-
-
 @pytest.mark.parametrize("recurrent", ["nnrnn", "orthogonal", "free"])
 def test_reuse_recurrent_matrices_steps_like_the_whole_sequence(monkeypatch, recurrent):
     """Step by step inside the block: the outputs of one call over the whole sequence, every W
@@ -275,7 +263,7 @@ def test_reuse_recurrent_matrices_steps_like_the_whole_sequence(monkeypatch, rec
     x = torch.randn(5, 2, 3)
     with torch.no_grad():
         whole, h_whole = layer(x)
-        calls = counting_recurrences(monkeypatch)
+        calls = count_W_builds(monkeypatch)
         with nnrnn_fused.reuse_recurrent_matrices(layer):
             assert len(calls) == 2
             h, outs = None, []

@@ -17,6 +17,7 @@ from nnrnn_fused import count_free_parameters, tasks, train
 from nnrnn_fused.models import MODELS, SequenceModel
 from nnrnn_fused.recipe import delta_penalty, make_optimizers
 
+from helpers import count_W_builds
 from test_tasks import fake_mnist, write_mnist_csv, write_ptb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,9 +268,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, signum):
 @pytest.mark.parametrize("task", ["psmnist", "ptb"])
 def test_evaluation_builds_W_once(monkeypatch, task):
     """Evaluation over many batches (psMNIST) or chunks (PTB) builds W once (reuse_recurrent_matrices),
-    with the loss of building it per call."""
-    import nnrnn_fused
-
+    with the same results as building it per call."""
     if task == "psmnist":
         cfg = train.cli.resolve_config({"task": "psmnist", "dataset": "digits8x8", "hidden": 8, "eval_batch": 50})
     else:
@@ -277,9 +276,7 @@ def test_evaluation_builds_W_once(monkeypatch, task):
                                         "max_chars": 4000})
     data = train.data.DATA[task](cfg)
     model = train.loop.build_model(cfg, data)
-    builds = []
-    original = nnrnn_fused.SchurRecurrence.forward
-    monkeypatch.setattr(nnrnn_fused.SchurRecurrence, "forward", lambda self: builds.append(1) or original(self))
+    builds = count_W_builds(monkeypatch)
     result = data.evaluate(model, "valid", torch.device("cpu"))
     assert len(builds) == 1
     monkeypatch.setattr(train.data, "reuse_recurrent_matrices", lambda module: contextlib.nullcontext())
