@@ -2,7 +2,9 @@
 the whole from the parts."""
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 
 import torch
 
@@ -25,6 +27,28 @@ def pick_device(cfg) -> torch.device:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
+
+
+# glibc's mallopt parameters and the values keep_freed_memory sets
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_KEEP = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TOP_PAD, 64 << 20), (_M_TRIM_THRESHOLD, 128 << 20))
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """With glibc, let the process reuse the memory it frees instead of handing it back to the kernel.
+
+    A training step of a small model allocates and frees the same few MB each time. glibc's defaults
+    map big blocks afresh (mmap) and trim the top of the heap, so the same memory page-faults again
+    every step: 50 to 1100 faults a copy-task step here, about 10% of its time. Fixed thresholds (blocks
+    up to 32 MiB from the heap, which grows by 64 MiB and gives back only beyond 128 MiB free) bring
+    that to about one. Returns whether it changed anything: not on other C libraries, and not when the
+    environment sets glibc's malloc (MALLOC_*_ variables or GLIBC_TUNABLES): the user's choice wins.
+    """
+    if platform.libc_ver()[0] != "glibc" or any(v in os.environ for v in _USER_SETTINGS):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    return mallopt is not None and all(mallopt(param, value) == 1 for param, value in _KEEP)
 
 
 def map_state(state, fn):

@@ -19,7 +19,7 @@ from ..models import SequenceModel
 from ..recipe import delta_penalty, make_optimizers
 from .checkpoint import CheckpointError, save_checkpoint
 from .data import DATA
-from .devices import gather, map_state, pick_device, shard
+from .devices import gather, keep_freed_memory, map_state, pick_device, shard
 from .metrics import write_metrics
 from .plots import plot_curves, plot_eigenvalues
 
@@ -66,6 +66,8 @@ def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict
     device = pick_device(cfg)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    if device.type == "cpu":
+        keep_freed_memory()
     main_process = rank == 0
     out_dir = cfg["out_dir"]
     if main_process:
