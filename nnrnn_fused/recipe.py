@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .optim import RMSprop
 from .parametrization import OrthogonalRecurrence, SchurRecurrence
 
 
@@ -35,15 +36,16 @@ def make_optimizers(model: nn.Module, *, lr: float, lr_orth: float, t_decay: flo
                     optimizer: str = "rmsprop", alpha: float = 0.99, betas=(0.9, 0.999)):
     """The two optimizers of the recipe: (main, orthogonal or None).
 
-    optimizer "rmsprop" (with `alpha`) or "adam" (with `betas`); the log_P
-    optimizer is of the same kind at lr_orth, None when the model has no log_P.
+    optimizer "rmsprop" (with `alpha`; nnrnn_fused.optim.RMSprop, torch's with a fused CPU step) or
+    "adam" (with `betas`); the log_P optimizer is of the same kind at lr_orth, None when the model
+    has no log_P.
     """
     if optimizer not in ("rmsprop", "adam"):
         raise ValueError(f"optimizer must be 'rmsprop' or 'adam', got {optimizer!r}")
 
     def build(groups, rate):
         if optimizer == "rmsprop":
-            return torch.optim.RMSprop(groups, lr=rate, alpha=alpha)
+            return RMSprop(groups, lr=rate, alpha=alpha)
         return torch.optim.Adam(groups, lr=rate, betas=betas)
 
     orthogonal, _, _ = split_parameters(model)

@@ -136,7 +136,11 @@ def test_copy_steps_are_the_recipe_written_out(tmp_path):
     torch.manual_seed(0)
     model = SequenceModel("nnrnn", tasks.COPY_INPUTS, 8, tasks.COPY_CLASSES, readout="every", init="henaff",
                           input_init="xavier", readout_init="xavier")
-    main_opt, orth_opt = make_optimizers(model, lr=lr, lr_orth=1e-6, t_decay=1e-6, alpha=0.99)
+    rnn = model.rnn.layers[0].recurrent
+    rest = [p for p in model.parameters() if p is not rnn.log_P and p is not rnn.T]
+    # torch's own RMSprop: the loop's (nnrnn_fused.optim.RMSprop, a fused CPU step) must do the same
+    main_opt = torch.optim.RMSprop([{"params": rest}, {"params": [rnn.T], "weight_decay": 1e-6}], lr=lr, alpha=0.99)
+    orth_opt = torch.optim.RMSprop([rnn.log_P], lr=1e-6, alpha=0.99)
     batches = train.data.CopyData({"seed": 0, "batch": 4, "T": 6, "dtype": "float32"})
     losses = []
     for step in range(steps):

@@ -1,0 +1,79 @@
+"""RMSprop, the paper's optimizer, with its CPU step fused into one C++ call per parameter group.
+
+`RMSprop` is `torch.optim.RMSprop` (same arguments, state and state_dict, so checkpoints move
+freely between the two); only `step()` differs. Where every parameter with a gradient is a dense,
+contiguous float32 or float64 CPU tensor and the group is neither `capturable` nor `differentiable`
+and has a float lr (and the extension is built), each group is updated by one call of the `nnrnn_fused::rmsprop_step_` op,
+with torch's arithmetic in torch's order (tests/test_optim.py holds it to torch's results). Anywhere
+else (CUDA, half precision, sparse or non-contiguous gradients, a tensor lr) the step is torch's own,
+as fast as it is in torch: there the per-call cost the fused step saves is small or hidden.
+
+Why: an nnRNN has few, small parameters besides W (eight tensors, 35K numbers in the copy task), and
+torch's RMSprop spends five to eight tensor operations and some Python on each of them: about 0.4 to
+1 ms, ~10% of a copy-task training step on the CPU (docs/cpu.md).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+
+
+if _extension.LOADED:
+    @torch.library.register_fake("nnrnn_fused::rmsprop_step_")
+    def _(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr, alpha, eps, weight_decay, momentum,
+          centered, maximize):
+        return None
+
+
+class RMSprop(torch.optim.RMSprop):
+    """torch.optim.RMSprop, the same arguments and state; its CPU step is one C++ call per parameter
+    group (see the module's docstring for where it applies)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not (_extension.LOADED and all(self._fusable(group) for group in self.param_groups)):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._state_of(p, group) for p in params]
+            centered, momentum = group["centered"], group["momentum"]
+            torch.ops.nnrnn_fused.rmsprop_step_(
+                params, [p.grad for p in params], [s["square_avg"] for s in states],
+                [s["grad_avg"] for s in states] if centered else [],
+                [s["momentum_buffer"] for s in states] if momentum > 0 else [],
+                [s["step"] for s in states], float(group["lr"]), group["alpha"], group["eps"],
+                group["weight_decay"], momentum, centered, group["maximize"])
+        return loss
+
+    def _fusable(self, group: dict) -> bool:
+        if group["capturable"] or group["differentiable"] or isinstance(group["lr"], torch.Tensor):
+            return False
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if not (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
+                    and not grad.is_sparse and grad.dtype == p.dtype and grad.is_contiguous()
+                    and all(t.is_contiguous() for t in self.state[p].values())):
+                return False
+        return True
+
+    def _state_of(self, p: torch.Tensor, group: dict) -> dict:
+        """The parameter's state, created as torch.optim.RMSprop creates it."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float64 if torch.get_default_dtype() == torch.float64
+                                        else torch.float32)
+            state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["momentum"] > 0:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["centered"]:
+                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
