@@ -334,3 +334,14 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_training_step():
 def test_keep_freed_memory_leaves_the_users_malloc_settings(monkeypatch):
     monkeypatch.setenv("MALLOC_TOP_PAD_", "1048576")
     assert train.devices.keep_freed_memory() is False
+
+
+def test_threads_are_capped_at_the_usable_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.loop, "usable_cpus", lambda: 1)
+    before = torch.get_num_threads()
+    try:
+        run_cli(TINY_COPY + ["--steps", "1", "--threads", "2"], tmp_path)
+        assert torch.get_num_threads() == 1
+        assert train.load_checkpoint(tmp_path / "checkpoint.pt")["threads_used"] == 1
+    finally:
+        torch.set_num_threads(before)

@@ -32,10 +32,10 @@ TASKS = ("copy", "adding", "psmnist", "ptb")
 PRESETS = {
     "copy": dict(hidden=128, batch=10, lr=5e-4, lr_orth=1e-6, alpha=0.99, delta=1e-4, t_decay=1e-6,
                  init="henaff", input_init="xavier", readout_init="xavier", T=200, steps=1500, device="cpu",
-                 threads=1, log_every=1, checkpoint_every=500),
+                 threads=2, log_every=1, checkpoint_every=500),
     "adding": dict(hidden=128, batch=50, lr=1e-3, lr_orth=1e-4, alpha=0.99, delta=1e-4, t_decay=1e-6,
                    init="cayley", input_init="xavier", readout_init="xavier", T=100, steps=3000, device="cpu",
-                   threads=1, log_every=1, checkpoint_every=500),
+                   threads=2, log_every=1, checkpoint_every=500),
     "psmnist": dict(hidden=512, batch=100, lr=1.5e-4, lr_orth=1.5e-5, alpha=0.99, delta=0.15, t_decay=1e-4,
                     init="cayley", input_init="xavier", readout_init="default", epochs=100, device="auto",
                     log_every=10, checkpoint_every=1000, eval_batch=1000),
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut the offline text corpus (ptb)")
     p.add_argument("--eval-batch", dest="eval_batch", type=POSITIVE_INT)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--threads", type=COUNT, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=COUNT, help="CPU threads for torch (0: torch's default; at most the CPUs the process may use)")
     p.add_argument("--seed", type=number(int, minimum=0, below=2**63))
     p.add_argument("--out-dir", dest="out_dir", help="default runs/TASK-MODEL")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=COUNT,

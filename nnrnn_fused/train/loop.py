@@ -19,7 +19,7 @@ from ..models import SequenceModel
 from ..recipe import delta_penalty, make_optimizers
 from .checkpoint import CheckpointError, save_checkpoint
 from .data import DATA
-from .devices import gather, keep_freed_memory, map_state, pick_device, shard
+from .devices import gather, keep_freed_memory, map_state, pick_device, shard, usable_cpus
 from .metrics import write_metrics
 from .plots import plot_curves, plot_eigenvalues
 
@@ -64,8 +64,8 @@ def run(cfg: dict, resume: dict | None = None, stop: list | None = None) -> dict
             own_group = True
         rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device(cfg)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
+    if cfg["threads"]:  # more threads than the process may use only slow the step's barriers down
+        torch.set_num_threads(min(cfg["threads"], usable_cpus()))
     if device.type == "cpu":
         keep_freed_memory()
     main_process = rank == 0
