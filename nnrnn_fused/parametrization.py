@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from . import _extension
+
 INITS = ("cayley", "henaff", "random")
 
 
@@ -132,11 +134,20 @@ class _SkewExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G, *_):
         V, AV, theta, sinc = ctx.saved_tensors
-        F_c, F_s = (_per_eigenvalue(F.to(V.dtype), V.shape[-1], dims=2) for F in _divided_differences(theta))
         GV = G.to(V.dtype) @ V
         M, K = V.mT @ GV, AV.mT @ GV
-        inner = F_c * (M + M.mT) + F_s * (K + K.mT)
-        return ((GV * sinc + AV @ inner) @ V.mT).to(G.dtype, copy=True)
+        return ((GV * sinc + AV @ _inner(theta, M, K)) @ V.mT).to(G.dtype, copy=True)
+
+
+def _inner(theta, M, K):
+    """F_c * (M + M^T) + F_s * (K + K^T), F_c and F_s spread over the eigenvalues. On the CPU in eager
+    mode one C++ op (csrc/cpu/skew_exp_cpu.cpp: the same formulas, some forty fewer PyTorch calls);
+    under torch.compile and torch.func transforms, and on other devices, these operations."""
+    if (M.device.type == "cpu" and _extension.LOADED and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
+        return torch.ops.nnrnn_fused.skew_exp_inner(theta, M, K)
+    F_c, F_s = (_per_eigenvalue(F.to(M.dtype), M.shape[-1], dims=2) for F in _divided_differences(theta))
+    return F_c * (M + M.mT) + F_s * (K + K.mT)
 
 
 def orthogonal_from(log_P: torch.Tensor) -> torch.Tensor:

@@ -194,17 +194,29 @@ def test_float32_gradient_of_P_is_accurate(n):
     assert relative_gradient_error(n, torch.float32) < 5e-6
 
 
-def test_divided_differences_against_40_digit_arithmetic():
+def divided_differences_of_the_cpu_op(theta):
+    """F_c and F_s as the C++ op (csrc/cpu/skew_exp_cpu.cpp) applies them: with M of ones and K = 0 its
+    output is 2 F_c spread over the eigenvalues (each angle twice for even n), and the other way round."""
+    n = 2 * theta.shape[-1]
+    ones, zeros = torch.ones(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    return tuple(torch.ops.nnrnn_fused.skew_exp_inner(theta, M, K)[::2, ::2] / 2
+                 for M, K in ((ones, zeros), (zeros, ones)))
+
+
+@pytest.mark.parametrize("route", ["torch", "cpu op"])
+def test_divided_differences_against_40_digit_arithmetic(route):
     """F_c and F_s of the backward against the plain quotients (derivatives where the angles
     coincide) in 40-digit arithmetic, over the regimes: zero, tiny, both sides of the series'
-    threshold (0.05), nearly equal and far apart angles."""
+    threshold (0.05) and of the C++ op's switch to direct sines (0.25), nearly equal and far
+    apart angles; for the PyTorch operations and for the C++ op that replaces them on the CPU."""
     mp = pytest.importorskip("mpmath")
     from nnrnn_fused.parametrization import _divided_differences
 
     mp.mp.dps = 40
-    angles = [0.0, 1e-12, 1e-9, 1e-4, 1e-3, 0.0499, 0.05, 0.0501, 0.3, 0.3 + 1e-9, 0.3 + 1e-5, 1.0, 2.0, math.pi,
-              10.0, 25.0, 100.0]
-    F_c, F_s = _divided_differences(torch.tensor(angles, dtype=torch.float64))
+    angles = [0.0, 1e-12, 1e-9, 1e-4, 1e-3, 0.0499, 0.05, 0.0501, 0.3, 0.3 + 1e-9, 0.3 + 1e-5, 0.49, 0.51, 1.0, 2.0,
+              math.pi, 10.0, 25.0, 100.0]
+    theta = torch.tensor(angles, dtype=torch.float64)
+    F_c, F_s = _divided_differences(theta) if route == "torch" else divided_differences_of_the_cpu_op(theta)
 
     def sinc(x):
         return mp.sin(x) / x if x else mp.mpf(1)
@@ -223,6 +235,38 @@ def test_divided_differences_against_40_digit_arithmetic():
         for k, b in enumerate(angles):
             assert abs(F_c[j, k].item() - float(divided(mp.cos, d_cos, a, b))) < 1e-15, (a, b)
             assert abs(F_s[j, k].item() - float(divided(sinc, d_sinc, a, b))) < 5e-13, (a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 65])
+def test_cpu_op_of_the_backward_matches_the_torch_operations(n, dtype):
+    """The C++ op that the CPU backward uses against the PyTorch operations it replaces (used under
+    torch.compile, torch.func and on GPUs), on a batch of 2, with a zero, equal and close angles."""
+    from nnrnn_fused.parametrization import _divided_differences, _per_eigenvalue
+
+    k = n // 2 + n % 2
+    gen = torch.Generator().manual_seed(n)
+    theta = 3 * torch.rand(2, k, generator=gen, dtype=torch.float64)
+    theta[:, 0] = 0.0
+    if k > 2:
+        theta[0, 2] = theta[0, 1]
+        theta[1, 2] = theta[1, 1] + 1e-7
+    M, K = (torch.randn(2, n, n, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    F_c, F_s = (_per_eigenvalue(F.to(dtype), n, dims=2) for F in _divided_differences(theta))
+    expected = F_c * (M + M.mT) + F_s * (K + K.mT)
+    scale = expected.abs().max().item()
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(torch.ops.nnrnn_fused.skew_exp_inner(theta, M, K), expected, rtol=0, atol=tol * scale)
+
+
+def test_cpu_op_of_the_backward_names_bad_arguments():
+    M = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match=r"theta must be float64 \(..., 2\)"):
+        torch.ops.nnrnn_fused.skew_exp_inner(torch.zeros(3, dtype=torch.float64), M, M)
+    with pytest.raises(ValueError, match="K must be like M"):
+        torch.ops.nnrnn_fused.skew_exp_inner(torch.zeros(2, dtype=torch.float64), M, M.double())
+    with pytest.raises(ValueError, match=r"M must be \(..., n, n\)"):
+        torch.ops.nnrnn_fused.skew_exp_inner(torch.zeros(2, dtype=torch.float64), M[:3], M[:3])
 
 
 def test_skew_exponential_batched_and_vmapped():
