@@ -251,3 +251,12 @@ def test_console_script_is_the_package_main():
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:
         module, name = tomllib.load(f)["project"]["scripts"]["nnrnn-train"].split(":")
     assert getattr(importlib.import_module(module), name) is train.main
+
+
+@pytest.mark.parametrize("cpus, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (64, 2)])
+def test_copy_and_adding_take_two_threads_only_with_cpus_to_spare(monkeypatch, cpus, threads):
+    monkeypatch.setattr(train.devices, "usable_cpus", lambda: cpus)
+    for task in ("copy", "adding"):
+        assert train.cli.resolve_config({"task": task})["threads"] == threads
+        assert train.cli.resolve_config({"task": task, "threads": 2})["threads"] == 2  # as given
+    assert train.cli.resolve_config({"task": "psmnist"})["threads"] == 0  # torch's default

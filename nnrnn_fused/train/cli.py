@@ -23,6 +23,7 @@ import torch
 
 from ..models import MODELS, READOUT_INITS
 from .checkpoint import CheckpointError, load_checkpoint
+from .devices import small_model_threads
 from .loop import run, stop_on_signals
 
 TASKS = ("copy", "adding", "psmnist", "ptb")
@@ -32,10 +33,10 @@ TASKS = ("copy", "adding", "psmnist", "ptb")
 PRESETS = {
     "copy": dict(hidden=128, batch=10, lr=5e-4, lr_orth=1e-6, alpha=0.99, delta=1e-4, t_decay=1e-6,
                  init="henaff", input_init="xavier", readout_init="xavier", T=200, steps=1500, device="cpu",
-                 threads=2, log_every=1, checkpoint_every=500),
+                 threads=None, log_every=1, checkpoint_every=500),
     "adding": dict(hidden=128, batch=50, lr=1e-3, lr_orth=1e-4, alpha=0.99, delta=1e-4, t_decay=1e-6,
                    init="cayley", input_init="xavier", readout_init="xavier", T=100, steps=3000, device="cpu",
-                   threads=2, log_every=1, checkpoint_every=500),
+                   threads=None, log_every=1, checkpoint_every=500),
     "psmnist": dict(hidden=512, batch=100, lr=1.5e-4, lr_orth=1.5e-5, alpha=0.99, delta=0.15, t_decay=1e-4,
                     init="cayley", input_init="xavier", readout_init="default", epochs=100, device="auto",
                     log_every=10, checkpoint_every=1000, eval_batch=1000),
@@ -181,6 +182,8 @@ def resolve_config(explicit: dict) -> dict:
         cfg.update(PTB_BPTT300)
     cfg.update({k: v for k, v in explicit.items() if k not in ("resume", "show_config")})
     cfg["betas"] = tuple(cfg["betas"])
+    if cfg["threads"] is None:  # the copy and adding presets
+        cfg["threads"] = small_model_threads()
     if cfg["out_dir"] is None:
         cfg["out_dir"] = os.path.join("runs", f"{task}-{cfg['model']}")
     if "steps" in explicit:
