@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut the offline text corpus (ptb)")
     p.add_argument("--eval-batch", dest="eval_batch", type=POSITIVE_INT)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--threads", type=COUNT, help="CPU threads for torch (0: torch's default; at most the CPUs the process may use)")
+    p.add_argument("--threads", type=COUNT,
+                   help="CPU threads for torch (0: torch's default; at most the CPUs the process may use)")
     p.add_argument("--seed", type=number(int, minimum=0, below=2**63))
     p.add_argument("--out-dir", dest="out_dir", help="default runs/TASK-MODEL")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=COUNT,
