@@ -29,7 +29,9 @@ namespace nnrnn {
 // tanh|x| = 1 - 2 / (e^{2|x|} + 1), with e^y = 2^k e^r, |r| <= ln2 / 2, e^r by its
 // degree-7 Taylor polynomial (relative error < 1e-8). Absolute error about 1e-7.
 inline float host_tanh(float x) {
-  const float a = std::fabs(x) < 9.0f ? std::fabs(x) : 9.0f;  // tanh(9) rounds to 1; NaN becomes 9 here
+  // Beyond 9.01 float32's tanh is 1: clamped at 10, the formula gives exactly 1 (at 9 it gave 1 - 2^-24,
+  // tanh(9) rounded, for every larger |x|: the derivative 1 - h^2 was then not 0). NaN becomes 10 here.
+  const float a = std::fabs(x) < 10.0f ? std::fabs(x) : 10.0f;
   const float y = 2.0f * a;
   const int32_t ki = static_cast<int32_t>(y * 1.44269504f + 0.5f);  // y >= 0: truncation rounds
   const float k = static_cast<float>(ki);

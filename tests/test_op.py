@@ -202,6 +202,22 @@ def test_non_finite_bias_gives_what_the_reference_gives(dtype, nonlinearity, spe
         assert torch.isnan(h_n).all()  # spreads through W to every unit
 
 
+@pytest.mark.parametrize("kernel", ["packed", "blas"])
+def test_tanh_saturates_to_exactly_one(kernel, monkeypatch):
+    """float32 tanh is exactly +-1 beyond |z| = 9.01, so its derivative 1 - h^2 is 0 there: the CPU's
+    vectorized tanh once stopped at tanh(9) = 1 - 2^-24, and the gradient through an infinite W was inf
+    where the reference's is 0 * inf = NaN (found by test_op_properties)."""
+    monkeypatch.setenv("NNRNN_CPU_KERNEL", kernel)
+    z = torch.tensor([9.0, 9.02, 9.5, 10.0, 20.0, math.inf])
+    x = torch.cat([z, -z]).reshape(1, 1, -1).requires_grad_()
+    W = torch.zeros(12, 12, requires_grad=True)
+    out, _ = fused_nnrnn(x, W, nonlinearity="tanh")
+    expected = torch.tanh(x.detach())
+    assert torch.equal(out, expected), (out, expected)  # 9.0: 1 - 2^-24; beyond 9.01: +-1 exactly
+    dx, = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(dx[0, 0, 1:6], torch.zeros(5)) and torch.equal(dx[0, 0, 7:], torch.zeros(5))
+
+
 def test_blas_products_are_split_into_row_chunks():
     """Fortran BLAS takes 32-bit sizes, so products of 2^31 rows or more are split. The split is
     checked with the limit lowered to 3 rows (NNRNN_BLAS_MAX_ROWS, read once per process, hence a
