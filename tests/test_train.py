@@ -15,7 +15,7 @@ import torch
 
 from nnrnn_fused import count_free_parameters, tasks, train
 from nnrnn_fused.models import MODELS, SequenceModel
-from nnrnn_fused.recipe import delta_penalty, make_optimizers
+from nnrnn_fused.recipe import delta_penalty
 
 from helpers import count_W_builds
 from test_tasks import fake_mnist, write_mnist_csv, write_ptb
