@@ -40,17 +40,16 @@ class RMSprop(torch.optim.RMSprop):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            states = [self._state_of(p, group) for p in params]
-            centered, momentum = group["centered"], group["momentum"]
-            torch.ops.nnrnn_fused.rmsprop_step_(
-                params, [p.grad for p in params], [s["square_avg"] for s in states],
-                [s["grad_avg"] for s in states] if centered else [],
-                [s["momentum_buffer"] for s in states] if momentum > 0 else [],
-                [s["step"] for s in states], float(group["lr"]), group["alpha"], group["eps"],
-                group["weight_decay"], momentum, centered, group["maximize"])
+            # torch's own bookkeeping: the parameters with gradients, their state (created as torch creates
+            # it), and the lists in the order the op takes them; momentum buffers and gradient averages
+            # only where the group has momentum or is centered, as the op expects
+            params, grads, square_avgs, momentum_buffers, grad_avgs, steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, square_avgs, momentum_buffers, grad_avgs, steps)
+            if params:
+                torch.ops.nnrnn_fused.rmsprop_step_(
+                    params, grads, square_avgs, grad_avgs, momentum_buffers, steps, float(group["lr"]),
+                    group["alpha"], group["eps"], group["weight_decay"], group["momentum"], group["centered"],
+                    group["maximize"])
         return loss
 
     def _fusable(self, group: dict) -> bool:
@@ -65,16 +64,3 @@ class RMSprop(torch.optim.RMSprop):
                     and all(t.is_contiguous() for t in self.state[p].values())):
                 return False
         return True
-
-    def _state_of(self, p: torch.Tensor, group: dict) -> dict:
-        """The parameter's state, created as torch.optim.RMSprop creates it."""
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float64 if torch.get_default_dtype() == torch.float64
-                                        else torch.float32)
-            state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["momentum"] > 0:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["centered"]:
-                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
