@@ -8,17 +8,19 @@ C++/CUDA recurrence.
     status()                                 what is built and which path runs
     cuda_path(N, B, dtype, device)           which CUDA path (persistent or fallback) a shape takes
     cpu_path(N, B, dtype)                    which CPU path (packed or BLAS) a shape takes
+    cpu_cache_info(), empty_cpu_cache()      the CPU outputs' cache of freed big blocks
 """
 from . import recipe, reference
 from ._version import __version__
 from ._extension import status
 from .layer import NNRNN, count_free_parameters, reuse_recurrent_matrices
-from .ops import cpu_path, cuda_path, fused_nnrnn
+from .ops import cpu_cache_info, cpu_path, cuda_path, empty_cpu_cache, fused_nnrnn
 from .parametrization import DenseRecurrence, OrthogonalRecurrence, SchurRecurrence
 from .recipe import delta_penalty, make_optimizers, parameter_groups
 
 __all__ = [
-    "NNRNN", "reuse_recurrent_matrices", "fused_nnrnn", "cuda_path", "cpu_path", "reference", "recipe", "status",
+    "NNRNN", "reuse_recurrent_matrices", "fused_nnrnn", "cuda_path", "cpu_path", "cpu_cache_info", "empty_cpu_cache",
+    "reference", "recipe", "status",
     "count_free_parameters",
     "SchurRecurrence", "OrthogonalRecurrence", "DenseRecurrence",
     "parameter_groups", "make_optimizers", "delta_penalty",

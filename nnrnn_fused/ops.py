@@ -19,7 +19,7 @@ from . import _extension
 from ._amp import AUTOCAST_DEVICES, under_autocast_policy
 from ._checks import as_lengths, check_backward_inputs, check_inputs
 
-__all__ = ["fused_nnrnn", "cuda_path", "cpu_path"]
+__all__ = ["fused_nnrnn", "cuda_path", "cpu_path", "cpu_cache_info", "empty_cpu_cache"]
 
 DOUBLE_BACKWARD_MESSAGE = (
     "fused_nnrnn: double backward (create_graph=True, or torch.func.grad of a gradient) is not supported; "
@@ -101,6 +101,29 @@ def cpu_path(N, B, dtype=torch.float32):
     """
     _extension.require()
     return torch.ops.nnrnn_fused.cpu_path(int(N), int(B), dtype)
+
+
+def cpu_cache_info():
+    """The cache of big CPU blocks behind ``fused_nnrnn``'s outputs, as a dict.
+
+    On the CPU, the forward's output and the backward's grad_x of at least 1 MiB take
+    their memory from blocks that earlier outputs freed: fresh memory that big is mapped
+    anew at every call and faulted in page by page (at N=512, B=100, T=220 that took a
+    seventh of a forward+backward). At most NNRNN_CPU_CACHE_MB MiB (default 1024, read
+    at every call; 0: no cache) are kept while unused. Keys: ``unused_bytes`` and
+    ``unused_blocks`` (kept now, for the next calls), ``hits`` and ``misses`` (requests
+    served from the cache, and those that were not, since the process started).
+    """
+    _extension.require()
+    unused_bytes, unused_blocks, hits, misses = torch.ops.nnrnn_fused.cpu_cache_info()
+    return dict(unused_bytes=unused_bytes, unused_blocks=unused_blocks, hits=hits, misses=misses)
+
+
+def empty_cpu_cache():
+    """Give the memory of the unused blocks of the CPU cache back to the system
+    (see :func:`cpu_cache_info`); tensors still alive keep theirs."""
+    _extension.require()
+    torch.ops.nnrnn_fused.empty_cpu_cache()
 
 
 # Autograd: one setup_context and one formula, for the op and for _FunctorchRecurrence.

@@ -18,6 +18,7 @@
 #include "../activation.h"
 #include "../checks.h"
 #include "blas.h"
+#include "block_cache.h"
 #include "packed.h"
 
 namespace nnrnn::cpu {
@@ -152,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   const bool packed = path.packed;
   // The BLAS loop adds each step's product to x in place; the packed kernels read x.
   auto xc = packed ? x.contiguous() : at::Tensor();
-  auto out = packed ? at::empty({T, B, N}, x.options()) : x.clone(at::MemoryFormat::Contiguous);
+  auto out = empty_from_cache({T, B, N}, x.scalar_type());
+  if (!packed) out.copy_(x);
   auto Wc = W.contiguous();
   auto bc = b ? b->contiguous() : at::zeros({N}, x.options());
   auto h0c = h0 ? h0->contiguous() : at::Tensor();
@@ -235,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
   const CpuPath path = choose_cpu_path(N, B, output.scalar_type());
   if (path.packed) {
     auto Wc = W.contiguous();
-    auto dx = at::empty_like(out);
+    auto dx = empty_from_cache(out.sizes(), out.scalar_type());
     auto dW = at::empty({N, N}, out.options());
     auto db = at::empty({N}, out.options().dtype(at::kDouble));
     auto grad_h0 = at::empty({B, N}, out.options());
@@ -253,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
   auto g = grad_h_n.clone(at::MemoryFormat::Contiguous);
   auto Wt = W.t().contiguous();
   auto g_next = len.empty() ? at::Tensor() : at::empty_like(g);
-  auto dx = at::empty_like(out);
+  auto dx = empty_from_cache(out.sizes(), out.scalar_type());
   auto db_rows = at::zeros({B, N}, output.options().dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "nnrnn_recurrence_backward_cpu", [&] {
