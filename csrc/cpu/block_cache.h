@@ -7,7 +7,8 @@
 // and again for the backward's grad_x. Blocks of at least 1 MiB freed by tensors
 // from empty_from_cache are kept, up to a cap (NNRNN_CPU_CACHE_MB, default 1024,
 // read at every call; 0 turns the cache off), and handed to the next request of
-// the same size class (four per power of two, so at most a quarter unused).
+// the same size class (whole 2 MiB pages up to 8 MiB, then four classes per power
+// of two: at most a quarter unused). docs/cpu.md, "Memory: the outputs' cache".
 #pragma once
 
 #include <ATen/ATen.h>
