@@ -172,3 +172,32 @@ def test_threads_calling_at_once_get_their_own_blocks():
     for i, outs in enumerate(got):
         assert len(outs) == 5 and all(torch.equal(o, want[i]) for o in outs)
 
+
+
+def _child_run(queue):
+    torch.set_num_threads(1)  # GNU OpenMP's thread pool does not survive a fork (as in DataLoader workers)
+    x = torch.randn(T, B, N, generator=torch.Generator().manual_seed(5))
+    out = fused_nnrnn(x, stable_W(N, torch.float32, generator=torch.Generator().manual_seed(6)))[0]
+    queue.put((out.sum().item(), nnrnn_fused.cpu_cache_info()["hits"]))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_uses_its_inherited_cache():
+    import multiprocessing
+
+    x = torch.randn(T, B, N, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child: the same bits
+    try:
+        want = fused_nnrnn(x, stable_W(N, torch.float32, generator=torch.Generator().manual_seed(6)))[0].sum().item()
+    finally:
+        torch.set_num_threads(threads)
+    hits_before = hits()  # the output above is freed: its block is kept, and the child inherits it
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_run, args=(queue,))
+    child.start()
+    got, child_hits = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert got == want and child_hits == hits_before + 1

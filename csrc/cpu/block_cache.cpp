@@ -10,10 +10,12 @@
 #include <cstdlib>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <unordered_map>
 #include <utility>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -73,7 +75,16 @@ struct Cache {
 
 // Never destroyed: a tensor may free its block after static destructors ran.
 Cache& cache() {
-  static Cache* c = new Cache;
+  static Cache* c = [] {
+    auto* made = new Cache;
+#if defined(__linux__)
+    // A child forked while another thread held the lock (a DataLoader worker) would
+    // wait for it forever: the child starts with a fresh one. The blocks it inherits
+    // are its own copies.
+    pthread_atfork(nullptr, nullptr, [] { new (&cache().mutex) std::mutex; });
+#endif
+    return made;
+  }();
   return *c;
 }
 
