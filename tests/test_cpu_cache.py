@@ -201,3 +201,15 @@ def test_a_forked_child_uses_its_inherited_cache():
     child.join(timeout=60)
     assert child.exitcode == 0
     assert got == want and child_hits == hits_before + 1
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "lots", "99999999999"])
+def test_a_malformed_cap_is_named(monkeypatch, value):
+    x = torch.randn(T, B, N)
+    W = stable_W(N, torch.float32)
+    monkeypatch.setenv("NNRNN_CPU_CACHE_MB", value)
+    with pytest.raises(ValueError, match=f"NNRNN_CPU_CACHE_MB must be a whole number.*'{value}'"):
+        fused_nnrnn(x, W)
+    with pytest.raises(ValueError, match="NNRNN_CPU_CACHE_MB"):
+        torch.ops.nnrnn_fused.recurrence_backward(x, x[0], x, W, None, None, "modrelu")
+    fused_nnrnn(x[:, :1, :8], W[:8, :8])  # small outputs never read it

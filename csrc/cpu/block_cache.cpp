@@ -11,6 +11,8 @@
 #include <deque>
 #include <mutex>
 #include <new>
+#include <optional>
+#include <string>
 #include <unordered_map>
 #include <utility>
 
@@ -25,12 +27,25 @@ namespace {
 constexpr size_t kMinCachedBytes = size_t(1) << 20;
 constexpr size_t kHugePage = size_t(2) << 20;
 
-// NNRNN_CPU_CACHE_MB, read at every call: the most bytes kept while unused.
-size_t cap_bytes() {
+// NNRNN_CPU_CACHE_MB, read at every call: the most bytes kept while unused
+// (unset: 1024 MiB). nullopt where it is not a whole number of MiB from 0 to 2^30.
+std::optional<size_t> cap_from_env() {
   const char* env = std::getenv("NNRNN_CPU_CACHE_MB");
   if (!env || !*env) return size_t(1024) << 20;
-  const long long mb = std::atoll(env);
-  return mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
+  const std::string text(env);
+  const bool digits = text.size() <= 10 && text.find_first_not_of("0123456789") == std::string::npos;
+  const long long mb = digits ? std::stoll(text) : -1;
+  if (mb < 0 || mb > (1LL << 30)) return std::nullopt;
+  return static_cast<size_t>(mb) << 20;
+}
+
+// The cap where an error can be raised (allocating); a freed block with a
+// malformed variable is simply freed.
+size_t cap_bytes() {
+  const auto cap = cap_from_env();
+  TORCH_CHECK_VALUE(cap, "NNRNN_CPU_CACHE_MB must be a whole number of MiB (0: no cache) or unset, got '",
+                    std::getenv("NNRNN_CPU_CACHE_MB"), "'");
+  return *cap;
 }
 
 // Four classes per power of two, in whole 2 MiB pages: a freed block serves the
@@ -110,7 +125,7 @@ void give_back(void* block) {
     const size_t bytes = c.bytes_of.at(block);
     c.unused.emplace_back(bytes, block);
     c.unused_bytes += bytes;
-    freed = trim_locked(c, cap_bytes());
+    freed = trim_locked(c, cap_from_env().value_or(0));
   }
   for (void* p : freed) free_block(p);
 }
