@@ -3,7 +3,10 @@ a reused block, whatever it held, gives the same bits as fresh memory on both CP
 repeated calls are served from the cache and stop faulting pages in; the cap, the
 emptying, and the outputs behaving as ordinary tensors."""
 import io
+import os
 import resource
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -13,6 +16,8 @@ import nnrnn_fused
 from nnrnn_fused import fused_nnrnn
 
 from helpers import random_inputs, stable_W
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # T * B * N float32 = 1 MiB, the smallest output the cache takes.
 T, B, N = 64, 8, 512
@@ -213,3 +218,45 @@ def test_a_malformed_cap_is_named(monkeypatch, value):
     with pytest.raises(ValueError, match="NNRNN_CPU_CACHE_MB"):
         torch.ops.nnrnn_fused.recurrence_backward(x, x[0], x, W, None, None, "modrelu")
     fused_nnrnn(x[:, :1, :8], W[:8, :8])  # small outputs never read it
+
+
+OUT_OF_MEMORY = """
+import resource, sys, torch
+import nnrnn_fused
+from nnrnn_fused import fused_nnrnn
+torch.set_num_threads(1)
+MB = 1 << 20
+def address_space():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+W = torch.eye(16) * 0.5
+x = torch.zeros(1000, 4800, 16)  # 300 MiB
+room = int(sys.argv[1]) * MB  # address space left beyond x
+resource.setrlimit(resource.RLIMIT_AS, (address_space() + room, resource.RLIM_INFINITY))
+try:
+    fused_nnrnn(x, W)  # its 300 MiB output is freed and kept unused
+    assert nnrnn_fused.cpu_cache_info()["unused_bytes"] >= 300 * MB
+    out = fused_nnrnn(x[:500], W)[0]  # another size class: 150 MiB more only if the kept block is freed
+except torch.OutOfMemoryError as e:
+    print("OOM", str(e).splitlines()[0])
+else:
+    print("OK", nnrnn_fused.cpu_cache_info()["unused_bytes"], out.shape[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an address-space limit (RLIMIT_AS)")
+@pytest.mark.parametrize("room_mb, outcome", [(400, "OK 0 500"), (100, "OOM")])
+def test_out_of_memory_frees_the_unused_blocks_first(room_mb, outcome):
+    # 400 MiB of room: the first output (300) fits, the second (150) only once the
+    # kept 300 are freed. 100: not the first, and the error names the problem.
+    env = {k: v for k, v in os.environ.items() if k != "NNRNN_CPU_CACHE_MB"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(room_mb)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    lines = out.stdout.strip().splitlines()
+    if outcome == "OOM" and out.returncode != 0 and not lines:
+        pytest.fail(f"the process failed instead of raising: {out.stderr[-2000:]}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert lines[-1].startswith(outcome), lines
+    if outcome == "OOM":
+        assert "out of CPU memory allocating" in lines[-1] and "its cache" in lines[-1]

@@ -59,16 +59,19 @@ size_t size_class(size_t n) {
 
 // Fresh memory, asked for in huge pages where Linux has them on request
 // (transparent huge pages in "madvise" mode): the first use then faults 2 MiB at
-// a time.
+// a time. nullptr when the system has none to give.
 void* fresh_block(size_t bytes) {
 #if defined(__linux__)
   void* p = nullptr;
-  if (posix_memalign(&p, kHugePage, bytes) != 0) p = nullptr;
-  if (p) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
-  TORCH_CHECK(p, "fused_nnrnn: out of CPU memory allocating ", bytes, " bytes");
+  if (posix_memalign(&p, kHugePage, bytes) != 0) return nullptr;
+  madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
   return p;
 #else
-  return c10::alloc_cpu(bytes);
+  try {
+    return c10::alloc_cpu(bytes);
+  } catch (const c10::Error&) {
+    return nullptr;
+  }
 #endif
 }
 
@@ -130,6 +133,16 @@ void give_back(void* block) {
   for (void* p : freed) free_block(p);
 }
 
+void empty_cpu_cache() {
+  Cache& c = cache();
+  std::vector<void*> freed;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    freed = trim_locked(c, 0);
+  }
+  for (void* p : freed) free_block(p);
+}
+
 class CachingAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
@@ -149,6 +162,12 @@ class CachingAllocator final : public c10::Allocator {
       ++c.misses;
     }
     void* block = fresh_block(bytes);
+    if (!block) {  // the unused blocks of other sizes may be what the system lacks
+      empty_cpu_cache();
+      block = fresh_block(bytes);
+    }
+    TORCH_CHECK_WITH(OutOfMemoryError, block, "fused_nnrnn: out of CPU memory allocating ", bytes,
+                     " bytes for an output (after freeing the unused blocks of its cache)");
     {
       std::lock_guard<std::mutex> lock(c.mutex);
       c.bytes_of.emplace(block, bytes);
@@ -171,16 +190,6 @@ std::vector<int64_t> cpu_cache_info() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   return {static_cast<int64_t>(c.unused_bytes), static_cast<int64_t>(c.unused.size()), c.hits, c.misses};
-}
-
-void empty_cpu_cache() {
-  Cache& c = cache();
-  std::vector<void*> freed;
-  {
-    std::lock_guard<std::mutex> lock(c.mutex);
-    freed = trim_locked(c, 0);
-  }
-  for (void* p : freed) free_block(p);
 }
 
 }  // namespace
