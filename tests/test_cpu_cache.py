@@ -260,3 +260,18 @@ def test_out_of_memory_frees_the_unused_blocks_first(room_mb, outcome):
     assert lines[-1].startswith(outcome), lines
     if outcome == "OOM":
         assert "out of CPU memory allocating" in lines[-1] and "its cache" in lines[-1]
+
+
+def test_the_profiler_counts_the_blocks():
+    # torch.profiler(profile_memory=True) sees the output's block allocated by the op
+    # (as it sees torch's own CPU allocations), whether fresh or from the cache.
+    x = torch.randn(T, B, N)
+    W = stable_W(N, torch.float32)
+    for cached in (False, True):
+        if not cached:
+            nnrnn_fused.empty_cpu_cache()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fused_nnrnn(x, W)[0]
+        op = next(e for e in prof.key_averages() if e.key == "nnrnn_fused::recurrence")
+        assert op.cpu_memory_usage >= out.numel() * 4, (cached, op.cpu_memory_usage)
+        del out

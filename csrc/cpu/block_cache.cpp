@@ -88,8 +88,16 @@ struct Cache {
   std::deque<std::pair<size_t, void*>> unused;  // (bytes, block), oldest first
   std::unordered_map<void*, size_t> bytes_of;   // every block handed out or kept
   size_t unused_bytes = 0;
+  size_t live_bytes = 0;  // in blocks handed out and not given back
   int64_t hits = 0, misses = 0;
 };
+
+// torch.profiler(profile_memory=True) counts CPU memory through these reports,
+// as torch's own CPU allocator makes them; the caller holds the lock.
+void report_locked(const Cache& c, void* block, int64_t delta) {
+  c10::reportMemoryUsageToProfiler(block, delta, c.live_bytes, c.live_bytes + c.unused_bytes,
+                                   c10::Device(c10::kCPU));
+}
 
 // Never destroyed: a tensor may free its block after static destructors ran.
 Cache& cache() {
@@ -128,7 +136,9 @@ void give_back(void* block) {
     const size_t bytes = c.bytes_of.at(block);
     c.unused.emplace_back(bytes, block);
     c.unused_bytes += bytes;
+    c.live_bytes -= bytes;
     freed = trim_locked(c, cap_from_env().value_or(0));
+    report_locked(c, block, -static_cast<int64_t>(bytes));
   }
   for (void* p : freed) free_block(p);
 }
@@ -156,7 +166,9 @@ class CachingAllocator final : public c10::Allocator {
         void* block = it->second;
         c.unused.erase(std::next(it).base());
         c.unused_bytes -= bytes;
+        c.live_bytes += bytes;
         ++c.hits;
+        report_locked(c, block, static_cast<int64_t>(bytes));
         return {block, block, &give_back, c10::Device(c10::kCPU)};
       }
       ++c.misses;
@@ -171,6 +183,8 @@ class CachingAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(c.mutex);
       c.bytes_of.emplace(block, bytes);
+      c.live_bytes += bytes;
+      report_locked(c, block, static_cast<int64_t>(bytes));
     }
     return {block, block, &give_back, c10::Device(c10::kCPU)};
   }
