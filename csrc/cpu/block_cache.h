@@ -13,8 +13,6 @@
 
 #include <ATen/ATen.h>
 
-#include <vector>
-
 namespace nnrnn::cpu {
 
 // An uninitialized CPU tensor like at::empty(sizes, dtype), whose storage comes
