@@ -94,10 +94,11 @@ def cpu_path(N, B, dtype=torch.float32):
     threads in lockstep over the columns; the nonlinearity fused into the
     micro-kernel) or "blas: <reason>, <s> batch slices" (one BLAS GEMM per step, per
     slice: sliced where W fits a core's L2 with room to spare), as the measured
-    crossover table in csrc/cpu/packed_cpu.cpp decides. Environment variables, read at
-    every call: NNRNN_CPU_KERNEL=packed|blas forces a path, NNRNN_CPU_ISA=avx512|avx2|generic
-    caps the packed kernels' instruction set, NNRNN_CPU_SLICES=<n> sets the number of
-    batch slices (docs/cpu.md).
+    crossover table in csrc/cpu/packed_cpu.cpp decides (one per CPU vendor: torch's BLAS
+    is much slower on AMD CPUs). Environment variables, read at every call:
+    NNRNN_CPU_KERNEL=packed|blas forces a path, NNRNN_CPU_CROSSOVER=intel|amd picks the
+    table, NNRNN_CPU_ISA=avx512|avx2|generic caps the packed kernels' instruction set,
+    NNRNN_CPU_SLICES=<n> sets the number of batch slices (docs/cpu.md).
     """
     _extension.require()
     return torch.ops.nnrnn_fused.cpu_path(int(N), int(B), dtype)

@@ -252,6 +252,7 @@ def test_cpu_path_reports_and_forces(monkeypatch, threads):
     monkeypatch.delenv("NNRNN_CPU_KERNEL", raising=False)
     monkeypatch.delenv("NNRNN_CPU_ISA", raising=False)
     monkeypatch.delenv("NNRNN_CPU_SLICES", raising=False)
+    monkeypatch.setenv("NNRNN_CPU_CROSSOVER", "intel")  # the table of Intel CPUs (this test's own below)
     threads(2)
     assert nnrnn_fused.cpu_path(128, 10) .startswith("packed: ")  # the issue's small case
     assert nnrnn_fused.cpu_path(128, 10).endswith(", 2 batch slices, 2 threads")  # 5 rows a slice
@@ -270,7 +271,7 @@ def test_cpu_path_reports_and_forces(monkeypatch, threads):
     assert nnrnn_fused.cpu_path(128, 256).startswith("packed: ")
     assert nnrnn_fused.cpu_path(129, 1).startswith("blas: faster for this shape")
     assert nnrnn_fused.cpu_path(256, 100).startswith("blas: faster for this shape")
-    assert nnrnn_fused.cpu_path(512, 100) == "blas: faster for this shape (crossover table), 2 batch slices"
+    assert nnrnn_fused.cpu_path(512, 100) == "blas: faster for this shape (crossover table of Intel CPUs), 2 batch slices"
     # the BLAS path slices while W takes at most 1 MiB (each slice's thread reads all of it every step)
     assert nnrnn_fused.cpu_path(513, 100).endswith(", 1 batch slice")
     assert nnrnn_fused.cpu_path(362, 100, torch.float64).endswith(", 2 batch slices")
@@ -286,6 +287,43 @@ def test_cpu_path_reports_and_forces(monkeypatch, threads):
     monkeypatch.setenv("NNRNN_CPU_KERNEL", "packed")
     monkeypatch.setenv("NNRNN_CPU_ISA", "generic")
     assert nnrnn_fused.cpu_path(128, 10).startswith("packed: generic, ")
+
+
+def cpu_vendor():
+    """The vendor the kernel names in /proc/cpuinfo (an independent reading of CPUID)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":")[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def test_cpu_path_crossover_table_per_vendor(monkeypatch, threads):
+    """MKL's GEMMs are slower on AMD CPUs: their table sends every shape up to N=4096 to the packed path."""
+    monkeypatch.delenv("NNRNN_CPU_KERNEL", raising=False)
+    monkeypatch.delenv("NNRNN_CPU_SLICES", raising=False)
+    threads(2)
+    monkeypatch.setenv("NNRNN_CPU_CROSSOVER", "amd")
+    for N, B in ((128, 10), (129, 1), (512, 100), (1024, 256), (4096, 1)):
+        assert nnrnn_fused.cpu_path(N, B).startswith("packed: "), (N, B)
+    assert nnrnn_fused.cpu_path(4097, 1).startswith("blas: N > 4096")
+    assert nnrnn_fused.cpu_path(0, 10).startswith("blas: empty")
+    monkeypatch.setenv("NNRNN_CPU_CROSSOVER", "intel")
+    assert nnrnn_fused.cpu_path(512, 100).startswith("blas: faster for this shape (crossover table of Intel CPUs)")
+    monkeypatch.setenv("NNRNN_CPU_CROSSOVER", "Intel")
+    with pytest.raises(ValueError, match="NNRNN_CPU_CROSSOVER must be intel or amd .* got 'Intel'"):
+        nnrnn_fused.cpu_path(512, 100)
+    monkeypatch.delenv("NNRNN_CPU_CROSSOVER")
+    vendor = cpu_vendor()
+    if vendor not in ("AuthenticAMD", "GenuineIntel"):
+        pytest.skip(f"the default table is checked on Intel and AMD CPUs (this one: {vendor})")
+    if nnrnn_fused.cpu_path(1, 1).startswith("blas: the packed kernels need"):
+        pytest.skip("no packed kernels in this build")
+    default = nnrnn_fused.cpu_path(512, 100)
+    assert default.startswith("packed: ") if vendor == "AuthenticAMD" else "crossover table of Intel CPUs" in default
 
 
 def test_bad_settings_are_refused(monkeypatch):

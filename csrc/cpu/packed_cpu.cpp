@@ -12,6 +12,7 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <vector>
 
 #if defined(__GNUC__)  // GCC and Clang: vector extensions and target attributes
 #define NNRNN_PACKED 1
@@ -30,22 +31,52 @@ std::string env(const char* name) {
 }
 
 // Where the packed path beat one BLAS GEMM per step: `--grid crossover` (float32,
-// T=100, N 32..1024, B 1..256, forward and forward+backward) on the quiet 2-core
-// development machine, both paths with batch slices: 3 passes with 2 threads and 2
-// with 1 (benchmarks/results/cpu_v2/blas_slices_crossover_*; the tables before came
-// from slices_crossover_* and crossover_*). The packed path is taken for N <= max_N
-// when min_B <= B <= max_B, the BLAS path otherwise. Forward+backward, packed
-// against BLAS: N <= 128 1.0x to 1.7x faster (N=32 B=256 on two threads 0.94x,
-// within the noise: 0.74x to 1.32x over the passes); N=256 0.85x to 1.05x (since
-// the BLAS path slices its batch too, it wins or ties there: before, packed won
-// 1.0x to 1.5x at B 2 to 100); N=512 and 1024 0.60x to 0.97x.
+// T=100, N 32..1024, B 1..256, forward and forward+backward), both paths with batch
+// slices, 3 passes with 2 threads and 2 with 1, on two 2-core machines. The packed path
+// is taken for N <= max_N when min_B <= B <= max_B, the BLAS path otherwise. BLAS is
+// torch's, MKL on x86, and how fast it is depends on the vendor of the CPU, so there is
+// one table per vendor (NNRNN_CPU_CROSSOVER=intel|amd picks one; other CPUs get Intel's).
+// - Intel Xeon with AVX-512 (benchmarks/results/cpu_v2/blas_slices_crossover_*; the tables
+//   before came from slices_crossover_* and crossover_*). Forward+backward, packed against
+//   BLAS: N <= 128 1.0x to 1.7x faster (N=32 B=256 on two threads 0.94x, within the noise:
+//   0.74x to 1.32x over the passes); N=256 0.85x to 1.05x (since the BLAS path slices its
+//   batch too, it wins or ties there: before, packed won 1.0x to 1.5x at B 2 to 100);
+//   N=512 and 1024 0.60x to 0.97x.
+// - AMD EPYC Zen 4 with AVX-512 (benchmarks/results/cpu_v2/amd_crossover_*): the packed
+//   path won everywhere, forward 1.04x to 3.05x, forward+backward 1.07x to 1.82x at most
+//   shapes; the exceptions were within the noise (N=64 B=1 two threads 0.92x, 0.92x-1.27x
+//   over the passes; N=1024 B=32 two threads 0.78x, 0.76x-1.36x; N=512 B=256 and N=1024 B=1
+//   one thread 0.99x and 0.96x). MKL's GEMMs run well below their speed on Intel there.
 struct Crossover {
   int64_t max_N, min_B, max_B;
 };
-constexpr Crossover kCrossover[] = {{128, 1, std::numeric_limits<int64_t>::max()}};
+constexpr int64_t kAnyB = std::numeric_limits<int64_t>::max();
 
 // Beyond this the packed copies of W, W^T and dW (3 N^2 elements) are no longer small.
 constexpr int64_t kMaxPackedN = 4096;
+
+struct CrossoverTable {
+  const char* vendor;
+  std::vector<Crossover> rows;
+};
+
+const CrossoverTable& crossover_table() {
+  static const CrossoverTable intel{"Intel", {{128, 1, kAnyB}}};
+  static const CrossoverTable amd{"AMD", {{kMaxPackedN, 1, kAnyB}}};
+  const std::string forced = env("NNRNN_CPU_CROSSOVER");
+  TORCH_CHECK_VALUE(forced.empty() || forced == "intel" || forced == "amd",
+                    "NNRNN_CPU_CROSSOVER must be intel or amd (or unset), got '", forced, "'");
+  if (!forced.empty()) return forced == "amd" ? amd : intel;
+#if NNRNN_PACKED_X86
+  static const bool is_amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return is_amd ? amd : intel;
+#else
+  return intel;
+#endif
+}
 
 // Batch slices. Rows of the batch never exchange anything, so slices of rows run
 // their whole time loops on threads of their own with no barrier at all; a team
@@ -286,10 +317,12 @@ CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
   if (N == 0 || B == 0) return blas_path(N, B, dtype, "empty (N or B is 0)");
   if (N > kMaxPackedN) return blas_path(N, B, dtype, "N > " + std::to_string(kMaxPackedN));
   if (forced != "packed") {
-    const auto* row = std::find_if(std::begin(kCrossover), std::end(kCrossover),
-                                   [&](const Crossover& c) { return N <= c.max_N; });
-    if (row == std::end(kCrossover) || B < row->min_B || B > row->max_B) {
-      return blas_path(N, B, dtype, "faster for this shape (crossover table)");
+    const CrossoverTable& table = crossover_table();
+    const auto row = std::find_if(table.rows.begin(), table.rows.end(),
+                                  [&](const Crossover& c) { return N <= c.max_N; });
+    if (row == table.rows.end() || B < row->min_B || B > row->max_B) {
+      const std::string why = std::string("faster for this shape (crossover table of ") + table.vendor + " CPUs)";
+      return blas_path(N, B, dtype, why);
     }
   }
   const Level level = chosen_level();
