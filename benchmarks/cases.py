@@ -107,8 +107,8 @@ def synchronize(device):
 
 
 def build(case: Case):
-    """A closure running the case once (synchronized on CUDA), and the module or
-    tensors it uses (kept alive by the caller)."""
+    """A closure running the case once (synchronized on CUDA); its attribute `leaves` lists
+    the tensors that require grad."""
     dev, dt = torch.device(case.device), getattr(torch, case.dtype)
     N, B, T = case.N, case.B, case.T
     grad = case.mode == "fwdbwd"
@@ -116,13 +116,18 @@ def build(case: Case):
         torch.backends.cudnn.allow_tf32 = False  # cuDNN in true float32
         torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator().manual_seed(0)
+    leaves = []  # what requires grad: their .grad is reset before every forward+backward
 
     def tensor(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=gen)).to(dev, dt).requires_grad_(grad)
+        leaves.append((scale * torch.randn(*shape, generator=gen)).to(dev, dt).requires_grad_(grad))
+        return leaves[-1]
 
     if case.impl in ("fused", "fused_blas", "fused_packed", "reference"):
         q, _ = torch.linalg.qr(torch.randn(N, N, generator=gen))
-        W = (0.95 * q).to(dev, dt).requires_grad_(grad)
+        # row-major, as NNRNN's W = P (Lambda + T) P^T is: QR's Q is column-major, and a leaf
+        # in that layout has its gradient copied into it at every call (AccumulateGrad)
+        W = (0.95 * q).contiguous().to(dev, dt).requires_grad_(grad)
+        leaves.append(W)
         x, b = tensor(T, B, N), tensor(N, scale=0.01)
         fn = nnrnn_recurrence if case.impl == "reference" else nnrnn_fused.fused_nnrnn
 
@@ -132,12 +137,14 @@ def build(case: Case):
         cls = torch.nn.RNN if case.impl == "torch_rnn" else torch.nn.LSTM
         kwargs = dict(nonlinearity="tanh") if case.impl == "torch_rnn" else {}
         module = cls(N, N, **kwargs).to(dev, dt).requires_grad_(grad)
+        leaves.extend(module.parameters())
         x = tensor(T, B, N)
 
         def forward():
             return module(x)[0]
     elif case.impl in ("nnrnn_layer", "nnrnn_layer_reused"):
         module = nnrnn_fused.NNRNN(N, N, device=dev, dtype=dt).requires_grad_(grad)
+        leaves.extend(module.parameters())
         x = tensor(T, B, N)
         held = None
         if case.impl == "nnrnn_layer_reused":
@@ -155,6 +162,8 @@ def build(case: Case):
         out_grad = torch.randn(T, B, N, generator=gen).to(dev, dt)
 
         def run_once():
+            for leaf in leaves:  # as optimizer.zero_grad() leaves them in a training step: no
+                leaf.grad = None  # gradient accumulated into the last call's (x's is T*B*N)
             forward().backward(out_grad)
             synchronize(case.device)
     else:
@@ -165,10 +174,12 @@ def build(case: Case):
             synchronize(case.device)
 
     if case.impl not in CPU_ONLY_IMPLS:
-        return run_once
+        run = run_once
+    else:
 
-    def run():  # setting the variable costs about a microsecond a call
-        with cpu_kernel(CPU_ONLY_IMPLS[case.impl]):
-            run_once()
+        def run():  # setting the variable costs about a microsecond a call
+            with cpu_kernel(CPU_ONLY_IMPLS[case.impl]):
+                run_once()
 
+    run.leaves = leaves  # for the tests
     return run

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import nnrnn_fused
@@ -60,6 +61,21 @@ def test_reused_case_builds_W_once(monkeypatch):
     for _ in range(3):
         run()
     assert len(builds) == 1
+
+
+@pytest.mark.parametrize("impl", ["fused", "fused_packed", "torch_rnn", "nnrnn_layer"])
+def test_each_forward_backward_starts_without_gradients(impl):
+    """Every timed forward+backward starts from .grad = None, as a training step does after
+    optimizer.zero_grad(): the gradients after two calls are those of one."""
+    from benchmarks.cases import Case, build
+
+    run = build(Case(impl, "fwdbwd", 8, 3, 5, "float32", "cpu"))
+    assert len(run.leaves) >= 3  # x and the weights
+    run()
+    once = [leaf.grad.clone() for leaf in run.leaves]
+    run()
+    for leaf, want in zip(run.leaves, once):
+        torch.testing.assert_close(leaf.grad, want, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_op_saves_output_and_weights_only():

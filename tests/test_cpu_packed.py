@@ -231,6 +231,36 @@ def test_non_contiguous_inputs(packed):
     assert_all_close(got, want, *tolerances(torch.float64))
 
 
+def strided_like(W, layout):
+    """W's values in a layout that is not contiguous."""
+    if layout == "transposed":
+        return W.t().contiguous().t()
+    if layout == "sliced":
+        big = torch.zeros(2 * W.shape[0], 3 * W.shape[1], dtype=W.dtype)
+        big[::2, 1::3] = W
+        return big[::2, 1::3]
+    return W[:1].expand_as(W)  # "expanded": every row the same, row stride 0
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_W_read_by_its_strides(packed, layout, dtype):
+    """The packed kernels pack W from its strides instead of copying it contiguous first:
+    any layout gives the same bits as the same values laid out contiguously."""
+    x, W, b, h0, lengths = inputs(9, 6, 37, dtype, True, True)
+    W_strided = strided_like(W, layout)
+    assert not W_strided.is_contiguous()
+    go, gh = torch.randn_like(x), torch.randn_like(h0)
+
+    def run(W_):
+        out, h_n = torch.ops.nnrnn_fused.recurrence(x, W_, b, h0, lengths, "modrelu")
+        grads = torch.ops.nnrnn_fused.recurrence_backward(go, gh, out, W_, h0, lengths, "modrelu")
+        return [out, h_n, *grads]
+
+    for i, (got, want) in enumerate(zip(run(W_strided), run(W_strided.contiguous()))):
+        assert torch.equal(got, want), f"result {i} differs"
+
+
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nan_and_inf_in_bias_as_the_reference(packed, nonlinearity, bad):

@@ -338,22 +338,23 @@ CpuPath choose_cpu_path(int64_t N, int64_t B, c10::ScalarType dtype) {
 }
 
 #define NNRNN_INSTANTIATE(T)                                                                                  \
-  template void packed_forward<T>(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, \
-                                  const std::vector<int64_t>&, Nonlinearity, T*);                              \
-  template void packed_backward<T>(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,  \
-                                   const T*, const std::vector<int64_t>&, Nonlinearity, T*, T*, double*, T*);
+  template void packed_forward<T>(int64_t, int64_t, int64_t, int64_t, const T*, StridedMatrix<T>, const T*,     \
+                                  const T*, const std::vector<int64_t>&, Nonlinearity, T*);                    \
+  template void packed_backward<T>(int64_t, int64_t, int64_t, int64_t, StridedMatrix<T>, const T*, const T*,    \
+                                   const T*, const T*, const std::vector<int64_t>&, Nonlinearity, T*, T*,       \
+                                   double*, T*);
 
 #if NNRNN_PACKED
 template <typename T>
-void packed_forward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* x, const T* W, const T* bias,
-                    const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* out) {
+void packed_forward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* x, StridedMatrix<T> W,
+                    const T* bias, const T* h0, const std::vector<int64_t>& lengths, Nonlinearity f, T* out) {
   if (steps == 0) return;
   const Kernels<T> k = kernels<T>(chosen_level());
   const int64_t panels = packed::panel_count(N, k.cols);
   auto packed_W = scratch<T>(panels * N * k.cols);
   T* pw = packed_W.template data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    packed::pack_panels(W, N, 1, N, N, k.cols, p0, p1, pw);  // W (k, j) -> panels of j
+    packed::pack_panels(W.data, W.row_stride, W.col_stride, N, N, k.cols, p0, p1, pw);  // W (k, j) -> panels of j
   });
   const std::vector<RowOrder> parts = split_rows(row_order(steps, B, lengths), slices, !lengths.empty());
   const int slow_us = slices == 1 ? slow_member_us() : 0;
@@ -366,7 +367,7 @@ void packed_forward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T
 }
 
 template <typename T>
-void packed_backward(int64_t steps, int64_t B, int64_t N, int64_t slices, const T* W, const T* out,
+void packed_backward(int64_t steps, int64_t B, int64_t N, int64_t slices, StridedMatrix<T> W, const T* out,
                      const T* grad_out, const T* grad_h_n, const T* h0, const std::vector<int64_t>& lengths,
                      Nonlinearity f, T* dx, T* dW, double* db, T* grad_h0) {
   const Kernels<T> k = kernels<T>(chosen_level());
@@ -374,7 +375,7 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, int64_t slices, const 
   auto packed_Wt = scratch<T>(panels * panel_size);
   T* pwt = packed_Wt.template data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    packed::pack_panels(W, 1, N, N, N, k.cols, p0, p1, pwt);  // W^T (j, k) -> panels of k
+    packed::pack_panels(W.data, W.col_stride, W.row_stride, N, N, k.cols, p0, p1, pwt);  // W^T (j, k) -> panels of k
   });
   // Per slice: its dW panels, its db, and the da of its last kDwSteps steps per panel
   // (the rows of the slices add up to B).
@@ -406,12 +407,12 @@ void packed_backward(int64_t steps, int64_t B, int64_t N, int64_t slices, const 
 
 #else  // choose_cpu_path never picks the packed path here
 template <typename T>
-void packed_forward(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,
+void packed_forward(int64_t, int64_t, int64_t, int64_t, const T*, StridedMatrix<T>, const T*, const T*,
                     const std::vector<int64_t>&, Nonlinearity, T*) {
   TORCH_INTERNAL_ASSERT(false, "the packed CPU kernels are not built");
 }
 template <typename T>
-void packed_backward(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*, const T*,
+void packed_backward(int64_t, int64_t, int64_t, int64_t, StridedMatrix<T>, const T*, const T*, const T*, const T*,
                      const std::vector<int64_t>&, Nonlinearity, T*, T*, double*, T*) {
   TORCH_INTERNAL_ASSERT(false, "the packed CPU kernels are not built");
 }

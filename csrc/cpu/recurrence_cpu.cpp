@@ -24,6 +24,11 @@
 namespace nnrnn::cpu {
 namespace {
 
+template <typename T>
+StridedMatrix<T> strided(const at::Tensor& W) {
+  return {W.data_ptr<T>(), W.stride(0), W.stride(1)};
+}
+
 // Rows of a step are independent in the pointwise pass; split them over threads
 // only when there is enough work to pay for it (and only with a single batch
 // slice: inside a slice's thread at::parallel_for runs inline).
@@ -155,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   auto xc = packed ? x.contiguous() : at::Tensor();
   auto out = empty_from_cache({T, B, N}, x.scalar_type());
   if (!packed) out.copy_(x);
-  auto Wc = W.contiguous();
+  auto Wc = packed ? at::Tensor() : W.contiguous();  // the packed kernels read W by its strides
   auto bc = b ? b->contiguous() : at::zeros({N}, x.options());
   auto h0c = h0 ? h0->contiguous() : at::Tensor();
   // With lengths the BLAS loop keeps the running state in h_n itself; start it from h0.
@@ -164,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> recurrence_cpu(const at::Tensor& x, const at:
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nnrnn_recurrence_cpu", [&] {
     const scalar_t* h0p = h0 ? h0c.data_ptr<scalar_t>() : nullptr;
     if (packed) {
-      packed_forward<scalar_t>(T, B, N, path.slices, xc.data_ptr<scalar_t>(), Wc.data_ptr<scalar_t>(),
+      packed_forward<scalar_t>(T, B, N, path.slices, xc.data_ptr<scalar_t>(), strided<scalar_t>(W),
                                bc.data_ptr<scalar_t>(), h0p, len, f, out.data_ptr<scalar_t>());
       return;
     }
@@ -236,7 +241,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
   auto go = grad_output.contiguous();
   const CpuPath path = choose_cpu_path(N, B, output.scalar_type());
   if (path.packed) {
-    auto Wc = W.contiguous();
     auto dx = empty_from_cache(out.sizes(), out.scalar_type());
     auto dW = at::empty({N, N}, out.options());
     auto db = at::empty({N}, out.options().dtype(at::kDouble));
@@ -244,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward_c
     auto gh = grad_h_n.contiguous();
     auto h0c = h0 ? h0->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "nnrnn_recurrence_backward_cpu", [&] {
-      packed_backward<scalar_t>(T, B, N, path.slices, Wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+      packed_backward<scalar_t>(T, B, N, path.slices, strided<scalar_t>(W), out.data_ptr<scalar_t>(),
                                 go.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
                                 h0 ? h0c.data_ptr<scalar_t>() : nullptr, len, f,
                                 dx.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(), db.data_ptr<double>(),
