@@ -225,25 +225,50 @@ inline void slow_down(int us, const Team& team) {
   }
 }
 
-// C rows (given by `rows`) of one panel: acc = A[rows] (mr x K) @ panel (K x kCols),
-// with A's row r at a + r * K; then epilogue(i, acc row i) for each row.
+// mr rows of C for one panel: acc = A (mr x K) @ panel (K x kCols), where
+// accumulate(MRc, acc) adds A's FMAs; then epilogue(i, acc row i) for each row.
+template <class I, class Accumulate, class Epilogue>
+inline void tile_rows(int mr, const Accumulate& accumulate, const Epilogue& epilogue) {
+  with_rows<I>(mr, [&](auto MRc) {
+    constexpr int MR = decltype(MRc)::value;
+    typename I::vec acc[MR][I::kVecs] = {};
+    accumulate(MRc, acc);
+    alignas(64) typename I::scalar tile[MR][I::kCols];
+    store_tile<I, MR>(acc, &tile[0][0], I::kCols);
+    for (int i = 0; i < MR; ++i) epilogue(i, tile[i]);
+  });
+}
+
+// A's rows picked by `rows` from a (B, K) matrix at a (nullptr: zero).
 template <class I, class Epilogue>
 inline void gemm_rows(const typename I::scalar* a, int64_t K, const int64_t* rows, int mr,
                       const typename I::scalar* panel, const Epilogue& epilogue) {
   using T = typename I::scalar;
-  with_rows<I>(mr, [&](auto MRc) {
+  tile_rows<I>(mr, [&](auto MRc, auto& acc) {
     constexpr int MR = decltype(MRc)::value;
-    typename I::vec acc[MR][I::kVecs] = {};
-    if (a != nullptr) {
-      const T* a_rows[MR];
-      NNRNN_UNROLL
-      for (int i = 0; i < MR; ++i) a_rows[i] = a + rows[i] * K;
-      fma_tile<I, MR>(K, [&](int i, int64_t k) { return a_rows[i][k]; }, panel, I::kCols, acc);
+    if (a == nullptr) return;
+    const T* a_rows[MR];
+    NNRNN_UNROLL
+    for (int i = 0; i < MR; ++i) a_rows[i] = a + rows[i] * K;
+    fma_tile<I, MR>(K, [&](int i, int64_t k) { return a_rows[i][k]; }, panel, I::kCols, acc);
+  }, epilogue);
+}
+
+// A kept in column panels of kCols, mr consecutive rows in each: A (i, k) at
+// a + (k / kCols) * panel_stride + i * kCols + k % kCols. One pointer reaches every
+// row (with mr=5 on AVX-512, gemm_rows' row pointers outnumbered the free registers and
+// were reloaded from the stack in the inner loop).
+template <class I, class Epilogue>
+inline void gemm_paneled_rows(const typename I::scalar* a, int64_t panel_stride, int64_t K, int mr,
+                              const typename I::scalar* panel, const Epilogue& epilogue) {
+  tile_rows<I>(mr, [&](auto MRc, auto& acc) {
+    constexpr int MR = decltype(MRc)::value;
+    for (int64_t k0 = 0, p = 0; k0 < K; k0 += I::kCols, ++p) {
+      const typename I::scalar* a_p = a + p * panel_stride;
+      fma_tile<I, MR>(std::min<int64_t>(I::kCols, K - k0), [&](int i, int64_t k) { return a_p[i * I::kCols + k]; },
+                      panel + k0 * I::kCols, I::kCols, acc);
     }
-    alignas(64) T tile[MR][I::kCols];
-    store_tile<I, MR>(acc, &tile[0][0], I::kCols);
-    for (int i = 0; i < MR; ++i) epilogue(i, tile[i]);
-  });
+  }, epilogue);
 }
 
 template <class I>
@@ -281,6 +306,7 @@ template <class I>
 void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
   using T = typename I::scalar;
   const int64_t N = a.N, rows = a.rows, BN = a.B * N, panels = panel_count(N, I::kCols);
+  const int64_t d_panel_stride = kDwSteps * rows * I::kCols;
   PanelRange mine = my_panels(panels, team);
   for (int64_t p = mine.first; p < mine.last; ++p) {
     std::fill_n(a.packed_dW + p * N * I::kCols, N * I::kCols, T(0));
@@ -299,7 +325,8 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
     const T* h = a.out + t * BN;
     const T* go = a.grad_out + t * BN;
     T* da = a.dx + t * BN;
-    const T* da_next = t + 1 < a.steps ? da + BN : nullptr;
+    // da_{t+1} as the step before kept it in packed_d (its slot, panel 0)
+    const T* d_next = a.packed_d + ((slot + kDwSteps - 1) % kDwSteps) * rows * I::kCols;
     const int64_t running = a.active[t], running_next = t + 1 < a.steps ? a.active[t + 1] : 0;
     for (int64_t p = mine.first; p < mine.last; ++p) {
       const int64_t c0 = p * I::kCols, ncols = std::min<int64_t>(I::kCols, N - c0);
@@ -316,8 +343,8 @@ void backward_worker(const BackwardArgs<typename I::scalar>& a, Team& team) {
       };
       row_blocks<I>(running_next, [&](int64_t first, int mr) {
         std::fill_n(db_part, I::kCols, T(0));
-        gemm_rows<I>(da_next, N, a.order + first, mr, a.packed_Wt + p * N * I::kCols,
-                     [&](int i, const T* acc) { derivative(first + i, acc); });
+        gemm_paneled_rows<I>(d_next + first * I::kCols, d_panel_stride, N, mr, a.packed_Wt + p * N * I::kCols,
+                             [&](int i, const T* acc) { derivative(first + i, acc); });
         add_db();
       });
       if (running_next < running) {
