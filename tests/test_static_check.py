@@ -32,6 +32,7 @@ def test_static_check_passes(tmp_path):
         if k["kernel"].startswith("v2"):
             assert 0 < k["shared_loads_per_fma"] <= static_check.MAX_SHARED_LOADS_PER_FMA, k
             assert k["inner_lds128"] == k["inner_shared_loads"], k  # 16-byte loads only
+            assert 0 < k["inner_other"] <= static_check.v2_row_overhead(), k  # what the cost model counts
     assert "PASSED" in (tmp_path / "static_check.md").read_text()
 
 
@@ -71,6 +72,7 @@ def test_inner_and_step_loops_are_found():
     a = static_check.analyse(sass)
     assert a["inner_loop"] == ["0x20", "0x80"] and a["step_loop"] == ["0x10", "0xc0"]
     assert (a["inner_fma"], a["inner_shared_loads"], a["shared_loads_per_fma"]) == (4, 2, 0.5)
+    assert a["inner_other"] == 1  # the branch
     assert a["step_sync_instructions"] == {"BAR.SYNC.DEFER_BLOCKING": 1, "CCTL.IVALL": 1, "MEMBAR.ALL.GPU": 1,
                                            "SYNCS.PHASECHK.TRANS64.TRYWAIT": 1}
 

@@ -58,6 +58,11 @@ constexpr int kV2MaxThreads = 512;
 NNRNN_HD constexpr int v2_kt(int64_t acc_size) { return acc_size == 8 ? 16 : 32; }
 template <typename acc_t>
 using DeviceTileShape = TileShape<v2_kt(sizeof(acc_t)), kV2Columns, kV2Lanes>;
+// Instructions per row in the product's inner loop besides the FMAs and 16-byte loads
+// (the two accumulators' sum, the partial sums' stores, addresses, the loop): 12 in
+// nvcc 13.0's SASS for sm_90. The cost model counts this many; the static check
+// (benchmarks/static_check.py) fails when the SASS has more.
+constexpr int kV2RowOverhead = 12;
 
 // How the work is split; computed on the host (driver.h), read by every thread.
 struct LayoutV2 {
@@ -261,6 +266,9 @@ struct TeamKernel {
     uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(A) + L.d.barrier_offset);
     const int slot_elems = L.d.slot_elems;  // 0: one slot (Grid)
     auto a_slot = [&](int m) { return A + (m & 1) * slot_elems; };  // where A_m is read
+    // Grid: a producer's step counter counts the rows of A it has published: once the
+    // rows before `row_end` of A_{s+1} are out (at step s), s x rows + row_end.
+    auto rows_published = [&](int s_, int row_end) { return static_cast<unsigned long long>(s_) * rows + row_end; };
 
     // A_0 for the team's rows (every block computes all of it: no exchange), zero padding elsewhere.
     for (int i = env.thread(); i < L.d.a_elems; i += env.threads()) {
@@ -308,7 +316,11 @@ struct TeamKernel {
         typename Problem::Inputs in{};
         if (mine) in = pb.fetch(s, row0 + rt0 + r, c0 + c);
 
-        if (rt0 == 0 && s > 0) {  // wait for A_s, which the team published at the end of step s - 1
+        // Wait for A_s, which the team published during step s - 1: Cluster, all rows
+        // at the first tile; Grid, tile by tile (each tile's rows were published as
+        // soon as the producers had finished that tile, so the wait for tile 0 overlaps
+        // the producers' later tiles).
+        if (s > 0 && (rt0 == 0 || ex == Exchange::Grid)) {
           // The warp's part of k (LK chunks), and the producers it waits for (computed
           // here, not kept in registers across the step).
           const int wk0 = (warp % KW) * LK * KT;
@@ -317,33 +329,38 @@ struct TeamKernel {
           if constexpr (ex == Exchange::Cluster) {
             for (int p = p_lo; p <= p_hi; ++p) env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
           } else if constexpr (ex == Exchange::Grid) {
-            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, static_cast<unsigned long long>(s));
-            // This warp's part of A_s into shared memory.
-            const acc_t* src = pb.exchange(s) + static_cast<int64_t>(row0) * N;
+            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, rows_published(s - 1, rt0 + trows));
+            // This warp's part of the tile's rows of A_s into shared memory.
+            const acc_t* src = pb.exchange(s) + static_cast<int64_t>(row0 + rt0) * N;
+            acc_t* dst = As + rt0 * stride;
             if (L.N % VEC == 0) {  // rows are 16-byte aligned: vector copies
               const int vecs = (wk1 - wk0) / VEC;
-              for (int e = lane; e < rows * vecs; e += LANES) {
+              for (int e = lane; e < trows * vecs; e += LANES) {
                 const int rr = e / vecs, k = wk0 + (e % vecs) * VEC;
-                env.copy16_cg(As + rr * stride + k, src + rr * N + k);
+                env.copy16_cg(dst + rr * stride + k, src + rr * N + k);
               }
             } else {
-              for (int e = lane; e < rows * (wk1 - wk0); e += LANES) {
+              for (int e = lane; e < trows * (wk1 - wk0); e += LANES) {
                 const int rr = e / (wk1 - wk0), k = wk0 + e % (wk1 - wk0);
-                As[rr * stride + k] = env.load_cg(src + rr * N + k);
+                dst[rr * stride + k] = env.load_cg(src + rr * N + k);
               }
             }
             env.sync_warp();  // the warp's copy complete before its lanes read it
           }
         }
 
-        // P[kq][r][column] = sum over this thread's k of A[r][k] W[k][column].
-        for (int rr = 0; rr < trows; ++rr) {
-          const acc_t* a = As + (rt0 + rr) * stride + k0;
-          acc_t sum[CT];
+        // P[kq][r][column] = sum over this thread's k of A[r][k] W[k][column]. (The row
+        // pointers are stepped rather than recomputed: fewer instructions per row.)
+        const acc_t* a = As + rt0 * stride + k0;
+        acc_t* p = P + kq * RT * PC + col;
+        for (int rr = 0; rr < trows; ++rr, a += stride, p += PC) {
+          // Two accumulators per column, for alternate 16-byte vectors of k: one row's
+          // chain of dependent FMAs is half as long (the latency of a step with few rows).
+          acc_t sum[2][CT];
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-          for (int j = 0; j < CT; ++j) sum[j] = acc_t(0);
+          for (int j = 0; j < CT; ++j) sum[0][j] = sum[1][j] = acc_t(0);
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
@@ -357,13 +374,12 @@ struct TeamKernel {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-              for (int j = 0; j < CT; ++j) sum[j] += h[v] * w[i + v][j];
+              for (int j = 0; j < CT; ++j) sum[(i / VEC) & 1][j] += h[v] * w[i + v][j];
           }
-          acc_t* p = P + (kq * RT + rr) * PC + col;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-          for (int j = 0; j < CT; ++j) p[j * LC] = sum[j];
+          for (int j = 0; j < CT; ++j) p[j * LC] = sum[0][j] + sum[1][j];
         }
         env.sync_block();  // all partial sums of the tile written
         if constexpr (ex == Exchange::Cluster) {
@@ -393,13 +409,12 @@ struct TeamKernel {
         // The tile's partial sums read and its elements published (all of them
         // before the signal below) before P or A is written again.
         env.sync_block();
-      }
-      if (s + 1 < T) {
-        // Grid: signal A_{s+1}. What this block's threads wrote is ordered before the
-        // release by the block barrier above (causality is transitive in the PTX
-        // memory model), so one thread releases for the block: no other fence.
+        // Grid: signal the tile's rows of A_{s+1}. What this block's threads wrote is
+        // ordered before the release by the block barrier above (causality is
+        // transitive in the PTX memory model), so one thread releases for the block:
+        // no other fence.
         if constexpr (ex == Exchange::Grid) {
-          if (env.thread() == 0) env.flag_publish(pb.flags + g * C + q, static_cast<unsigned long long>(s + 1));
+          if (s + 1 < T && env.thread() == 0) env.flag_publish(pb.flags + g * C + q, rows_published(s, rt0 + trows));
         }
       }
     }

@@ -111,12 +111,14 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   const int R = L.max_rows(), RT = L.rows_per_tile, tiles = (R + RT - 1) / RT;
   const double fma_rate = acc == 8 ? 2.0 : 4.0;  // warp FMA instructions per clock and SM
   // Per warp and row: KT x CT FMAs, KT / vec 16-byte loads (one wavefront each:
-  // the lanes read lanes_k addresses), CT partial sums stored, an address or two.
+  // the lanes read lanes_k addresses) and kV2RowOverhead other instructions.
   const double fma = static_cast<double>(warps) * R * KT * CT, lds = static_cast<double>(warps) * R * KT / vec;
-  const double other = static_cast<double>(warps) * R * (CT + 2);
+  const double other = static_cast<double>(warps) * R * kV2RowOverhead;
   const double throughput = std::max({fma / fma_rate, (fma + lds + other) / 4.0, lds}) / k.issue_efficiency;
   const double fma_latency = acc == 8 ? 8.0 : 4.0;
-  const double chain = static_cast<double>(R) * (KT * fma_latency + 30.0);  // one row's KT dependent FMAs, row after row
+  // One row's chain: KT / 2 dependent FMAs (two accumulators per column), the add of
+  // the two, the store; row after row.
+  const double chain = static_cast<double>(R) * ((KT / 2 + 1) * fma_latency + 30.0);
   // Blocks sharing one SM (Block exchange, more teams than SMs) share its throughput.
   const int resident = std::max(1, blocks_per_sm(d, L.threads(), L.shared_bytes(acc), d.v2_regs));
   const int per_sm = static_cast<int>(std::min<int64_t>(resident, (L.grid() + d.sms - 1) / d.sms));
@@ -136,7 +138,13 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   // Grid: a warp starts its product as soon as its own chunk has arrived, so the
   // copy from L2 and the product overlap (the model takes the longer of the two).
   const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
-  const double step = exchange + product + finish / clock_mhz + 2 * tiles * k.block_barrier_us;
+  const double work = product + finish / clock_mhz + 2 * tiles * k.block_barrier_us;
+  // Block and Cluster: the team waits for all of A_s before its first tile. Grid: tile
+  // by tile, each published as soon as it is done, so a tile's exchange overlaps the
+  // block's other tiles: the step takes its work, or the exchange and the largest
+  // tile's share of the work (RT of R rows), whichever is longer.
+  const double step = p.exchange == Exchange::Grid ? std::max(work, exchange + work * std::min(RT, R) / R)
+                                                   : exchange + work;
   // The backward's finish reads two more inputs and writes three outputs: 10% more.
   return {step * waves, 1.1 * step * waves + dw_gemm_us(B, N, k)};
 }
@@ -327,8 +335,8 @@ inline Plan pick_plan(const Plan& v2, const Plan& v1, int64_t B, int64_t N, Kern
 // What cuda_path says of a plan: the kernel
 // version and exchange, the layout, the shared memory per block and the model's
 // prediction, e.g. "persistent v2 cluster: 16 teams x 8 blocks of 512 threads, 2 rows
-// per tile, 12416 bytes of shared memory per block; predicted 0.94 us/step forward,
-// 1.37 us/step backward", "persistent v1: 5 x 26 blocks (column x row groups) of 512
+// per tile, 16512 bytes of shared memory per block; predicted 0.98 us/step forward,
+// 1.42 us/step backward", "persistent v1: 5 x 26 blocks (column x row groups) of 512
 // threads, ...", or "fallback: <reason>; predicted ...".
 inline std::string describe(const Plan& p) {
   auto us = [](double v) {
