@@ -24,14 +24,15 @@
 // lanes are lanes_k x lanes_c: lanes_c columns (times CT) by lanes_k chunks of k.
 // Per row the thread reads its KT values of A with 16-byte shared loads that the
 // lanes of a warp make at lanes_k addresses (a broadcast: one wavefront) and does
-// KT x CT FMAs (CT independent accumulators), so one 16-byte load feeds 4 x CT
-// float32 FMAs. It stores its partial sums into P[kq][r][column];
+// KT x CT FMAs, so one 16-byte load feeds 4 x CT float32 FMAs; rows go in pairs
+// (2 x CT independent accumulators). It stores its partial sums into P[kq][r][column];
 // after a block barrier the thread owning element (r, column) adds the partials
 // of all chunks in a fixed order (the result is deterministic), applies the
 // pointwise step and publishes the element.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../activation.h"
 #include "kernel_env.h"
@@ -58,11 +59,11 @@ constexpr int kV2MaxThreads = 512;
 NNRNN_HD constexpr int v2_kt(int64_t acc_size) { return acc_size == 8 ? 16 : 32; }
 template <typename acc_t>
 using DeviceTileShape = TileShape<v2_kt(sizeof(acc_t)), kV2Columns, kV2Lanes>;
-// Instructions per row in the product's inner loop besides the FMAs and 16-byte loads
-// (the two accumulators' sum, the partial sums' stores, addresses, the loop): 12 in
-// nvcc 13.0's SASS for sm_90. The cost model counts this many; the static check
-// (benchmarks/static_check.py) fails when the SASS has more.
-constexpr int kV2RowOverhead = 12;
+// Instructions per pair of rows in the product's inner loop besides the FMAs and the
+// 16-byte loads (the partial sums' stores, addresses, the loop): 16 in nvcc 13.0's SASS
+// for sm_90. The cost model counts this many (an odd last row as a pair); the static
+// check (benchmarks/static_check.py) fails when the SASS has more.
+constexpr int kV2PairOverhead = 16;
 
 // How the work is split; computed on the host (driver.h), read by every thread.
 struct LayoutV2 {
@@ -349,14 +350,13 @@ struct TeamKernel {
           }
         }
 
-        // P[kq][r][column] = sum over this thread's k of A[r][k] W[k][column]. (The row
-        // pointers are stepped rather than recomputed: fewer instructions per row.)
-        const acc_t* a = As + rt0 * stride + k0;
-        acc_t* p = P + kq * RT * PC + col;
-        for (int rr = 0; rr < trows; ++rr, a += stride, p += PC) {
-          // Two accumulators per column, for alternate 16-byte vectors of k: one row's
-          // chain of dependent FMAs is half as long (the latency of a step with few rows).
-          acc_t sum[2][CT];
+        // P[kq][r][column] = sum over this thread's k of A[r][k] W[k][column]: two rows at
+        // a time (two independent chains per column), then an odd last row with two
+        // accumulators per column for alternate 16-byte vectors of k (half the chain: the
+        // latency of a step with one row). Row pointers stepped, not recomputed.
+        auto rows_product = [&](auto two_rows, const acc_t* a, acc_t* p) {
+          constexpr bool pair = decltype(two_rows)::value;
+          acc_t sum[2][CT];  // pair: [row][column]; one row: [parity of the vector of k][column]
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
@@ -365,8 +365,9 @@ struct TeamKernel {
 #pragma unroll
 #endif
           for (int i = 0; i < KT; i += VEC) {
-            alignas(16) acc_t h[VEC];
-            load16(h, a + i);
+            alignas(16) acc_t h[2][VEC];
+            load16(h[0], a + i);
+            if constexpr (pair) load16(h[1], a + stride + i);
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
@@ -374,13 +375,32 @@ struct TeamKernel {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-              for (int j = 0; j < CT; ++j) sum[(i / VEC) & 1][j] += h[v] * w[i + v][j];
+              for (int j = 0; j < CT; ++j) {
+                if constexpr (pair) {
+                  sum[0][j] += h[0][v] * w[i + v][j];
+                  sum[1][j] += h[1][v] * w[i + v][j];
+                } else {
+                  sum[(i / VEC) & 1][j] += h[0][v] * w[i + v][j];
+                }
+              }
           }
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-          for (int j = 0; j < CT; ++j) p[j * LC] = sum[0][j] + sum[1][j];
-        }
+          for (int j = 0; j < CT; ++j) {
+            if constexpr (pair) {
+              p[j * LC] = sum[0][j];
+              p[PC + j * LC] = sum[1][j];
+            } else {
+              p[j * LC] = sum[0][j] + sum[1][j];
+            }
+          }
+        };
+        const acc_t* a = As + rt0 * stride + k0;
+        acc_t* p = P + kq * RT * PC + col;
+        int rr = 0;
+        for (; rr + 2 <= trows; rr += 2, a += 2 * stride, p += 2 * PC) rows_product(std::true_type{}, a, p);
+        if (rr < trows) rows_product(std::false_type{}, a, p);
         env.sync_block();  // all partial sums of the tile written
         if constexpr (ex == Exchange::Cluster) {
           // Every warp has passed its wait for A_s: arm slot s & 1 for A_{s+2}, before

@@ -111,14 +111,16 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   const int R = L.max_rows(), RT = L.rows_per_tile, tiles = (R + RT - 1) / RT;
   const double fma_rate = acc == 8 ? 2.0 : 4.0;  // warp FMA instructions per clock and SM
   // Per warp and row: KT x CT FMAs, KT / vec 16-byte loads (one wavefront each:
-  // the lanes read lanes_k addresses) and kV2RowOverhead other instructions.
+  // the lanes read lanes_k addresses); per pair of rows kV2PairOverhead other
+  // instructions (an odd last row counted as a pair).
+  const int pairs = R / 2, odd = R % 2;
   const double fma = static_cast<double>(warps) * R * KT * CT, lds = static_cast<double>(warps) * R * KT / vec;
-  const double other = static_cast<double>(warps) * R * kV2RowOverhead;
+  const double other = static_cast<double>(warps) * (pairs + odd) * kV2PairOverhead;
   const double throughput = std::max({fma / fma_rate, (fma + lds + other) / 4.0, lds}) / k.issue_efficiency;
   const double fma_latency = acc == 8 ? 8.0 : 4.0;
-  // One row's chain: KT / 2 dependent FMAs (two accumulators per column), the add of
-  // the two, the store; row after row.
-  const double chain = static_cast<double>(R) * ((KT / 2 + 1) * fma_latency + 30.0);
+  // The dependent chains, one pair of rows after another: KT FMAs per pair (its two rows'
+  // chains run side by side); an odd last row KT / 2 and the add of its two accumulators.
+  const double chain = pairs * (KT * fma_latency + 30.0) + odd * ((KT / 2 + 1) * fma_latency + 30.0);
   // Blocks sharing one SM (Block exchange, more teams than SMs) share its throughput.
   const int resident = std::max(1, blocks_per_sm(d, L.threads(), L.shared_bytes(acc), d.v2_regs));
   const int per_sm = static_cast<int>(std::min<int64_t>(resident, (L.grid() + d.sms - 1) / d.sms));
