@@ -441,8 +441,10 @@ struct TeamKernel {
     // Why this ordering is enough (no barrier spans two steps' slots): A_{s+1} goes to
     // the slot that held A_{s-1}. A producer writes it only after it has waited for
     // every producer's part of A_s, which each wrote after its own step s - 1 had
-    // read A_{s-1} (Grid: copied it) and passed a block barrier. For the same reason
-    // no mbarrier is ever more than one phase ahead of its waiter.
+    // read A_{s-1} (Grid: copied it) and passed a block barrier. (Grid: the same, tile
+    // by tile: a tile's rows of A_{s+1} are written after every producer published that
+    // tile's rows of A_s, each after copying that tile's rows of A_{s-1}.) For the same
+    // reason no mbarrier is ever more than one phase ahead of its waiter.
     // Cluster: every store into this block was awaited above, but its own last stores into
     // its peers may still be in flight: no block exits before every peer has received them.
     if constexpr (ex == Exchange::Cluster) env.sync_cluster();
