@@ -194,21 +194,26 @@ inline Plan choose_v2_plan(int64_t N, int64_t B, int64_t acc, const DeviceModel&
       last_teams = teams;
       p.row_groups = teams;
       const int R = static_cast<int>((B + teams - 1) / teams);
-      p.rows_per_tile = std::min(R, rt_cap);
-      LayoutV2 L = device_v2_layout(B, N, acc, p);
-      while (L.shared_bytes(acc) > d.smem_per_block && p.rows_per_tile > 1) L.rows_per_tile = --p.rows_per_tile;
-      if (L.shared_bytes(acc) > d.smem_per_block) continue;
-      if (ex == Exchange::Grid) {  // co-residency, for the cooperative launch
-        const int fit = blocks_per_sm(d, p.threads, L.shared_bytes(acc), d.v2_regs) * d.sms;
-        if (!d.cooperative || static_cast<int64_t>(teams) * C > fit) continue;
+      // The fewest tiles; Grid also splits the rows into up to 4 tiles (its exchange
+      // overlaps the other tiles' work).
+      for (int split = 1; split <= (ex == Exchange::Grid ? 4 : 1) && split <= R; ++split) {
+        p.rows_per_tile = std::min((R + split - 1) / split, rt_cap);
+        if (split > 1 && p.rows_per_tile == std::min((R + split - 2) / (split - 1), rt_cap)) continue;  // as before
+        LayoutV2 L = device_v2_layout(B, N, acc, p);
+        while (L.shared_bytes(acc) > d.smem_per_block && p.rows_per_tile > 1) L.rows_per_tile = --p.rows_per_tile;
+        if (L.shared_bytes(acc) > d.smem_per_block) continue;
+        if (ex == Exchange::Grid) {  // co-residency, for the cooperative launch
+          const int fit = blocks_per_sm(d, p.threads, L.shared_bytes(acc), d.v2_regs) * d.sms;
+          if (!d.cooperative || static_cast<int64_t>(teams) * C > fit) continue;
+        }
+        if (ex == Exchange::Cluster && active_clusters(d, C) < 1) continue;
+        if (ex != Exchange::Cluster && blocks_per_sm(d, p.threads, L.shared_bytes(acc), d.v2_regs) < 1) continue;
+        p.shared_bytes = L.shared_bytes(acc);
+        const StepCost cost = v2_cost(B, N, acc, p, d, k);
+        p.forward_us = cost.forward_us;
+        p.backward_us = cost.backward_us;
+        if (!best.persistent || p.forward_us + p.backward_us < best.forward_us + best.backward_us) best = p;
       }
-      if (ex == Exchange::Cluster && active_clusters(d, C) < 1) continue;
-      if (ex != Exchange::Cluster && blocks_per_sm(d, p.threads, L.shared_bytes(acc), d.v2_regs) < 1) continue;
-      p.shared_bytes = L.shared_bytes(acc);
-      const StepCost cost = v2_cost(B, N, acc, p, d, k);
-      p.forward_us = cost.forward_us;
-      p.backward_us = cost.backward_us;
-      if (!best.persistent || p.forward_us + p.backward_us < best.forward_us + best.backward_us) best = p;
     }
   };
   consider(Exchange::Block, 1);

@@ -162,6 +162,8 @@ struct TcTeamKernel {
     constexpr int slots = ex == Exchange::Grid ? 1 : 2;
     const int slot_elems = L.d.slot_elems;
     auto a_slot = [&](int64_t m) { return A + (slots == 2 ? (m & 1) * slot_elems : 0); };
+    // Grid: a producer's counter of the rows of A it has published (kernel v2's).
+    auto rows_published = [&](int64_t s_, int row_end) { return static_cast<unsigned long long>(s_) * rows + row_end; };
 
     // This warp's fragments of Wop^T: w[i] is columns c0 + mt*16 + [0, 16) x k in
     // k0 + i*K + [0, K), zero outside the matrix. In registers for all steps. Built
@@ -225,17 +227,21 @@ struct TcTeamKernel {
           first[0] = pb.fetch(s, row0 + rt0 + r, c0 + c);
           if (c + 1 < ncols) first[1] = pb.fetch(s, row0 + rt0 + r, c0 + c + 1);
         }
-        if (rt0 == 0 && s > 0) {  // wait for A_s, which the team published at the end of step s - 1
+        // Wait for A_s, which the team published during step s - 1 (as kernel v2):
+        // Cluster, all rows at the first tile; Grid, tile by tile.
+        if (s > 0 && (rt0 == 0 || ex == Exchange::Grid)) {
           if constexpr (ex == Exchange::Cluster) {
             for (int p = p_lo; p <= p_hi; ++p)
               env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
           } else if constexpr (ex == Exchange::Grid) {
-            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, static_cast<unsigned long long>(s));
-            const float* src = pb.exchange(s) + static_cast<int64_t>(row0) * N;  // float32 in global memory, rounded here
+            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, rows_published(s - 1, rt0 + trows));
+            // float32 in global memory, rounded here: the tile's rows of this warp's part of k
+            const float* src = pb.exchange(s) + static_cast<int64_t>(row0 + rt0) * N;
+            bits* dst = As + rt0 * stride;
             const int width = kend - k0;
-            for (int e = lane; e < rows * width; e += 32) {
+            for (int e = lane; e < trows * width; e += 32) {
               const int rr = e / width, k = k0 + e % width;
-              As[rr * stride + k] = Op::round(env.load_cg(src + static_cast<int64_t>(rr) * N + k));
+              dst[rr * stride + k] = Op::round(env.load_cg(src + static_cast<int64_t>(rr) * N + k));
             }
             env.sync_warp();  // the warp's copy complete before its lanes read it
           }
@@ -304,12 +310,10 @@ struct TcTeamKernel {
         // The tile's partial sums read and its elements published (all of them
         // before the signal below) before P or A is written again.
         env.sync_block();
-      }
-      if (s + 1 < L.T) {
-        // Grid: signal A_{s+1} (what the block's threads wrote is ordered before the
-        // release by the block barrier above, as in kernel v2).
+        // Grid: signal the tile's rows of A_{s+1} (what the block's threads wrote is
+        // ordered before the release by the block barrier above, as in kernel v2).
         if constexpr (ex == Exchange::Grid) {
-          if (env.thread() == 0) env.flag_publish(pb.flags + g * C + q, static_cast<unsigned long long>(s + 1));
+          if (s + 1 < L.T && env.thread() == 0) env.flag_publish(pb.flags + g * C + q, rows_published(s, rt0 + trows));
         }
       }
     }

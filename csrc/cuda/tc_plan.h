@@ -73,7 +73,10 @@ inline StepCost tc_cost(const TcLayout& L, const DeviceModel& d, const CostConst
   if (L.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
   const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
-  const double step = exchange + product + (finish + publish) / clock_mhz + 2 * tiles * k.block_barrier_us;
+  const double work = product + (finish + publish) / clock_mhz + 2 * tiles * k.block_barrier_us;
+  // As kernel v2's (v2_cost): Grid's exchange goes tile by tile, overlapping the other tiles.
+  const double step = L.exchange == Exchange::Grid ? std::max(work, exchange + work * std::min(RT, R) / R)
+                                                   : exchange + work;
   const double gemm = L.kind == MmaKind::TF32 ? tc.gemm_fma_per_us / 2 : tc.gemm_fma_per_us;
   const double dw = static_cast<double>(L.B) * L.N * L.N / gemm;  // dW after the loop, per step
   // The backward's finish reads two more inputs and writes three outputs: 10% more (as kernel v2's model).
@@ -98,26 +101,31 @@ inline Plan choose_tc_plan(int64_t N, int64_t B, MmaKind kind, const DeviceModel
         if (teams == last_teams) continue;
         last_teams = teams;
         const int a_rows = tc_layout(1, B, N, ex, C, teams, kTcMmaN, kt, kind).a_rows();
-        TcLayout L = tc_layout(1, B, N, ex, C, teams, std::min(a_rows, 64), kt, kind);
-        while (L.shared_bytes() > d.smem_per_block && L.rows_per_tile > kTcMmaN)
-          L = tc_layout(1, B, N, ex, C, teams, L.rows_per_tile - kTcMmaN, kt, kind);
-        if (L.shared_bytes() > d.smem_per_block || tc_blocks_per_sm(L, d) < 1) continue;
-        if (ex == Exchange::Grid && (!d.cooperative || L.grid() > tc_blocks_per_sm(L, d) * d.sms)) continue;
-        if (ex == Exchange::Cluster && active_clusters(d, C) < 1) continue;
-        const StepCost cost = tc_cost(L, d, k);
-        if (best.persistent && cost.forward_us + cost.backward_us >= best.forward_us + best.backward_us) continue;
-        best.persistent = true;
-        best.version = 3;
-        best.exchange = ex;
-        best.col_groups = C;
-        best.row_groups = teams;
-        best.threads = L.threads();
-        best.rows_per_tile = L.rows_per_tile;
-        best.shared_bytes = L.shared_bytes();
-        best.kt = kt;
-        best.forward_us = cost.forward_us;
-        best.backward_us = cost.backward_us;
-        best.reason.clear();
+        // The largest tile that fits; Grid also smaller ones, down to a quarter of the rows
+        // (its exchange overlaps the other tiles' work).
+        const int largest = std::min(a_rows, 64), smallest = ex == Exchange::Grid ? std::max(kTcMmaN, a_rows / 4) : largest;
+        for (int rt = largest; rt >= smallest; rt -= kTcMmaN) {
+          TcLayout L = tc_layout(1, B, N, ex, C, teams, rt, kt, kind);
+          while (L.shared_bytes() > d.smem_per_block && L.rows_per_tile > kTcMmaN)
+            L = tc_layout(1, B, N, ex, C, teams, L.rows_per_tile - kTcMmaN, kt, kind);
+          if (L.shared_bytes() > d.smem_per_block || tc_blocks_per_sm(L, d) < 1) continue;
+          if (ex == Exchange::Grid && (!d.cooperative || L.grid() > tc_blocks_per_sm(L, d) * d.sms)) continue;
+          if (ex == Exchange::Cluster && active_clusters(d, C) < 1) continue;
+          const StepCost cost = tc_cost(L, d, k);
+          if (best.persistent && cost.forward_us + cost.backward_us >= best.forward_us + best.backward_us) continue;
+          best.persistent = true;
+          best.version = 3;
+          best.exchange = ex;
+          best.col_groups = C;
+          best.row_groups = teams;
+          best.threads = L.threads();
+          best.rows_per_tile = L.rows_per_tile;
+          best.shared_bytes = L.shared_bytes();
+          best.kt = kt;
+          best.forward_us = cost.forward_us;
+          best.backward_us = cost.backward_us;
+          best.reason.clear();
+        }
       }
     }
   };
