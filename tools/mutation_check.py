@@ -8,7 +8,9 @@ A mutant is killed when a test fails (a wrong result, or the emulation's deadloc
 watchdog). Prints one line per mutant; exit status 1 if any survives.
 
     python tools/mutation_check.py [--source csrc/cuda/kernels_v2.h] [--tests "-k v2"] [--workdir DIR]
-                                   [--sites 1,4]
+                                   [--sites 1,4] [--test-file tests/test_cuda_emulation.py]
+
+(The tensor-core kernels: --source csrc/cuda/tc_kernels.h --test-file tests/test_tc_emulation.py --tests "".)
 
 Slow (a rebuild of two translation units per mutant, 1-3 minutes each on 2 cores):
 run by hand after changing the kernels' synchronisation, not in CI.
@@ -47,7 +49,8 @@ def run(cmd, cwd, timeout, env=None):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="csrc/cuda/kernels_v2.h")
-    parser.add_argument("--tests", default="-k v2", help="pytest selection within tests/test_cuda_emulation.py")
+    parser.add_argument("--test-file", default="tests/test_cuda_emulation.py", help="the emulation tests to run")
+    parser.add_argument("--tests", default="-k v2", help="pytest selection within the test file")
     parser.add_argument("--workdir", default=None, help="where the copy is built (default: a temporary folder)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant's tests")
     parser.add_argument("--sites", default="", help="the mutants to run, by number (default: all)")
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
         shutil.copy2(os.path.join(ROOT, f), os.path.join(workdir, f))
     env = dict(os.environ, NNRNN_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     build = [sys.executable, "setup.py", "build_ext", "--inplace"]
-    tests = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_cuda_emulation.py",
+    tests = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", args.test_file,
              *shlex.split(args.tests)]
 
     source_path = os.path.join(workdir, args.source)
