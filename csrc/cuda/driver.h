@@ -97,7 +97,8 @@ template <int... KTs>
 struct KtList {};
 
 template <MmaKind kind, class Problem, class Launcher, int KT, int... Rest>
-std::string launch_tc_kt(Launcher& launcher, const Problem& a, const TcLayout& L, KtList<KT, Rest...>) {
+std::string launch_tc_kt(Launcher& launcher, const Problem& a, const TcLayout& L,
+                         typename OperandPair<kind>::type* grid_operands, KtList<KT, Rest...>) {
   if (L.kt == KT) {
     switch (L.exchange) {
       case Exchange::Block:
@@ -105,11 +106,11 @@ std::string launch_tc_kt(Launcher& launcher, const Problem& a, const TcLayout& L
       case Exchange::Cluster:
         return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Cluster>{a, L}, L);
       case Exchange::Grid:
-        return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Grid>{a, L}, L);
+        return launcher.tc(TcTeamKernel<kind, KT, Problem, Exchange::Grid>{a, L, grid_operands}, L);
     }
   }
   if constexpr (sizeof...(Rest) > 0) {
-    return launch_tc_kt<kind>(launcher, a, L, KtList<Rest...>{});
+    return launch_tc_kt<kind>(launcher, a, L, grid_operands, KtList<Rest...>{});
   } else {
     TORCH_CHECK(false, "fused_nnrnn: no tensor-core kernel with KT = ", L.kt);
   }
@@ -131,7 +132,14 @@ bool launch_tc(Launcher& launcher, Problem& a, const Plan& plan, const at::Tenso
               " blocks, ", plan.rows_per_tile, " rows per tile) for B = ", B, ", N = ", N);
   auto flags = at::zeros({L.grid()}, options.dtype(at::kLong));
   a.flags = reinterpret_cast<unsigned long long*>(flags.template data_ptr<int64_t>());
-  const std::string refused = launch_tc_kt<tc_kind<scalar_t>()>(launcher, a, L, typename Launcher::TcKts{});
+  // Grid: A_m in the operand type (every pair written before it is read: not zeroed).
+  using pair_t = typename OperandPair<tc_kind<scalar_t>()>::type;
+  at::Tensor operands;
+  if (L.exchange == Exchange::Grid)
+    operands = at::empty({2 * B * ((N + 1) / 2) * static_cast<int64_t>(sizeof(pair_t))}, options.dtype(at::kByte));
+  auto* grid_operands = operands.defined() ? reinterpret_cast<pair_t*>(operands.data_ptr()) : nullptr;
+  const std::string refused =
+      launch_tc_kt<tc_kind<scalar_t>()>(launcher, a, L, grid_operands, typename Launcher::TcKts{});
   if (refused.empty()) return true;
   TORCH_WARN("fused_nnrnn: the device refused the launch of the tensor-core kernel (", refused,
              "); this call and later ones of this shape take the fallback path (a GEMM per step) instead; "

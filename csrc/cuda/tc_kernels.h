@@ -131,6 +131,9 @@ template <MmaKind kind, int KT, class Problem, Exchange ex>
 struct TcTeamKernel {
   Problem pb;
   TcLayout L;
+  // Grid: A_m in the operand type, two slots of B rows x (N + 1) / 2 pairs (A_m in slot
+  // (m + 1) & 1, as the problem's float32 exchange): half the bytes from L2 per step.
+  typename OperandPair<kind>::type* grid_operands = nullptr;
 
   template <class Env>
   NNRNN_DEV void operator()(Env& env) const {
@@ -162,7 +165,9 @@ struct TcTeamKernel {
     constexpr int slots = ex == Exchange::Grid ? 1 : 2;
     const int slot_elems = L.d.slot_elems;
     auto a_slot = [&](int64_t m) { return A + (slots == 2 ? (m & 1) * slot_elems : 0); };
-    // Grid: a producer's counter of the rows of A it has published (kernel v2's).
+    // Grid: where A_m goes (pairs of operands), and a producer's counter of the rows of
+    // A it has published (kernel v2's).
+    auto grid_slot = [&](int64_t m) { return grid_operands + ((m + 1) & 1) * L.B * ((N + 1) / 2); };
     auto rows_published = [&](int64_t s_, int row_end) { return static_cast<unsigned long long>(s_) * rows + row_end; };
 
     // This warp's fragments of Wop^T: w[i] is columns c0 + mt*16 + [0, 16) x k in
@@ -235,13 +240,14 @@ struct TcTeamKernel {
               env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
           } else if constexpr (ex == Exchange::Grid) {
             for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, rows_published(s - 1, rt0 + trows));
-            // float32 in global memory, rounded here: the tile's rows of this warp's part of k
-            const float* src = pb.exchange(s) + static_cast<int64_t>(row0 + rt0) * N;
-            bits* dst = As + rt0 * stride;
-            const int width = kend - k0;
+            // The tile's rows of this warp's part of k (k0 is even), pair by pair; for
+            // odd N the last pair's second operand is column N, a zero.
+            const int pk0 = k0 / 2, width = (kend + 1) / 2 - pk0, row_pairs = (N + 1) / 2;
+            const typename Pair::type* src = grid_slot(s) + static_cast<int64_t>(row0 + rt0) * row_pairs + pk0;
+            auto* dst = reinterpret_cast<typename Pair::type*>(As + rt0 * stride) + pk0;
             for (int e = lane; e < trows * width; e += 32) {
-              const int rr = e / width, k = k0 + e % width;
-              dst[rr * stride + k] = Op::round(env.load_cg(src + static_cast<int64_t>(rr) * N + k));
+              const int rr = e / width, k = e % width;
+              dst[rr * (stride / 2) + k] = env.load_cg(src + static_cast<int64_t>(rr) * row_pairs + k);
             }
             env.sync_warp();  // the warp's copy complete before its lanes read it
           }
@@ -290,13 +296,11 @@ struct TcTeamKernel {
           const float v0 = element(0, prefetched ? first[0] : pb.fetch(s, b, j));
           const float v1 = two ? element(1, prefetched ? first[1] : pb.fetch(s, b, j + 1)) : 0.0f;
           if (s + 1 < L.T) {  // publish A_{s+1}[b, j and j + 1] to the team
+            // The pair's second element is column N (zero padding) when ncols is odd.
+            const typename Pair::type packed = Pair::pack(v0, v1);
             if constexpr (ex == Exchange::Grid) {
-              float* dst = pb.exchange(s + 1) + b * N + j;
-              dst[0] = v0;
-              if (two) dst[1] = v1;
+              grid_slot(s + 1)[b * ((N + 1) / 2) + j / 2] = packed;
             } else {
-              // The pair's second element is column N (zero padding) when ncols is odd.
-              const typename Pair::type packed = Pair::pack(v0, v1);
               auto* dst = reinterpret_cast<typename Pair::type*>(a_slot(s + 1) + (rt0 + r) * stride + j);
               if constexpr (ex == Exchange::Block) {
                 *dst = packed;

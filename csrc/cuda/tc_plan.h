@@ -64,7 +64,7 @@ inline StepCost tc_cost(const TcLayout& L, const DeviceModel& d, const CostConst
     publish = static_cast<double>(R) * L.max_cols() * L.team_blocks * L.operand_bytes() / k.dsmem_bytes_per_clock;
   } else if (L.exchange == Exchange::Grid) {
     exchange = k.grid_exchange_us;
-    copy = static_cast<double>(L.grid()) * R * L.N * 4 / k.l2_bytes_per_us;  // float32 rows of A from L2
+    copy = static_cast<double>(L.grid()) * R * L.N * L.operand_bytes() / k.l2_bytes_per_us;  // rows of A from L2
   }
   // Blocks sharing one SM (more teams than SMs) share its throughput.
   const int resident = std::max(1, tc_blocks_per_sm(L, d));
