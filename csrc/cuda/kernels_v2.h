@@ -14,9 +14,10 @@
 //            producer and slot (no fence, no separate signal); each warp waits
 //            only for the producers of its own k-chunk.
 //   Grid:    the team's blocks anywhere in a cooperative grid. Slices go through
-//            global memory; a producer publishes a step counter (release); a warp
-//            waits (acquire) for the producers of its k-chunk, then copies its
-//            chunk of A into shared memory. Only for W too large for a cluster.
+//            global memory; after each row tile a producer publishes a counter of
+//            the rows it has written (release); before each tile a warp waits
+//            (acquire) for the producers of its k-chunk, then copies its chunk of
+//            the tile's rows into shared memory. Only for W too large for a cluster.
 // No barrier spans two teams.
 //
 // Inside a block, each thread keeps a KT x CT tile of W in registers for the
