@@ -50,11 +50,12 @@ TC_COMPASS = [(768, 16, "float16", False, (0.5, 1.0)), (1024, 128, "bfloat16", F
 MAX_SHARED_LOADS_PER_MMA = 2  # the tensor-core path: one 4-byte load per B-fragment register
 
 
-def v2_pair_overhead() -> int:
-    """kV2PairOverhead of csrc/cuda/kernels_v2.h: the instructions per pair of rows in kernel v2's inner
-    loop, besides FMAs and shared loads, that the cost model counts (a v2 inner loop with more fails)."""
+def v2_constant(name: str) -> float:
+    """A constant of csrc/cuda/kernels_v2.h that the cost model takes from the SASS: kV2PairOverhead (the
+    instructions per pair of rows in kernel v2's inner loop besides FMAs and shared loads) or
+    kV2FinishPerChunk (per k-chunk in the finish's sum of partial sums). A kernel with more fails."""
     with open(os.path.join(ROOT, "csrc", "cuda", "kernels_v2.h")) as f:
-        return int(re.search(r"constexpr int kV2PairOverhead = (\d+);", f.read()).group(1))
+        return float(re.search(rf"constexpr \w+ {name} = ([\d.]+);", f.read()).group(1))
 
 
 # FMAs per row of a thread's register tile of W in kernel v2 (DeviceTileShape: KT x CT =
@@ -186,6 +187,10 @@ def is_fma(op: str) -> bool:
     return op.startswith(("FFMA", "DFMA"))
 
 
+def is_add(op: str) -> bool:
+    return op in ("FADD", "DADD")
+
+
 def is_shared_load(op: str) -> bool:
     return op.startswith(("LDS", "LDSM"))
 
@@ -246,8 +251,16 @@ def analyse(instructions) -> dict:
                 key = op.split(".")[0] if op.startswith(("ATOM", "RED")) else op
                 sync[key] = sync.get(key, 0) + 1
     other = count(instructions, *inner, lambda op: True) - fmas - loads
+    # the finish's sum of partial sums: the loop in the step loop with the most adds, shared
+    # loads and no FMA; its instructions per add are those per k-chunk
+    adds = [(s, e) for s, e in all_loops if step[0] <= s and e <= step[1] and count(instructions, s, e, is_fma) == 0
+            and count(instructions, s, e, is_shared_load) > 0 and count(instructions, s, e, is_add) > 0]
+    finish = max(adds, key=lambda r: count(instructions, r[0], r[1], is_add), default=None)
+    per_chunk = (round(count(instructions, *finish, lambda op: True) /
+                       count(instructions, *finish, is_add), 4) if finish else None)
     return {"inner_loop": [hex(inner[0]), hex(inner[1])], "inner_fma": fmas, "inner_shared_loads": loads,
             "inner_lds128": wide, "shared_loads_per_fma": round(loads / fmas, 4), "inner_other": other,
+            "finish_per_chunk": per_chunk,
             "step_loop": [hex(step[0]), hex(step[1])], "step_sync_instructions": dict(sorted(sync.items()))}
 
 
@@ -288,7 +301,8 @@ def run(out: str | None) -> int:
         ptxas = parse_ptxas(report)
         sass = sass_functions(cuobjdump, cubin)
     nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    kernels, failures, overhead = [], [], v2_pair_overhead()
+    kernels, failures = [], []
+    overhead, per_chunk = v2_constant("kV2PairOverhead"), v2_constant("kV2FinishPerChunk")
     for mangled, info in sorted(ptxas.items(), key=lambda kv: kernel_label(kv[0])):
         label = kernel_label(mangled)
         tc = label.startswith("tc")
@@ -314,9 +328,13 @@ def run(out: str | None) -> int:
             failures.append(f"{label}: an inner loop of {entry['inner_rows']} rows with {other} instructions besides "
                             f"FMAs and shared loads; the cost model counts pairs of rows with {overhead} "
                             "(kV2PairOverhead)")
+        elif entry.get("finish_per_chunk") is None or entry["finish_per_chunk"] > per_chunk:
+            failures.append(f"{label}: {entry.get('finish_per_chunk')} instructions per k-chunk in the finish's sum; "
+                            f"the cost model counts {per_chunk} (kV2FinishPerChunk)")
     model = model_predictions()
     result = {"arch": ARCH, "nvcc": nvcc_version, "bound_shared_loads_per_fma": MAX_SHARED_LOADS_PER_FMA,
               "bound_shared_loads_per_mma": MAX_SHARED_LOADS_PER_MMA, "v2_pair_overhead": overhead,
+              "v2_finish_per_chunk": per_chunk,
               "kernels": kernels, "model": model, "failures": failures, "passed": not failures}
     text = report_markdown(result)
     print(text)
@@ -340,15 +358,15 @@ def report_markdown(r: dict) -> str:
              "benchmarks/static_check.cu; the model's predictions). Static instruction counts; "
              "docs/cuda.md explains each column.", "",
              "| kernel | registers | stack / spills (B) | inner loop: FMA | shared loads (LDS.128) | loads per FMA "
-             "| rows, other instructions | step loop: barriers, fences, mbarrier ops |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| rows, other instructions | finish: per k-chunk | step loop: barriers, fences, mbarrier ops |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k in r["kernels"]:
         if k["kernel"].startswith("tc"):
             continue
         sync = ", ".join(f"{n} {op}" for op, n in k.get("step_sync_instructions", {}).items())
         lines.append(f"| {k['kernel']} | {k.get('registers')} | {k.get('stack')} / {k.get('spill_stores')}+"
                      f"{k.get('spill_loads')} | {k.get('inner_fma')} | {k.get('inner_shared_loads')} "
-                     f"({k.get('inner_lds128')}) | {k.get('shared_loads_per_fma')} | {rows_other(k)} | {sync} |")
+                     f"({k.get('inner_lds128')}) | {k.get('shared_loads_per_fma')} | {rows_other(k)} | {k.get('finish_per_chunk')} | {sync} |")
     lines += ["", "Tensor-core kernels (docs/tensor_cores.md): the inner loop is one warp's n-tile (8 batch rows), "
               "KT MMA instructions; a step runs it ceil(rows / 8) times per warp.", "",
               "| kernel | registers | stack / spills (B) | inner loop: MMA | instruction | shared loads | loads per MMA "
@@ -363,7 +381,8 @@ def report_markdown(r: dict) -> str:
                      f"{k.get('inner_shared_loads')} | {k.get('shared_loads_per_mma')} | {k.get('local_memory')} | "
                      f"{sync} |")
     lines += ["", f"Bounds: at most {r['bound_shared_loads_per_fma']} shared loads per FMA in a v2 inner loop, and "
-              f"a pair of rows with at most {r['v2_pair_overhead']} other instructions (what the cost model counts); "
+              f"a pair of rows with at most {r['v2_pair_overhead']:g} other instructions and at most "
+              f"{r['v2_finish_per_chunk']:g} per k-chunk in the finish (what the cost model counts); "
               f"KT MMA instructions and at most {r['bound_shared_loads_per_mma']} shared loads per MMA in a tensor-core "
               "inner loop, no local memory in its step loop; no spills. "
               + ("PASSED" if r["passed"] else "FAILED: " + "; ".join(r["failures"])), ""]

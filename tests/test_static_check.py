@@ -32,7 +32,8 @@ def test_static_check_passes(tmp_path):
         if k["kernel"].startswith("v2"):
             assert 0 < k["shared_loads_per_fma"] <= static_check.MAX_SHARED_LOADS_PER_FMA, k
             assert k["inner_lds128"] == k["inner_shared_loads"], k  # 16-byte loads only
-            assert k["inner_rows"] == 2 and 0 < k["inner_other"] <= static_check.v2_pair_overhead(), k  # as modelled
+            assert k["inner_rows"] == 2 and 0 < k["inner_other"] <= static_check.v2_constant("kV2PairOverhead"), k
+            assert 2 <= k["finish_per_chunk"] <= static_check.v2_constant("kV2FinishPerChunk"), k  # as modelled
     assert "PASSED" in (tmp_path / "static_check.md").read_text()
 
 

@@ -127,7 +127,12 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   int64_t capacity = static_cast<int64_t>(resident) * d.sms;
   if (p.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
-  double finish = tiles * (L.k_chunks() * 4.0 + 150.0);  // partial sums, activation, stores
+  // The finish of a tile: each element's owner adds its k-chunks' partial sums (a chain
+  // of dependent adds, or the issue of kV2FinishPerChunk instructions per chunk by all
+  // the tile's warps, whichever is longer), then the activation and the stores.
+  const double finish_warps = std::ceil(static_cast<double>(std::min(RT, R)) * L.max_cols() / kV2Lanes) * per_sm;
+  const double partials = std::max(L.k_chunks() * 4.0, finish_warps * L.k_chunks() * kV2FinishPerChunk / 4.0 / k.issue_efficiency);
+  double finish = tiles * (partials + 150.0);
   double exchange = 0, copy = 0;
   if (p.exchange == Exchange::Cluster) {
     finish += static_cast<double>(R) * L.max_cols() * L.team_blocks * acc / k.dsmem_bytes_per_clock;
