@@ -101,6 +101,15 @@ inline double dw_gemm_us(int64_t B, int64_t N, const CostConstants& k) {
   return static_cast<double>(B) * N * N / k.gemm_fma_per_us;
 }
 
+// A step of a team kernel from its work (product, finish, barriers) and its exchange's
+// latency. Block and Cluster: the team waits for all of A_s before its first tile. Grid:
+// tile by tile, each published as soon as it is done, so a tile's exchange overlaps the
+// block's other tiles: the step takes its work, or the exchange and the largest tile's
+// share of the work (RT of R rows), whichever is longer.
+inline double team_step_us(Exchange ex, double exchange, double work, int RT, int R) {
+  return ex == Exchange::Grid ? std::max(work, exchange + work * std::min(RT, R) / R) : exchange + work;
+}
+
 // Kernel v2, per step (docs/cuda.md): the exchange's latency, then the product
 // (bound by FMA issue, shared-memory wavefronts or one warp's dependent chain),
 // the reduction and pointwise finish, two block barriers per row tile.
@@ -146,12 +155,7 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   // copy from L2 and the product overlap (the model takes the longer of the two).
   const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
   const double work = product + finish / clock_mhz + 2 * tiles * k.block_barrier_us;
-  // Block and Cluster: the team waits for all of A_s before its first tile. Grid: tile
-  // by tile, each published as soon as it is done, so a tile's exchange overlaps the
-  // block's other tiles: the step takes its work, or the exchange and the largest
-  // tile's share of the work (RT of R rows), whichever is longer.
-  const double step = p.exchange == Exchange::Grid ? std::max(work, exchange + work * std::min(RT, R) / R)
-                                                   : exchange + work;
+  const double step = team_step_us(p.exchange, exchange, work, RT, R);
   // The backward's finish reads two more inputs and writes three outputs: 10% more.
   return {step * waves, 1.1 * step * waves + dw_gemm_us(B, N, k)};
 }

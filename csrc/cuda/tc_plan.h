@@ -74,9 +74,7 @@ inline StepCost tc_cost(const TcLayout& L, const DeviceModel& d, const CostConst
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
   const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
   const double work = product + (finish + publish) / clock_mhz + 2 * tiles * k.block_barrier_us;
-  // As kernel v2's (v2_cost): Grid's exchange goes tile by tile, overlapping the other tiles.
-  const double step = L.exchange == Exchange::Grid ? std::max(work, exchange + work * std::min(RT, R) / R)
-                                                   : exchange + work;
+  const double step = team_step_us(L.exchange, exchange, work, RT, R);
   const double gemm = L.kind == MmaKind::TF32 ? tc.gemm_fma_per_us / 2 : tc.gemm_fma_per_us;
   const double dw = static_cast<double>(L.B) * L.N * L.N / gemm;  // dW after the loop, per step
   // The backward's finish reads two more inputs and writes three outputs: 10% more (as kernel v2's model).
