@@ -10,12 +10,13 @@ no torch) with nvcc -cubin for sm_90, then reads
 and prints the cost model's predictions for the compass cases (nnrnn_fused.model_plan,
 when the extension is built).
 
-Fails (exit status 1) on any spill, on a kernel v2 inner loop with more than
+Fails (exit status 1) on any spill; on a kernel v2 inner loop with more than
 MAX_SHARED_LOADS_PER_FMA shared loads per FMA, or other than a pair of rows with at most
-the other instructions the cost model counts (kV2PairOverhead in kernels_v2.h), or on a
-tensor-core inner loop without
-exactly KT MMA instructions, with more than MAX_SHARED_LOADS_PER_MMA shared loads per
-MMA, or with local memory in its step loop. Run from the repository root:
+the other instructions the cost model counts (kV2PairOverhead in kernels_v2.h); on a v2
+finish whose sum of partial sums has more instructions per k-chunk than the model counts
+(kV2FinishPerChunk); or on a tensor-core inner loop without exactly KT MMA instructions,
+with more than MAX_SHARED_LOADS_PER_MMA shared loads per MMA, or with local memory in its
+step loop. Run from the repository root:
 
     python -m benchmarks.static_check [--out benchmarks/results/static_check]
 

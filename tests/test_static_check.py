@@ -76,6 +76,27 @@ def test_inner_and_step_loops_are_found():
     assert a["inner_other"] == 1  # the branch
     assert a["step_sync_instructions"] == {"BAR.SYNC.DEFER_BLOCKING": 1, "CCTL.IVALL": 1, "MEMBAR.ALL.GPU": 1,
                                            "SYNCS.PHASECHK.TRANS64.TRYWAIT": 1}
+    assert a["finish_per_chunk"] is None  # no loop of adds in this step
+
+
+def test_finish_sum_of_partials_is_found():
+    sass = [(0x00, "MOV R1, c[0x0][0x28]"),
+            (0x10, "BAR.SYNC.DEFER_BLOCKING 0x0"),       # step loop starts
+            (0x20, "LDS.128 R4, [R2]"),                   # inner loop: 1 load, 2 FMAs
+            (0x30, "FFMA R8, R4, R9, R8"),
+            (0x40, "FFMA R8, R5, R10, R8"),
+            (0x50, "@!P0 BRA 0x20"),
+            (0x60, "LDS R11, [R3]"),                      # the finish's sum: 2 chunks a pass
+            (0x70, "LDS R12, [R3+0x40]"),
+            (0x80, "IMAD R3, R13, 0x80, R3"),
+            (0x90, "FADD R14, R14, R11"),
+            (0xa0, "FADD R14, R14, R12"),
+            (0xb0, "@!P1 BRA 0x60"),
+            (0xc0, "@P2 BRA 0x10"),
+            (0xd0, "EXIT")]
+    a = static_check.analyse(sass)
+    assert a["inner_loop"] == ["0x20", "0x50"] and a["step_loop"] == ["0x10", "0xc0"]
+    assert a["finish_per_chunk"] == 3.0  # 6 instructions, 2 adds
 
 
 def test_tensor_core_inner_loop_is_found():
