@@ -14,7 +14,7 @@ Fails (exit status 1) on any spill; on a kernel v2 inner loop with more than
 MAX_SHARED_LOADS_PER_FMA shared loads per FMA, or other than a pair of rows with at most
 the other instructions the cost model counts (kV2PairOverhead in kernels_v2.h); on a v2
 finish whose sum of partial sums has more instructions per k-chunk than the model counts
-(kV2FinishPerChunk); or on a tensor-core inner loop without exactly KT MMA instructions,
+(kV2FinishPerChunkFloat, kV2FinishPerChunkDouble); or on a tensor-core inner loop without exactly KT MMA instructions,
 with more than MAX_SHARED_LOADS_PER_MMA shared loads per MMA, or with local memory in its
 step loop. Run from the repository root:
 
@@ -54,9 +54,15 @@ MAX_SHARED_LOADS_PER_MMA = 2  # the tensor-core path: one 4-byte load per B-frag
 def v2_constant(name: str) -> float:
     """A constant of csrc/cuda/kernels_v2.h that the cost model takes from the SASS: kV2PairOverhead (the
     instructions per pair of rows in kernel v2's inner loop besides FMAs and shared loads) or
-    kV2FinishPerChunk (per k-chunk in the finish's sum of partial sums). A kernel with more fails."""
+    kV2FinishPerChunkFloat / kV2FinishPerChunkDouble (per k-chunk in the finish's sum of partial sums,
+    v2_finish_per_chunk). A kernel with more fails."""
     with open(os.path.join(ROOT, "csrc", "cuda", "kernels_v2.h")) as f:
         return float(re.search(rf"constexpr \w+ {name} = ([\d.]+);", f.read()).group(1))
+
+
+def v2_finish_per_chunk(dtype: str) -> float:
+    """The instructions per k-chunk that the cost model counts in the finish of a kernel v2 of `dtype`."""
+    return v2_constant({"float32": "kV2FinishPerChunkFloat", "float64": "kV2FinishPerChunkDouble"}[dtype])
 
 
 # FMAs per row of a thread's register tile of W in kernel v2 (DeviceTileShape: KT x CT =
@@ -258,7 +264,7 @@ def analyse(instructions) -> dict:
             and count(instructions, s, e, is_shared_load) > 0 and count(instructions, s, e, is_add) > 0]
     finish = max(adds, key=lambda r: count(instructions, r[0], r[1], is_add), default=None)
     per_chunk = (round(count(instructions, *finish, lambda op: True) /
-                       count(instructions, *finish, is_add), 4) if finish else None)
+                       count(instructions, *finish, is_add), 6) if finish else None)
     return {"inner_loop": [hex(inner[0]), hex(inner[1])], "inner_fma": fmas, "inner_shared_loads": loads,
             "inner_lds128": wide, "shared_loads_per_fma": round(loads / fmas, 4), "inner_other": other,
             "finish_per_chunk": per_chunk,
@@ -303,7 +309,8 @@ def run(out: str | None) -> int:
         sass = sass_functions(cuobjdump, cubin)
     nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     kernels, failures = [], []
-    overhead, per_chunk = v2_constant("kV2PairOverhead"), v2_constant("kV2FinishPerChunk")
+    overhead = v2_constant("kV2PairOverhead")
+    per_chunk = {dtype: v2_finish_per_chunk(dtype) for dtype in V2_FMA_PER_ROW}
     for mangled, info in sorted(ptxas.items(), key=lambda kv: kernel_label(kv[0])):
         label = kernel_label(mangled)
         tc = label.startswith("tc")
@@ -329,9 +336,9 @@ def run(out: str | None) -> int:
             failures.append(f"{label}: an inner loop of {entry['inner_rows']} rows with {other} instructions besides "
                             f"FMAs and shared loads; the cost model counts pairs of rows with {overhead} "
                             "(kV2PairOverhead)")
-        elif entry.get("finish_per_chunk") is None or entry["finish_per_chunk"] > per_chunk:
+        elif entry.get("finish_per_chunk") is None or entry["finish_per_chunk"] > per_chunk[label.split()[2]]:
             failures.append(f"{label}: {entry.get('finish_per_chunk')} instructions per k-chunk in the finish's sum; "
-                            f"the cost model counts {per_chunk} (kV2FinishPerChunk)")
+                            f"the cost model counts {per_chunk[label.split()[2]]} (kV2FinishPerChunk*)")
     model = model_predictions()
     result = {"arch": ARCH, "nvcc": nvcc_version, "bound_shared_loads_per_fma": MAX_SHARED_LOADS_PER_FMA,
               "bound_shared_loads_per_mma": MAX_SHARED_LOADS_PER_MMA, "v2_pair_overhead": overhead,
@@ -383,7 +390,8 @@ def report_markdown(r: dict) -> str:
                      f"{sync} |")
     lines += ["", f"Bounds: at most {r['bound_shared_loads_per_fma']} shared loads per FMA in a v2 inner loop, and "
               f"a pair of rows with at most {r['v2_pair_overhead']:g} other instructions and at most "
-              f"{r['v2_finish_per_chunk']:g} per k-chunk in the finish (what the cost model counts); "
+              + " / ".join(f"{v:g} ({dtype})" for dtype, v in r["v2_finish_per_chunk"].items())
+              + " per k-chunk in the finish (what the cost model counts); "
               f"KT MMA instructions and at most {r['bound_shared_loads_per_mma']} shared loads per MMA in a tensor-core "
               "inner loop, no local memory in its step loop; no spills. "
               + ("PASSED" if r["passed"] else "FAILED: " + "; ".join(r["failures"])), ""]

@@ -136,7 +136,7 @@ bool launch_tc(Launcher& launcher, Problem& a, const Plan& plan, const at::Tenso
   using pair_t = typename OperandPair<tc_kind<scalar_t>()>::type;
   at::Tensor operands;
   if (L.exchange == Exchange::Grid)
-    operands = at::empty({2 * B * ((N + 1) / 2) * static_cast<int64_t>(sizeof(pair_t))}, options.dtype(at::kByte));
+    operands = at::empty({2 * B * L.row_pairs() * static_cast<int64_t>(sizeof(pair_t))}, options.dtype(at::kByte));
   auto* grid_operands = operands.defined() ? reinterpret_cast<pair_t*>(operands.data_ptr()) : nullptr;
   const std::string refused =
       launch_tc_kt<tc_kind<scalar_t>()>(launcher, a, L, grid_operands, typename Launcher::TcKts{});

@@ -26,10 +26,10 @@
 // Per row the thread reads its KT values of A with 16-byte shared loads that the
 // lanes of a warp make at lanes_k addresses (a broadcast: one wavefront) and does
 // KT x CT FMAs, so one 16-byte load feeds 4 x CT float32 FMAs; rows go in pairs
-// (2 x CT independent accumulators). It stores its partial sums into P[kq][r][column];
+// (2 x CT independent accumulators). It stores its partial sums into P[r][column][kq];
 // after a block barrier the thread owning element (r, column) adds the partials
-// of all chunks in a fixed order (the result is deterministic), applies the
-// pointwise step and publishes the element.
+// of all chunks, 16 bytes at a time, in a fixed order (the result is deterministic),
+// applies the pointwise step and publishes the element.
 #pragma once
 
 #include <cstdint>
@@ -61,14 +61,16 @@ NNRNN_HD constexpr int v2_kt(int64_t acc_size) { return acc_size == 8 ? 16 : 32;
 template <typename acc_t>
 using DeviceTileShape = TileShape<v2_kt(sizeof(acc_t)), kV2Columns, kV2Lanes>;
 // Instructions per pair of rows in the product's inner loop besides the FMAs and the
-// 16-byte loads (the partial sums' stores, addresses, the loop): 16 in nvcc 13.0's SASS
-// for sm_90. The cost model counts this many (an odd last row as a pair); the static
+// 16-byte loads (the partial sums' stores, their addresses, the loop): 15 in nvcc 13.0's
+// SASS for sm_90. The cost model counts this many (an odd last row as a pair); the static
 // check (benchmarks/static_check.py) fails when the SASS has more.
-constexpr int kV2PairOverhead = 16;
-// Instructions per k-chunk in the loop that adds an element's partial sums (a load, an
-// add, its address): 3.25 in the same SASS (52 per 16 chunks, the loop unrolled by 16).
-// The cost model counts this many; the static check fails when the SASS has more.
-constexpr double kV2FinishPerChunk = 3.25;
+constexpr int kV2PairOverhead = 15;
+// Instructions per k-chunk in the loop that adds an element's partial sums, 16 bytes at
+// a time: in the same SASS, float32 1.34375 (16 16-byte loads, 64 adds and 6 others per
+// 64 chunks), float64 1.6875 (16 loads, 32 adds, 6 others per 32). The cost model counts
+// this many; the static check fails when the SASS has more.
+constexpr double kV2FinishPerChunkFloat = 1.34375;
+constexpr double kV2FinishPerChunkDouble = 1.6875;
 
 // How the work is split; computed on the host (driver.h), read by every thread.
 struct LayoutV2 {
@@ -99,31 +101,50 @@ struct LayoutV2 {
   NNRNN_HD int64_t row_begin(int g) const { return static_cast<int64_t>(g) * B / teams; }
   NNRNN_HD int max_rows() const { return static_cast<int>((B + teams - 1) / teams); }
   // Shared memory: A (slots x max_rows x a_stride, k padded with zeros to the
-  // threads' chunks), P (chunk slots x rows_per_tile x p_cols), then 2 x C
+  // threads' chunks), P (rows_per_tile x p_cols x p_stride: an element's partial
+  // sums side by side, which the finish reads 16 bytes at a time), then 2 x C
   // mbarriers (Cluster).
   NNRNN_HD int chunk_slots() const { return k_warps() * lanes_k(); }
   NNRNN_HD int a_stride() const { return chunk_slots() * kt; }
   NNRNN_HD int slots() const { return exchange == Exchange::Grid ? 1 : 2; }
   NNRNN_HD int p_cols() const { return col_warps() * lanes_c() * ct; }
+  // The 16-byte vectors of an element's partial sums that the finish adds (the slots
+  // beyond chunk_slots hold zeros).
+  NNRNN_HD int p_vectors(int64_t acc_size) const { return static_cast<int>((chunk_slots() * acc_size + 15) / 16); }
+  // P's stride between elements: an odd number of vectors, so that the finish's lanes
+  // (consecutive elements) load from all of the banks.
+  NNRNN_HD int p_stride(int64_t acc_size) const {
+    return (p_vectors(acc_size) | 1) * static_cast<int>(16 / acc_size);
+  }
   NNRNN_HD int64_t a_elems() const { return static_cast<int64_t>(slots()) * max_rows() * a_stride(); }
-  NNRNN_HD int64_t p_elems() const { return static_cast<int64_t>(chunk_slots()) * rows_per_tile * p_cols(); }
-  NNRNN_HD int64_t barrier_offset(int64_t acc_size) const { return ((a_elems() + p_elems()) * acc_size + 15) / 16 * 16; }
+  NNRNN_HD int64_t p_elems(int64_t acc_size) const {
+    return static_cast<int64_t>(rows_per_tile) * p_cols() * p_stride(acc_size);
+  }
+  NNRNN_HD int64_t barrier_offset(int64_t acc_size) const {
+    return ((a_elems() + p_elems(acc_size)) * acc_size + 15) / 16 * 16;
+  }
   NNRNN_HD int64_t shared_bytes(int64_t acc_size) const {
     return barrier_offset(acc_size) + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : 0);
   }
 
   // The functions above, evaluated once on the host (derive()): the kernel reads
-  // them as parameters instead of keeping them in registers beside W.
+  // them as parameters instead of keeping them in registers beside W (P's steps
+  // between rows and between a thread's columns too: parameters cost the inner
+  // loop fewer instructions than products of two).
   struct Derived {
-    int k_chunks, lanes_c, lanes_k, k_warps, a_stride, p_cols, slot_elems, a_elems, barrier_offset;
+    int lanes_c, lanes_k, k_warps, a_stride, p_cols, p_vectors, p_stride, p_row_step, p_col_step, slot_elems,
+        a_elems, barrier_offset;
   } d;
   void derive(int64_t acc_size) {
-    d = Derived{k_chunks(),
-                lanes_c(),
+    d = Derived{lanes_c(),
                 lanes_k(),
                 k_warps(),
                 a_stride(),
                 p_cols(),
+                p_vectors(acc_size),
+                p_stride(acc_size),
+                p_cols() * p_stride(acc_size),
+                lanes_c() * p_stride(acc_size),
                 slots() == 2 ? max_rows() * a_stride() : 0,
                 static_cast<int>(a_elems()),
                 static_cast<int>(barrier_offset(acc_size))};
@@ -255,8 +276,9 @@ struct TeamKernel {
     constexpr int KT = Shape::KT, CT = Shape::CT, LANES = Shape::LANES, VEC = static_cast<int>(16 / sizeof(acc_t));
     static_assert(KT % VEC == 0, "a thread's k-chunk is whole 16-byte vectors");
     const LayoutV2& L = pb.L;
-    const int C = L.team_blocks, KQ = L.d.k_chunks, stride = L.d.a_stride, RT = L.rows_per_tile;
-    const int PC = L.d.p_cols, LC = L.d.lanes_c, LK = L.d.lanes_k, KW = L.d.k_warps;
+    const int C = L.team_blocks, stride = L.d.a_stride, RT = L.rows_per_tile;
+    const int PC = L.d.p_cols, PS = L.d.p_stride, LC = L.d.lanes_c, LK = L.d.lanes_k, KW = L.d.k_warps;
+    const int PRS = L.d.p_row_step, PCS = L.d.p_col_step;  // P: PC x PS, LC x PS
     const int q = env.block() % C, g = env.block() / C;  // a cluster is C consecutive blocks: q is its rank
     // 32-bit indices inside the block (B, N < 2^31); 64-bit offsets only into global memory.
     const int c0 = static_cast<int>(L.col_begin(q)), row0 = static_cast<int>(L.row_begin(g));
@@ -281,6 +303,7 @@ struct TeamKernel {
       const int slot = slot_elems ? i / slot_elems : 0, r = (slot_elems ? i % slot_elems : i) / stride, k = i % stride;
       A[i] = slot == 0 && r < rows && k < N ? pb.initial(row0 + r, k) : acc_t(0);
     }
+    for (int i = env.thread(); i < RT * PC * PS; i += env.threads()) P[i] = acc_t(0);  // the slots no chunk writes
     if (ncols > 0)
       for (int i = env.thread(); i < rows * ncols; i += env.threads()) pb.prologue(row0 + i / ncols, c0 + i % ncols);
     acc_t w[KT][CT];  // this thread's piece of W, for all steps (loaded after the prologue: fewer live registers there)
@@ -355,7 +378,7 @@ struct TeamKernel {
           }
         }
 
-        // P[kq][r][column] = sum over this thread's k of A[r][k] W[k][column]: two rows at
+        // P[r][column][kq] = sum over this thread's k of A[r][k] W[k][column]: two rows at
         // a time (two independent chains per column), then an odd last row with two
         // accumulators per column for alternate 16-byte vectors of k (half the chain: the
         // latency of a step with one row). Row pointers stepped, not recomputed.
@@ -394,17 +417,17 @@ struct TeamKernel {
 #endif
           for (int j = 0; j < CT; ++j) {
             if constexpr (pair) {
-              p[j * LC] = sum[0][j];
-              p[PC + j * LC] = sum[1][j];
+              p[j * PCS] = sum[0][j];
+              p[PRS + j * PCS] = sum[1][j];
             } else {
-              p[j * LC] = sum[0][j] + sum[1][j];
+              p[j * PCS] = sum[0][j] + sum[1][j];
             }
           }
         };
         const acc_t* a = As + rt0 * stride + k0;
-        acc_t* p = P + kq * RT * PC + col;
+        acc_t* p = P + col * PS + kq;
         int rr = 0;
-        for (; rr + 2 <= trows; rr += 2, a += 2 * stride, p += 2 * PC) rows_product(std::true_type{}, a, p);
+        for (; rr + 2 <= trows; rr += 2, a += 2 * stride, p += 2 * PRS) rows_product(std::true_type{}, a, p);
         if (rr < trows) rows_product(std::false_type{}, a, p);
         env.sync_block();  // all partial sums of the tile written
         if constexpr (ex == Exchange::Cluster) {
@@ -415,8 +438,27 @@ struct TeamKernel {
         }
 
         if (mine) {
-          acc_t dot = acc_t(0);
-          for (int kk = 0; kk < KQ; ++kk) dot += P[(kk * RT + r) * PC + c];
+          // The element's partial sums, 16 bytes at a time into VEC sums, then those
+          // pairwise: a fixed order (deterministic).
+          const acc_t* pe = P + (r * PC + c) * PS;
+          acc_t part[VEC] = {};
+          for (int v = 0; v < L.d.p_vectors; ++v) {
+            alignas(16) acc_t x[VEC];
+            load16(x, pe + v * VEC);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int u = 0; u < VEC; ++u) part[u] += x[u];
+          }
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int half = VEC / 2; half >= 1; half /= 2)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int u = 0; u < half; ++u) part[u] += part[u + half];
+          const acc_t dot = part[0];
           const int b = row0 + rt0 + r, j = c0 + c;
           const acc_t v = pb.finish(s, b, j, dot, As[(rt0 + r) * stride + j], in);
           if (s + 1 < T) {  // publish A_{s+1}[b, j] to the team

@@ -110,6 +110,17 @@ inline double team_step_us(Exchange ex, double exchange, double work, int RT, in
   return ex == Exchange::Grid ? std::max(work, exchange + work * std::min(RT, R) / R) : exchange + work;
 }
 
+// Wavefronts of one warp's store of partial sums into P (one column of its lanes'
+// register tiles): lane (c, kq) writes element c's slot kq, p_stride values apart; the
+// most 4-byte words that fall into one of the 32 banks.
+inline int p_store_wavefronts(const LayoutV2& L, int64_t acc) {
+  const int words = static_cast<int>(acc / 4), stride = L.p_stride(acc) * words;
+  std::array<int, 32> bank{};
+  for (int lane = 0; lane < L.lanes; ++lane)
+    for (int i = 0; i < words; ++i) ++bank[((lane % L.lanes_c()) * stride + (lane / L.lanes_c()) * words + i) % 32];
+  return *std::max_element(bank.begin(), bank.end());
+}
+
 // Kernel v2, per step (docs/cuda.md): the exchange's latency, then the product
 // (bound by FMA issue, shared-memory wavefronts or one warp's dependent chain),
 // the reduction and pointwise finish, two block barriers per row tile.
@@ -120,12 +131,14 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   const int R = L.max_rows(), RT = L.rows_per_tile, tiles = (R + RT - 1) / RT;
   const double fma_rate = acc == 8 ? 2.0 : 4.0;  // warp FMA instructions per clock and SM
   // Per warp and row: KT x CT FMAs, KT / vec 16-byte loads (one wavefront each:
-  // the lanes read lanes_k addresses); per pair of rows kV2PairOverhead other
-  // instructions (an odd last row counted as a pair).
+  // the lanes read lanes_k addresses) and CT stores of partial sums; per pair of rows
+  // kV2PairOverhead instructions besides FMAs and loads (an odd last row counted as a
+  // pair). Shared memory serves the loads' and the stores' wavefronts.
   const int pairs = R / 2, odd = R % 2;
   const double fma = static_cast<double>(warps) * R * KT * CT, lds = static_cast<double>(warps) * R * KT / vec;
   const double other = static_cast<double>(warps) * (pairs + odd) * kV2PairOverhead;
-  const double throughput = std::max({fma / fma_rate, (fma + lds + other) / 4.0, lds}) / k.issue_efficiency;
+  const double wavefronts = lds + static_cast<double>(warps) * R * CT * p_store_wavefronts(L, acc);
+  const double throughput = std::max({fma / fma_rate, (fma + lds + other) / 4.0, wavefronts}) / k.issue_efficiency;
   const double fma_latency = acc == 8 ? 8.0 : 4.0;
   // The dependent chains, one pair of rows after another: KT FMAs per pair (its two rows'
   // chains run side by side); an odd last row KT / 2 and the add of its two accumulators.
@@ -136,11 +149,15 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   int64_t capacity = static_cast<int64_t>(resident) * d.sms;
   if (p.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
-  // The finish of a tile: each element's owner adds its k-chunks' partial sums (a chain
-  // of dependent adds, or the issue of kV2FinishPerChunk instructions per chunk by all
-  // the tile's warps, whichever is longer), then the activation and the stores.
+  // The finish of a tile: each element's owner adds its partial sums, 16 bytes at a
+  // time into vec sums, then those pairwise (a chain of dependent adds, or the issue of
+  // kV2FinishPerChunk* instructions per chunk by all the tile's warps, whichever is
+  // longer), then the activation and the stores.
+  const int vectors = L.p_vectors(acc);
+  const double per_chunk = acc == 8 ? kV2FinishPerChunkDouble : kV2FinishPerChunkFloat;
   const double finish_warps = std::ceil(static_cast<double>(std::min(RT, R)) * L.max_cols() / kV2Lanes) * per_sm;
-  const double partials = std::max(L.k_chunks() * 4.0, finish_warps * L.k_chunks() * kV2FinishPerChunk / 4.0 / k.issue_efficiency);
+  const double partials = std::max((vectors + std::log2(vec)) * fma_latency,
+                                   finish_warps * vectors * vec * per_chunk / 4.0 / k.issue_efficiency);
   double finish = tiles * (partials + 150.0);
   double exchange = 0, copy = 0;
   if (p.exchange == Exchange::Cluster) {

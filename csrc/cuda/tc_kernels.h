@@ -49,9 +49,11 @@ struct TcLayout {
   NNRNN_HD int operand_bytes() const { return kind == MmaKind::TF32 ? 4 : 2; }
   NNRNN_HD int k_chunk() const { return kt * k_inst(); }
   NNRNN_HD int k_chunks() const { return static_cast<int>((N + k_chunk() - 1) / k_chunk()); }
+  // Pairs of operands in a row of A (an odd last column with its zero neighbour).
+  NNRNN_HD int64_t row_pairs() const { return (N + 1) / 2; }
   // Column slices start at even columns (a pair of elements is published as one store).
   NNRNN_HD int64_t col_begin(int q) const {
-    return q >= team_blocks ? N : 2 * (static_cast<int64_t>(q) * ((N + 1) / 2) / team_blocks);
+    return q >= team_blocks ? N : 2 * (static_cast<int64_t>(q) * row_pairs() / team_blocks);
   }
   // Bytes block q publishes per step to each block of a team with `rows` rows: its
   // columns as pairs of operands (an odd last column with its zero neighbour).
@@ -100,11 +102,12 @@ struct TcLayout {
   // The functions above, evaluated once on the host (derive()): the kernel reads
   // them as parameters instead of computing them in registers beside W.
   struct Derived {
-    int k_chunks, max_cols, a_stride, p_stride, slot_elems, s_offset, p_offset, barrier_offset;
+    int k_chunks, max_cols, row_pairs, a_stride, p_stride, slot_elems, s_offset, p_offset, barrier_offset;
   } d;
   void derive() {
     d = Derived{k_chunks(),
                 max_cols(),
+                static_cast<int>(row_pairs()),
                 a_stride(),
                 p_stride(),
                 static_cast<int>(slot_elems()),
@@ -131,7 +134,7 @@ template <MmaKind kind, int KT, class Problem, Exchange ex>
 struct TcTeamKernel {
   Problem pb;
   TcLayout L;
-  // Grid: A_m in the operand type, two slots of B rows x (N + 1) / 2 pairs (A_m in slot
+  // Grid: A_m in the operand type, two slots of B rows x row_pairs() pairs (A_m in slot
   // (m + 1) & 1, as the problem's float32 exchange): half the bytes from L2 per step.
   typename OperandPair<kind>::type* grid_operands = nullptr;
 
@@ -167,7 +170,7 @@ struct TcTeamKernel {
     auto a_slot = [&](int64_t m) { return A + (slots == 2 ? (m & 1) * slot_elems : 0); };
     // Grid: where A_m goes (pairs of operands), and a producer's counter of the rows of
     // A it has published (kernel v2's).
-    auto grid_slot = [&](int64_t m) { return grid_operands + ((m + 1) & 1) * L.B * ((N + 1) / 2); };
+    auto grid_slot = [&](int64_t m) { return grid_operands + ((m + 1) & 1) * L.B * L.d.row_pairs; };
     auto rows_published = [&](int64_t s_, int row_end) { return static_cast<unsigned long long>(s_) * rows + row_end; };
 
     // This warp's fragments of Wop^T: w[i] is columns c0 + mt*16 + [0, 16) x k in
@@ -242,7 +245,7 @@ struct TcTeamKernel {
             for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, rows_published(s - 1, rt0 + trows));
             // The tile's rows of this warp's part of k (k0 is even), pair by pair; for
             // odd N the last pair's second operand is column N, a zero.
-            const int pk0 = k0 / 2, width = (kend + 1) / 2 - pk0, row_pairs = (N + 1) / 2;
+            const int pk0 = k0 / 2, width = (kend + 1) / 2 - pk0, row_pairs = L.d.row_pairs;
             const typename Pair::type* src = grid_slot(s) + static_cast<int64_t>(row0 + rt0) * row_pairs + pk0;
             auto* dst = reinterpret_cast<typename Pair::type*>(As + rt0 * stride) + pk0;
             for (int e = lane; e < trows * width; e += 32) {
@@ -299,7 +302,7 @@ struct TcTeamKernel {
             // The pair's second element is column N (zero padding) when ncols is odd.
             const typename Pair::type packed = Pair::pack(v0, v1);
             if constexpr (ex == Exchange::Grid) {
-              grid_slot(s + 1)[b * ((N + 1) / 2) + j / 2] = packed;
+              grid_slot(s + 1)[b * L.d.row_pairs + j / 2] = packed;
             } else {
               auto* dst = reinterpret_cast<typename Pair::type*>(a_slot(s + 1) + (rt0 + r) * stride + j);
               if constexpr (ex == Exchange::Block) {
