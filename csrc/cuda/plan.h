@@ -51,7 +51,7 @@ struct DeviceModel {
   // Clusters of each size (index) that can be resident at once; -1: unknown, estimated as
   // sms / size (16: 7, an H100's GPCs). The CUDA side fills it from cudaOccupancyMaxActiveClusters.
   std::array<int, 17> active_clusters = filled(-1);
-  int v2_regs = 128;  // registers per thread of the v2 kernels (101 to 128 by the static check; the GPU's own)
+  int v2_regs = 128;  // registers per thread of the v2 kernels (120 to 128 by the static check; the GPU's own)
   bool cooperative = true;
 };
 
