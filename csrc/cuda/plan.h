@@ -150,14 +150,16 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   if (p.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
   // The finish of a tile: each element's owner adds its partial sums, 16 bytes at a
-  // time into vec sums, then those pairwise (a chain of dependent adds, or the issue of
-  // kV2FinishPerChunk* instructions per chunk by all the tile's warps, whichever is
-  // longer), then the activation and the stores.
+  // time into vec sums, then those pairwise: a chain of dependent adds, or all the
+  // tile's warps' kV2FinishPerChunk* instructions per chunk, or their loads' shared-memory
+  // wavefronts (4 per warp and 16-byte load: the odd p_stride spreads a warp's loads
+  // over all the banks), whichever is longest; then the activation and the stores.
   const int vectors = L.p_vectors(acc);
   const double per_chunk = acc == 8 ? kV2FinishPerChunkDouble : kV2FinishPerChunkFloat;
   const double finish_warps = std::ceil(static_cast<double>(std::min(RT, R)) * L.max_cols() / kV2Lanes) * per_sm;
   const double partials = std::max((vectors + std::log2(vec)) * fma_latency,
-                                   finish_warps * vectors * vec * per_chunk / 4.0 / k.issue_efficiency);
+                                   std::max(finish_warps * vectors * vec * per_chunk / 4.0, finish_warps * vectors * 4.0) /
+                                       k.issue_efficiency);
   double finish = tiles * (partials + 150.0);
   double exchange = 0, copy = 0;
   if (p.exchange == Exchange::Cluster) {
