@@ -254,6 +254,7 @@ class HostEnv {
   void flag_publish(unsigned long long* flag, unsigned long long value) const {
     __atomic_store_n(flag, value, __ATOMIC_RELEASE);
   }
+  unsigned arrive(unsigned* count) const { return __atomic_fetch_add(count, 1u, __ATOMIC_ACQ_REL); }
   void flag_wait(unsigned long long* flag, unsigned long long value) const {
     const auto deadline = std::chrono::steady_clock::now() + kHostWatchdog;
     while (__atomic_load_n(flag, __ATOMIC_ACQUIRE) < value && !g_->abort.aborted) {

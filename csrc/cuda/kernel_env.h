@@ -206,9 +206,13 @@ struct DeviceEnv {
 #endif
   }
 
-  // ---- step counters in global memory (kernel v2's Exchange::Grid)
+  // ---- step counters in global memory (the Grid exchange), and a block's count of warps
   __device__ void flag_publish(unsigned long long* flag, unsigned long long value) const {
     ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device>(*flag).store(value, ::cuda::memory_order_release);
+  }
+  // A count in shared memory: adds 1 (release and acquire, block scope); returns the count before.
+  __device__ unsigned arrive(unsigned* count) const {
+    return ::cuda::atomic_ref<unsigned, ::cuda::thread_scope_block>(*count).fetch_add(1u, ::cuda::memory_order_acq_rel);
   }
   __device__ void flag_wait(unsigned long long* flag, unsigned long long value) const {
     ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device> f(*flag);

@@ -14,10 +14,11 @@
 //            producer and slot (no fence, no separate signal); each warp waits
 //            only for the producers of its own k-chunk.
 //   Grid:    the team's blocks anywhere in a cooperative grid. Slices go through
-//            global memory; after each row tile a producer publishes a counter of
-//            the rows it has written (release); before each tile a warp waits
-//            (acquire) for the producers of its k-chunk, then copies its chunk of
-//            the tile's rows into shared memory. Only for W too large for a cluster.
+//            global memory; the last warp of a producer to write its elements of a
+//            row tile publishes a counter of the tiles written (release); before
+//            each tile a warp waits (acquire) for the producers of its k-chunk, then
+//            copies its chunk of the tile's rows into shared memory. Only for W too
+//            large for a cluster.
 // No barrier spans two teams.
 //
 // Inside a block, each thread keeps a KT x CT tile of W in registers for the
@@ -29,7 +30,9 @@
 // (2 x CT independent accumulators). It stores its partial sums into P[r][column][kq];
 // after a block barrier the thread owning element (r, column) adds the partials
 // of all chunks, 16 bytes at a time, in a fixed order (the result is deterministic),
-// applies the pointwise step and publishes the element.
+// applies the pointwise step and publishes the element. No block barrier follows a
+// tile's finish but the step's last (two buffers of P): one warp's finish overlaps
+// other warps' product of the next tile.
 #pragma once
 
 #include <cstdint>
@@ -117,14 +120,18 @@ struct LayoutV2 {
     return (p_vectors(acc_size) | 1) * static_cast<int>(16 / acc_size);
   }
   NNRNN_HD int64_t a_elems() const { return static_cast<int64_t>(slots()) * max_rows() * a_stride(); }
-  NNRNN_HD int64_t p_elems(int64_t acc_size) const {
+  // P of one tile; two of them where a team's rows take several tiles (a tile's finish
+  // reads one while the next tile's product writes the other).
+  NNRNN_HD int64_t p_tile_elems(int64_t acc_size) const {
     return static_cast<int64_t>(rows_per_tile) * p_cols() * p_stride(acc_size);
   }
+  NNRNN_HD int p_buffers() const { return max_rows() > rows_per_tile ? 2 : 1; }
+  NNRNN_HD int64_t p_elems(int64_t acc_size) const { return p_buffers() * p_tile_elems(acc_size); }
   NNRNN_HD int64_t barrier_offset(int64_t acc_size) const {
     return ((a_elems() + p_elems(acc_size)) * acc_size + 15) / 16 * 16;
   }
-  NNRNN_HD int64_t shared_bytes(int64_t acc_size) const {
-    return barrier_offset(acc_size) + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : 0);
+  NNRNN_HD int64_t shared_bytes(int64_t acc_size) const {  // + Grid's count of warps done with a tile
+    return barrier_offset(acc_size) + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : exchange == Exchange::Grid ? 8 : 0);
   }
 
   // The functions above, evaluated once on the host (derive()): the kernel reads
@@ -132,8 +139,8 @@ struct LayoutV2 {
   // between rows and between a thread's columns too: parameters cost the inner
   // loop fewer instructions than products of two).
   struct Derived {
-    int lanes_c, lanes_k, k_warps, a_stride, p_cols, p_vectors, p_stride, p_row_step, p_col_step, slot_elems,
-        a_elems, barrier_offset;
+    int lanes_c, lanes_k, k_warps, a_stride, p_cols, p_vectors, p_stride, p_row_step, p_col_step, p_tile_elems,
+        p_elems, slot_elems, a_elems, barrier_offset;
   } d;
   void derive(int64_t acc_size) {
     d = Derived{lanes_c(),
@@ -145,6 +152,8 @@ struct LayoutV2 {
                 p_stride(acc_size),
                 p_cols() * p_stride(acc_size),
                 lanes_c() * p_stride(acc_size),
+                static_cast<int>(p_tile_elems(acc_size)),
+                static_cast<int>(p_elems(acc_size)),
                 slots() == 2 ? max_rows() * a_stride() : 0,
                 static_cast<int>(a_elems()),
                 static_cast<int>(barrier_offset(acc_size))};
@@ -294,16 +303,22 @@ struct TeamKernel {
     uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(A) + L.d.barrier_offset);
     const int slot_elems = L.d.slot_elems;  // 0: one slot (Grid)
     auto a_slot = [&](int m) { return A + (m & 1) * slot_elems; };  // where A_m is read
-    // Grid: a producer's step counter counts the rows of A it has published: once the
-    // rows before `row_end` of A_{s+1} are out (at step s), s x rows + row_end.
-    auto rows_published = [&](int s_, int row_end) { return static_cast<unsigned long long>(s_) * rows + row_end; };
+    // Grid: a producer's step counter counts the tiles of A it has published: once the
+    // tiles before `tile_end` of A_{s+1} are out (at step s), s x tiles + tile_end (every
+    // block of a team has the same tiles). `warps_done` (shared) counts the block's warps
+    // that have written their elements of a tile: the last one publishes it.
+    const int tiles = (rows + RT - 1) / RT, warps = env.threads() / LANES;
+    auto tiles_published = [&](int s_, int tile_end) { return static_cast<unsigned long long>(s_) * tiles + tile_end; };
+    unsigned* warps_done = reinterpret_cast<unsigned*>(bars);
 
     // A_0 for the team's rows (every block computes all of it: no exchange), zero padding elsewhere.
     for (int i = env.thread(); i < L.d.a_elems; i += env.threads()) {
       const int slot = slot_elems ? i / slot_elems : 0, r = (slot_elems ? i % slot_elems : i) / stride, k = i % stride;
       A[i] = slot == 0 && r < rows && k < N ? pb.initial(row0 + r, k) : acc_t(0);
     }
-    for (int i = env.thread(); i < RT * PC * PS; i += env.threads()) P[i] = acc_t(0);  // the slots no chunk writes
+    if constexpr (ex == Exchange::Grid)
+      if (env.thread() == 0) *warps_done = 0;
+    for (int i = env.thread(); i < L.d.p_elems; i += env.threads()) P[i] = acc_t(0);  // the slots no chunk writes
     if (ncols > 0)
       for (int i = env.thread(); i < rows * ncols; i += env.threads()) pb.prologue(row0 + i / ncols, c0 + i % ncols);
     acc_t w[KT][CT];  // this thread's piece of W, for all steps (loaded after the prologue: fewer live registers there)
@@ -335,8 +350,9 @@ struct TeamKernel {
 
     for (int s = 0; s < T; ++s) {
       acc_t* As = a_slot(s);
-      for (int rt0 = 0; rt0 < rows; rt0 += RT) {
-        const int trows = rows - rt0 < RT ? rows - rt0 : RT;
+      for (int tile = 0; tile < tiles; ++tile) {
+        const int rt0 = tile * RT, trows = rows - rt0 < RT ? rows - rt0 : RT;
+        acc_t* Pt = P + (tile & 1) * L.d.p_tile_elems;  // P of this tile (one buffer: tile is 0)
         // This thread's element of the tile; its inputs are fetched first, so that
         // their latency overlaps the wait and the product.
         const int item = env.thread();
@@ -358,7 +374,7 @@ struct TeamKernel {
           if constexpr (ex == Exchange::Cluster) {
             for (int p = p_lo; p <= p_hi; ++p) env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
           } else if constexpr (ex == Exchange::Grid) {
-            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, rows_published(s - 1, rt0 + trows));
+            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, tiles_published(s - 1, tile + 1));
             // This warp's part of the tile's rows of A_s into shared memory.
             const acc_t* src = pb.exchange(s) + static_cast<int64_t>(row0 + rt0) * N;
             acc_t* dst = As + rt0 * stride;
@@ -425,7 +441,7 @@ struct TeamKernel {
           }
         };
         const acc_t* a = As + rt0 * stride + k0;
-        acc_t* p = P + col * PS + kq;
+        acc_t* p = Pt + col * PS + kq;
         for (int n = trows / 2; n > 0; --n, a += 2 * stride, p += 2 * PRS) rows_product(std::true_type{}, a, p);
         if (trows & 1) rows_product(std::false_type{}, a, p);
         env.sync_block();  // all partial sums of the tile written
@@ -439,7 +455,7 @@ struct TeamKernel {
         if (mine) {
           // The element's partial sums, 16 bytes at a time into VEC sums, then those
           // pairwise: a fixed order (deterministic).
-          const acc_t* pe = P + (r * PC + c) * PS;
+          const acc_t* pe = Pt + (r * PC + c) * PS;
           acc_t part[VEC] = {};
           for (int v = 0; v < L.d.p_vectors; ++v) {
             alignas(16) acc_t x[VEC];
@@ -472,16 +488,25 @@ struct TeamKernel {
             }
           }
         }
-        // The tile's partial sums read and its elements published (all of them
-        // before the signal below) before P or A is written again.
-        env.sync_block();
-        // Grid: signal the tile's rows of A_{s+1}. What this block's threads wrote is
-        // ordered before the release by the block barrier above (causality is
-        // transitive in the PTX memory model), so one thread releases for the block:
-        // no other fence.
+        // Grid: the last warp of the block to write its elements of the tile publishes
+        // the tile of A_{s+1}; the others go on to the next tile. A warp's writes are
+        // ordered before its lane 0's arrival (the warp barrier; release, block scope), the
+        // arrivals before the last one's release to the team (acquire, then release at
+        // GPU scope): causality is transitive in the PTX memory model.
         if constexpr (ex == Exchange::Grid) {
-          if (s + 1 < T && env.thread() == 0) env.flag_publish(pb.flags + g * C + q, rows_published(s, rt0 + trows));
+          env.sync_warp();
+          if (lane == 0) {
+            const unsigned arrived = env.arrive(warps_done) + 1;
+            if (s + 1 < T && arrived == (static_cast<unsigned>(s) * tiles + tile + 1) * warps)
+              env.flag_publish(pb.flags + g * C + q, tiles_published(s, tile + 1));
+          }
         }
+        // No block barrier between a tile's finish and the next tile's product: that
+        // product writes the other P and reads rows of A_s the finish does not touch, so
+        // one warp's finish overlaps another's product. After a step's last tile, every
+        // element of A_{s+1} written (and the Grid's one slot of A read) before the next
+        // step reads (overwrites) them.
+        if (tile + 1 == tiles) env.sync_block();
       }
     }
     // Why this ordering is enough (no barrier spans two steps' slots): A_{s+1} goes to

@@ -123,7 +123,7 @@ inline int p_store_wavefronts(const LayoutV2& L, int64_t acc) {
 
 // Kernel v2, per step (docs/cuda.md): the exchange's latency, then the product
 // (bound by FMA issue, shared-memory wavefronts or one warp's dependent chain),
-// the reduction and pointwise finish, two block barriers per row tile.
+// the reduction and pointwise finish, a block barrier per row tile and one per step.
 inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const DeviceModel& d,
                         const CostConstants& k = CostConstants()) {
   const LayoutV2 L = device_v2_layout(B, N, acc, p);
@@ -138,11 +138,6 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   const double fma = static_cast<double>(warps) * R * KT * CT, lds = static_cast<double>(warps) * R * KT / vec;
   const double other = static_cast<double>(warps) * (pairs + odd) * kV2PairOverhead;
   const double wavefronts = lds + static_cast<double>(warps) * R * CT * p_store_wavefronts(L, acc);
-  const double throughput = std::max({fma / fma_rate, (fma + lds + other) / 4.0, wavefronts}) / k.issue_efficiency;
-  const double fma_latency = acc == 8 ? 8.0 : 4.0;
-  // The dependent chains, one pair of rows after another: KT FMAs per pair (its two rows'
-  // chains run side by side); an odd last row KT / 2 and the add of its two accumulators.
-  const double chain = pairs * (KT * fma_latency + 30.0) + odd * ((KT / 2 + 1) * fma_latency + 30.0);
   // Blocks sharing one SM (Block exchange, more teams than SMs) share its throughput.
   const int resident = std::max(1, blocks_per_sm(d, L.threads(), L.shared_bytes(acc), d.v2_regs));
   const int per_sm = static_cast<int>(std::min<int64_t>(resident, (L.grid() + d.sms - 1) / d.sms));
@@ -150,17 +145,27 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   if (p.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
   // The finish of a tile: each element's owner adds its partial sums, 16 bytes at a
-  // time into vec sums, then those pairwise: a chain of dependent adds, or all the
-  // tile's warps' kV2FinishPerChunk* instructions per chunk, or their loads' shared-memory
-  // wavefronts (4 per warp and 16-byte load: the odd p_stride spreads a warp's loads
-  // over all the banks), whichever is longest; then the activation and the stores.
+  // time into vec sums, then those pairwise: the tile's warps issue kV2FinishPerChunk*
+  // instructions per chunk and 4 shared-memory wavefronts per 16-byte load (the odd
+  // p_stride spreads a warp's loads over all the banks); then the activation and the
+  // stores. No barrier separates a tile's finish from the next tile's product: all but
+  // the last tile's finish add their instructions and wavefronts to the product's bounds;
+  // the last one takes its chain of dependent adds, its instructions or its wavefronts,
+  // whichever is longest, after the product.
   const int vectors = L.p_vectors(acc);
   const double per_chunk = acc == 8 ? kV2FinishPerChunkDouble : kV2FinishPerChunkFloat;
-  const double finish_warps = std::ceil(static_cast<double>(std::min(RT, R)) * L.max_cols() / kV2Lanes) * per_sm;
+  const double finish_warps = std::ceil(static_cast<double>(std::min(RT, R)) * L.max_cols() / kV2Lanes);
+  const double finish_issue = finish_warps * vectors * vec * per_chunk / 4.0, finish_waves = finish_warps * vectors * 4.0;
+  const double throughput = std::max({fma / fma_rate, (fma + lds + other) / 4.0 + (tiles - 1) * finish_issue,
+                                      wavefronts + (tiles - 1) * finish_waves}) /
+                            k.issue_efficiency;
+  const double fma_latency = acc == 8 ? 8.0 : 4.0;
+  // The dependent chains, one pair of rows after another: KT FMAs per pair (its two rows'
+  // chains run side by side); an odd last row KT / 2 and the add of its two accumulators.
+  const double chain = pairs * (KT * fma_latency + 30.0) + odd * ((KT / 2 + 1) * fma_latency + 30.0);
   const double partials = std::max((vectors + std::log2(vec)) * fma_latency,
-                                   std::max(finish_warps * vectors * vec * per_chunk / 4.0, finish_warps * vectors * 4.0) /
-                                       k.issue_efficiency);
-  double finish = tiles * (partials + 150.0);
+                                   std::max(finish_issue, finish_waves) * per_sm / k.issue_efficiency);
+  double finish = partials + 150.0;
   double exchange = 0, copy = 0;
   if (p.exchange == Exchange::Cluster) {
     finish += static_cast<double>(R) * L.max_cols() * L.team_blocks * acc / k.dsmem_bytes_per_clock;
@@ -173,7 +178,7 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   // Grid: a warp starts its product as soon as its own chunk has arrived, so the
   // copy from L2 and the product overlap (the model takes the longer of the two).
   const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
-  const double work = product + finish / clock_mhz + 2 * tiles * k.block_barrier_us;
+  const double work = product + finish / clock_mhz + (tiles + 1) * k.block_barrier_us;
   const double step = team_step_us(p.exchange, exchange, work, RT, R);
   // The backward's finish reads two more inputs and writes three outputs: 10% more.
   return {step * waves, 1.1 * step * waves + dw_gemm_us(B, N, k)};
