@@ -33,6 +33,8 @@ LAYOUTS = [
     pytest.param(("cluster", 3, 1, 16, 1), id="cluster-uneven-cols"),  # columns 12, 12, 13: a chunk from 2 producers
     pytest.param(("cluster", 2, 2, 8, 2), id="cluster-teams"),  # 2 teams x 2 blocks
     pytest.param(("cluster", 8, 1, 8, 2), id="cluster-8"),  # columns 4 or 6 per block: a chunk from 7 producers
+    pytest.param(("cluster", 3, 3, 8, 2), id="cluster-teams-of-few-rows"),  # rows 3, 4, 4: one padded n-tile
+    pytest.param(("grid", 3, 3, 8, 2), id="grid-teams-of-few-rows"),
     pytest.param(("grid", 3, 1, 8, 1), id="grid-uneven-cols"),
     pytest.param(("grid", 2, 2, 8, 2), id="grid-teams"),  # 2 teams of 2 blocks
 ]
@@ -127,6 +129,24 @@ def test_without_h0_or_lengths(with_h0, with_lengths):
     _, _, r_grads = reference64_grads(x, W, b, h0_or_zeros, lengths, "tanh", go, ghn)
     for name, got, want in zip(("grad_x", "grad_W", "grad_b", "grad_h0"), (dx, dW, db, dh0), r_grads):
         assert scaled_error(got, want) <= 0.2, name  # dL/dh0 of a zero initial state is still defined
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
+def test_cluster_with_three_tiles_a_step(dtype):
+    # The Cluster exchange has no block barrier after a step's last finish (even and
+    # odd steps use two buffers of partial sums), but has one after the others: the
+    # step's next tile writes the same buffer.
+    T, B, N = 6, 19, 37  # one team of 19 rows: tiles of 8, 8 and 3 rows
+    x, W, b, h0, lengths, go, ghn = make_case(T, B, N, dtype, seed=5)
+    layout = ("cluster", 3, 1, 8, 1)
+    out, h_n = emulated(x, W, b, h0, lengths, "modrelu", layout)
+    dx, dW, db, dh0 = emulated_backward(go, ghn, out, W, h0, lengths, "modrelu", layout)
+    m_out, m_hn, m_grads = model_grads(x, W, b, h0, lengths, "modrelu", go, ghn, OPERANDS[dtype])
+    tight = 2 * HALF_ULP[dtype] + OPERAND_HALF_ULP[dtype]
+    assert scaled_error(out, m_out) <= tight
+    assert scaled_error(h_n, m_hn) <= tight
+    for name, got, want in zip(("grad_x", "grad_W", "grad_b", "grad_h0"), (dx, dW, db, dh0), m_grads):
+        assert scaled_error(got, want) <= 8 * tight, name
 
 
 def test_backward_is_deterministic():

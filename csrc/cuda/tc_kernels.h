@@ -84,17 +84,22 @@ struct TcLayout {
     return (words + ((4 - words) % 32 + 32) % 32) * 4 / operand_bytes();
   }
   NNRNN_HD int slots() const { return exchange == Exchange::Grid ? 1 : 2; }
-  NNRNN_HD int64_t slot_elems() const { return static_cast<int64_t>(a_rows()) * a_stride(); }
   // P's row stride: m-tiles x 16 columns plus 4 words, so that the accumulators'
   // stores (rows 2t and 2t + 1, columns g and g + 8) fall in different banks.
   NNRNN_HD int p_stride() const { return m_tiles() * kTcMmaM + 4; }
+  NNRNN_HD int64_t slot_elems() const { return static_cast<int64_t>(a_rows()) * a_stride(); }
+  // P: the partial sums of a tile (k_chunks x rows_per_tile x p_stride float32).
+  // Cluster: two buffers, for even and odd steps (no block barrier after a step's
+  // last finish).
+  NNRNN_HD int p_buffers() const { return exchange == Exchange::Cluster ? 2 : 1; }
+  NNRNN_HD int64_t p_buffer_bytes() const {
+    return (static_cast<int64_t>(k_chunks()) * rows_per_tile * p_stride() * 4 + 15) / 16 * 16;
+  }
   // Shared memory: A (slots x a_rows x a_stride operands), S (max_rows x max_cols
-  // float32), P (k_chunks x rows_per_tile x p_stride float32), 2 x C mbarriers (Cluster).
+  // float32), P (p_buffers), 2 x C mbarriers (Cluster).
   NNRNN_HD int64_t s_offset() const { return (slots() * slot_elems() * operand_bytes() + 15) / 16 * 16; }
   NNRNN_HD int64_t p_offset() const { return s_offset() + (static_cast<int64_t>(max_rows()) * max_cols() * 4 + 15) / 16 * 16; }
-  NNRNN_HD int64_t barrier_offset() const {
-    return p_offset() + (static_cast<int64_t>(k_chunks()) * rows_per_tile * p_stride() * 4 + 15) / 16 * 16;
-  }
+  NNRNN_HD int64_t barrier_offset() const { return p_offset() + p_buffers() * p_buffer_bytes(); }
   NNRNN_HD int64_t shared_bytes() const {
     return barrier_offset() + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : 0);
   }
@@ -102,7 +107,7 @@ struct TcLayout {
   // The functions above, evaluated once on the host (derive()): the kernel reads
   // them as parameters instead of computing them in registers beside W.
   struct Derived {
-    int k_chunks, max_cols, row_pairs, a_stride, p_stride, slot_elems, s_offset, p_offset, barrier_offset;
+    int k_chunks, max_cols, row_pairs, a_stride, p_stride, slot_elems, s_offset, p_offset, p_buffer_bytes, barrier_offset;
   } d;
   void derive() {
     d = Derived{k_chunks(),
@@ -113,6 +118,7 @@ struct TcLayout {
                 static_cast<int>(slot_elems()),
                 static_cast<int>(s_offset()),
                 static_cast<int>(p_offset()),
+                static_cast<int>(p_buffer_bytes()),
                 static_cast<int>(barrier_offset())};
   }
 };
@@ -163,7 +169,6 @@ struct TcTeamKernel {
     unsigned char* smem = env.template shared<unsigned char>();
     bits* A = reinterpret_cast<bits*>(smem);
     float* S = reinterpret_cast<float*>(smem + L.d.s_offset);
-    float* P = reinterpret_cast<float*>(smem + L.d.p_offset);
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L.d.barrier_offset);
     constexpr int slots = ex == Exchange::Grid ? 1 : 2;
     const int slot_elems = L.d.slot_elems;
@@ -223,6 +228,11 @@ struct TcTeamKernel {
 
     for (int64_t s = 0; s < L.T; ++s) {
       bits* As = a_slot(s);
+      // This step's P (Cluster: the buffer of the step's parity), computed where it is
+      // used: a pointer kept across the product spills in the KT = 16 backward.
+      auto p_step = [&] {
+        return reinterpret_cast<float*>(smem + L.d.p_offset + (ex == Exchange::Cluster ? (s & 1) * L.d.p_buffer_bytes : 0));
+      };
       for (int rt0 = 0; rt0 < rows; rt0 += RT) {
         const int trows = rows - rt0 < RT ? rows - rt0 : RT;
         // This thread's first pair of the tile: its inputs are fetched first, so that
@@ -268,7 +278,7 @@ struct TcTeamKernel {
 #pragma unroll
 #endif
             for (int i = 0; i < KT; ++i) mma<kind>(env, acc[i & 1], w[i], mma_load_b<kind>(lane, src + i * K, stride));
-            float* dst = P + (kq * RT + n0) * PS + mt * kTcMmaM;
+            float* dst = p_step() + (kq * RT + n0) * PS + mt * kTcMmaM;
             for (int e = 0; e < 4; ++e) {
               const MmaCoord c = mma_c_coord(lane, e);  // row: column of the block; col: batch row
               dst[c.col * PS + c.row] = acc[0].r[e] + acc[1].r[e];
@@ -291,7 +301,7 @@ struct TcTeamKernel {
           float* state = S + (rt0 + r) * MC + c;
           auto element = [&](int h, const typename Problem::Inputs& in) {  // column c + h
             float dot = 0.0f;  // the partial sums in a fixed order
-            for (int kk = 0; kk < KQ; ++kk) dot += P[(kk * RT + r) * PS + c + h];
+            for (int kk = 0; kk < KQ; ++kk) dot += p_step()[(kk * RT + r) * PS + c + h];
             const float v = pb.finish(s, b, j + h, dot, state[h], in);
             state[h] = v;
             return v;
@@ -315,8 +325,15 @@ struct TcTeamKernel {
           }
         }
         // The tile's partial sums read and its elements published (all of them
-        // before the signal below) before P or A is written again.
-        env.sync_block();
+        // before the signal below) before P or A is written again. Cluster: not after a
+        // step's last tile, so that one warp's finish overlaps another's product. The
+        // next step writes the other P; the step after it writes this one after its own
+        // first barrier, which every thread reaches after this finish. A's slots are
+        // written by the team only after the mbarrier waits: A_{s+2} goes into A_s's slot
+        // after every peer has received all of this block's A_{s+1}, whose last rows are
+        // published after the first barrier of the step's last tile, itself after every
+        // read of A_s.
+        if (ex != Exchange::Cluster || rt0 + RT < rows) env.sync_block();
         // Grid: signal the tile's rows of A_{s+1} (what the block's threads wrote is
         // ordered before the release by the block barrier above, as in kernel v2).
         if constexpr (ex == Exchange::Grid) {

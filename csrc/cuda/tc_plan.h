@@ -73,7 +73,10 @@ inline StepCost tc_cost(const TcLayout& L, const DeviceModel& d, const CostConst
   if (L.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
   const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
-  const double work = product + (finish + publish) / clock_mhz + 2 * tiles * k.block_barrier_us;
+  // Block barriers: two per tile (after the product, after the finish); Cluster, none
+  // after the step's last finish.
+  const int barriers = 2 * tiles - (L.exchange == Exchange::Cluster ? 1 : 0);
+  const double work = product + (finish + publish) / clock_mhz + barriers * k.block_barrier_us;
   const double step = team_step_us(L.exchange, exchange, work, RT, R);
   const double gemm = L.kind == MmaKind::TF32 ? tc.gemm_fma_per_us / 2 : tc.gemm_fma_per_us;
   const double dw = static_cast<double>(L.B) * L.N * L.N / gemm;  // dW after the loop, per step
@@ -94,7 +97,8 @@ inline Plan choose_tc_plan(int64_t N, int64_t B, MmaKind kind, const DeviceModel
     for (int kt : {kTcKtSmall, kTcKtLarge}) {
       if (tc_layout(1, B, N, ex, C, 1, kTcMmaN, kt, kind).threads() > kTcMaxThreads) continue;  // W not in registers
       int last_teams = -1;
-      for (int64_t rows = kTcMmaN; rows < B + kTcMmaN; rows += kTcMmaN) {  // teams of whole n-tiles
+      // Teams of 1 to 7 rows (one n-tile, padded: the MMAs of 8 rows, less to publish), then of whole n-tiles.
+      for (int64_t rows = 1; rows < B + kTcMmaN; rows += rows < kTcMmaN ? 1 : kTcMmaN) {
         const int teams = static_cast<int>((B + rows - 1) / rows);
         if (teams == last_teams) continue;
         last_teams = teams;
