@@ -4,6 +4,9 @@ For every barrier and wait in a kernel source (default csrc/cuda/kernels_v2.h: b
 warp and cluster barriers, mbarrier waits and armings, step-counter waits), builds a
 copy of the package (CPU only) with that one call removed and runs the emulation
 tests of the kernel against the float64 reference (tests/test_cuda_emulation.py -k v2).
+Then the source's value mutants (VALUE_MUTANTS: an expression the synchronisation
+relies on, changed: a wait for one tile fewer, one buffer where there are two, the
+wrong warp publishing), one at a time, the same way.
 A mutant is killed when a test fails (a wrong result, or the emulation's deadlock
 watchdog). Prints one line per mutant; exit status 1 if any survives.
 
@@ -28,6 +31,47 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALLS = r"env\.(sync_block|sync_warp|sync_cluster|sync_grid|mbar_wait|mbar_expect|flag_wait)\("
+
+
+# (what the change breaks, the text, its replacement): each text occurs exactly once in its source.
+VALUE_MUTANTS = {
+    "csrc/cuda/kernels_v2.h": [
+        ("the Grid's consumers wait for one tile fewer",
+         "tiles_published(s - 1, tile + 1));", "tiles_published(s - 1, tile));"),
+        ("the Cluster's waits for the other phase",
+         "static_cast<uint32_t>(((s - 1) >> 1) & 1));", "static_cast<uint32_t>(((s + 1) >> 1) & 1));"),
+        ("one buffer of partial sums for all tiles",
+         "acc_t* Pt = P + (tile & 1) * L.d.p_tile_elems;", "acc_t* Pt = P;"),
+        ("the Grid's tile published by the first warp of the block to get there, not the last",
+         "arrived == (static_cast<unsigned>(s) * tiles + tile + 1) * warps)",
+         "arrived == (static_cast<unsigned>(s) * tiles + tile) * warps + 1)"),
+        ("P's slots that no chunk writes left unzeroed",
+         "P[i] = acc_t(0);  // the slots no chunk writes", "(void)P;"),
+    ],
+    "csrc/cuda/tc_kernels.h": [
+        ("the Grid's consumers wait for one tile fewer",
+         "rows_published(s - 1, rt0 + trows));", "rows_published(s - 1, rt0));"),
+        ("the Cluster's waits for the other phase",
+         "static_cast<uint32_t>(((s - 1) >> 1) & 1));", "static_cast<uint32_t>(((s + 1) >> 1) & 1));"),
+        ("one buffer of partial sums for all steps (Cluster)",
+         "(ex == Exchange::Cluster ? (s & 1) * L.d.p_buffer_bytes : 0)", "0"),
+        ("no block barrier between a step's tiles (Cluster)",
+         "if (ex != Exchange::Cluster || rt0 + RT < rows) env.sync_block();",
+         "if (ex != Exchange::Cluster) env.sync_block();"),
+    ],
+}
+
+
+def value_mutants(source: str, text: str) -> list[tuple[int, int, str, str]]:
+    """(start, end, description, replacement) of the source's value mutants."""
+    mutants = []
+    for what, old, new in VALUE_MUTANTS.get(source, []):
+        if text.count(old) != 1:
+            raise SystemExit(f"{source}: the value mutant '{what}' expects {old!r} once, found it "
+                             f"{text.count(old)} times: update VALUE_MUTANTS in {__file__}")
+        start = text.index(old)
+        mutants.append((start, start + len(old), what, new))
+    return mutants
 
 
 def call_sites(text: str) -> list[tuple[int, int, str]]:
@@ -57,7 +101,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     with open(os.path.join(ROOT, args.source)) as f:
-        sites = call_sites(f.read())
+        text = f.read()
+    # (start, end, what is changed, the replacement): every call removed, then the value mutants.
+    sites = [(start, end, call, "(void)0") for start, end, call in call_sites(text)]
+    sites += value_mutants(args.source, text)
     chosen = {int(n) for n in args.sites.split(",") if n} or set(range(1, len(sites) + 1))
     if not chosen <= set(range(1, len(sites) + 1)):
         parser.error(f"--sites: {args.source} has mutants 1 to {len(sites)}, got {sorted(chosen)}")
@@ -86,12 +133,12 @@ def main(argv=None) -> int:
         return 2
 
     survived = 0
-    for n, (start, end, call) in enumerate(sites, 1):
+    for n, (start, end, call, replacement) in enumerate(sites, 1):
         if n not in chosen:
             continue
         line = original.count("\n", 0, start) + 1
         with open(source_path, "w") as f:
-            f.write(original[:start] + "(void)0" + original[end:])
+            f.write(original[:start] + replacement + original[end:])
         proc = run(build, workdir, 3600, env)
         if proc.returncode != 0:
             print(f"[{n}/{len(sites)}] {args.source}:{line} {call}: the mutant does not build")
