@@ -84,10 +84,10 @@ struct TcLayout {
     return (words + ((4 - words) % 32 + 32) % 32) * 4 / operand_bytes();
   }
   NNRNN_HD int slots() const { return exchange == Exchange::Grid ? 1 : 2; }
+  NNRNN_HD int64_t slot_elems() const { return static_cast<int64_t>(a_rows()) * a_stride(); }
   // P's row stride: m-tiles x 16 columns plus 4 words, so that the accumulators'
   // stores (rows 2t and 2t + 1, columns g and g + 8) fall in different banks.
   NNRNN_HD int p_stride() const { return m_tiles() * kTcMmaM + 4; }
-  NNRNN_HD int64_t slot_elems() const { return static_cast<int64_t>(a_rows()) * a_stride(); }
   // P: the partial sums of a tile (k_chunks x rows_per_tile x p_stride float32).
   // Cluster: two buffers, for even and odd steps (no block barrier after a step's
   // last finish).
