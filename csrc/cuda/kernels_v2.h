@@ -120,12 +120,13 @@ struct LayoutV2 {
     return (p_vectors(acc_size) | 1) * static_cast<int>(16 / acc_size);
   }
   NNRNN_HD int64_t a_elems() const { return static_cast<int64_t>(slots()) * max_rows() * a_stride(); }
-  // P of one tile; two of them where a team's rows take several tiles (a tile's finish
-  // reads one while the next tile's product writes the other).
+  // P of one tile; two of them where a team's rows take several tiles, and always with
+  // the Cluster exchange (a tile's finish reads one while the next tile's product, of
+  // this step or the next, writes the other).
   NNRNN_HD int64_t p_tile_elems(int64_t acc_size) const {
     return static_cast<int64_t>(rows_per_tile) * p_cols() * p_stride(acc_size);
   }
-  NNRNN_HD int p_buffers() const { return max_rows() > rows_per_tile ? 2 : 1; }
+  NNRNN_HD int p_buffers() const { return exchange == Exchange::Cluster || max_rows() > rows_per_tile ? 2 : 1; }
   NNRNN_HD int64_t p_elems(int64_t acc_size) const { return p_buffers() * p_tile_elems(acc_size); }
   NNRNN_HD int64_t barrier_offset(int64_t acc_size) const {
     return ((a_elems() + p_elems(acc_size)) * acc_size + 15) / 16 * 16;
@@ -352,7 +353,10 @@ struct TeamKernel {
       acc_t* As = a_slot(s);
       for (int tile = 0; tile < tiles; ++tile) {
         const int rt0 = tile * RT, trows = rows - rt0 < RT ? rows - rt0 : RT;
-        acc_t* Pt = P + (tile & 1) * L.d.p_tile_elems;  // P of this tile (one buffer: tile is 0)
+        // P of this tile: consecutive tiles of a step alternate (one buffer: tile is 0);
+        // Cluster, also across steps (tile s x tiles + tile of the sequence).
+        const int parity = ex == Exchange::Cluster ? ((s & tiles) + tile) & 1 : tile & 1;
+        acc_t* Pt = P + parity * L.d.p_tile_elems;
         // This thread's element of the tile; its inputs are fetched first, so that
         // their latency overlaps the wait and the product.
         const int item = env.thread();
@@ -503,10 +507,11 @@ struct TeamKernel {
         }
         // No block barrier between a tile's finish and the next tile's product: that
         // product writes the other P and reads rows of A_s the finish does not touch, so
-        // one warp's finish overlaps another's product. After a step's last tile, every
-        // element of A_{s+1} written (and the Grid's one slot of A read) before the next
-        // step reads (overwrites) them.
-        if (tile + 1 == tiles) env.sync_block();
+        // one warp's finish overlaps another's product. After a step's last tile (Block,
+        // Grid), every element of A_{s+1} written (and the Grid's one slot of A read)
+        // before the next step reads (overwrites) them. Cluster: the next step reads A_{s+1}
+        // after its mbarrier waits, and its first tile writes the other P.
+        if (ex != Exchange::Cluster && tile + 1 == tiles) env.sync_block();
       }
     }
     // Why this ordering is enough (no barrier spans two steps' slots): A_{s+1} goes to
