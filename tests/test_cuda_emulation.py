@@ -366,9 +366,17 @@ def test_model_plan_takes_resident_clusters_from_the_device():
 
 def predicted_tables():
     """(file, N, B, dtype, kernel, forward, fwd+bwd) for each figure of the predicted tables in README.md
-    (| N=.., B=.. | v2 fwd / fwd+bwd | target | v1 fwd / fwd+bwd |) and docs/cuda.md
-    (| N=.., B=..[, dtype] | plan | fwd | fwd + bwd | target | v1 fwd / fwd+bwd or empty |)."""
+    (| N=.., B=.. | v2 fwd / fwd+bwd | target | v1 fwd / fwd+bwd |), docs/cuda.md
+    (| N=.., B=..[, dtype] | plan | fwd | fwd + bwd | target | v1 fwd / fwd+bwd or empty |) and
+    docs/tensor_cores.md (| [(]dtype, N = .., B = ..[)] | target | fwd / fwd+bwd | plan |; dtype
+    "float32 as TF32" is float32 with TF32 allowed)."""
     rows = []
+    for line in (ROOT / "docs/tensor_cores.md").read_text().splitlines():
+        m = re.match(r"\| \(?(bfloat16|float16|float32 as TF32), N = (\d+), B = (\d+)\)? \|", line)
+        if m:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            dtype = "float32 as TF32" if m[1].endswith("TF32") else m[1]
+            rows.append(("docs/tensor_cores.md", int(m[2]), int(m[3]), dtype, "auto", *map(float, cells[2].split(" / "))))
     for name in ("README.md", "docs/cuda.md"):
         for line in (ROOT / name).read_text().splitlines():
             m = re.match(r"\| N=(\d+), B=(\d+)(?:, (float\d+))? \|", line)
@@ -387,8 +395,10 @@ def test_predicted_tables_are_the_models():
     # README's and docs/cuda.md's predicted tables are copied from the model by hand: they must not drift.
     rows = predicted_tables()
     assert sum(r[0] == "README.md" for r in rows) == 8 and sum(r[0] == "docs/cuda.md" for r in rows) >= 14
+    assert sum(r[0] == "docs/tensor_cores.md" for r in rows) == 5
     for name, N, B, dtype, kernel, forward, both in rows:
-        _, p = model(N, B, getattr(torch, dtype), kernel)
+        tf32 = dtype == "float32 as TF32"
+        _, p = model(N, B, torch.float32 if tf32 else getattr(torch, dtype), kernel, allow_tf32=tf32)
         case = f"{name}: N={N} B={B} {dtype} {kernel}"
         assert forward == pytest.approx(p["forward_us"], abs=0.006), case
         assert both == pytest.approx(p["forward_us"] + p["backward_us"], abs=0.011), case  # a sum of rounded

@@ -87,26 +87,32 @@ def reference64_grads(x, W, b, h0, lengths, nl, go, ghn):
     return out, h_n, grads
 
 
+def emulated_matches_the_rounded_model(case, nl, layout, dtype):
+    """The emulated kernels' forward and gradients, checked against the model of the same
+    numerics: the float32 sums differ in order only, so a rounding may flip: about one
+    rounding of the output apart, plus one of an operand (|W| <= 1); gradients a few of
+    those apart (dW and db: sums over the batch and time)."""
+    x, W, b, h0, lengths, go, ghn = case
+    out, h_n = emulated(x, W, b, h0, lengths, nl, layout)
+    assert out.dtype == dtype and h_n.dtype == dtype
+    grads = emulated_backward(go, ghn, out, W, h0, lengths, nl, layout)
+    m_out, m_hn, m_grads = model_grads(x, W, b, h0, lengths, nl, go, ghn, OPERANDS[dtype])
+    tight = 2 * HALF_ULP[dtype] + OPERAND_HALF_ULP[dtype]
+    assert scaled_error(out, m_out) <= tight
+    assert scaled_error(h_n, m_hn) <= tight
+    for name, got, want in zip(("grad_x", "grad_W", "grad_b", "grad_h0"), grads, m_grads):
+        assert scaled_error(got, want) <= 8 * tight, name
+    return out, h_n, grads
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "tf32"])
 @pytest.mark.parametrize("nl", ["modrelu", "tanh", "relu"])
 def test_matches_the_rounded_model_and_the_float64_reference(layout, dtype, nl):
     T, B, N = 5, 11, 37
-    x, W, b, h0, lengths, go, ghn = make_case(T, B, N, dtype)
-    out, h_n = emulated(x, W, b, h0, lengths, nl, layout)
-    assert out.dtype == dtype and h_n.dtype == dtype
-    dx, dW, db, dh0 = emulated_backward(go, ghn, out, W, h0, lengths, nl, layout)
-
-    # (a) the model of the same numerics: the float32 sums differ in order only, so
-    # a rounding may flip: about one rounding of the output apart, plus one of an
-    # operand (|W| <= 1); gradients a few of those apart (dW and db: sums over the
-    # batch and time).
-    m_out, m_hn, m_grads = model_grads(x, W, b, h0, lengths, nl, go, ghn, OPERANDS[dtype])
-    tight = 2 * HALF_ULP[dtype] + OPERAND_HALF_ULP[dtype]
-    assert scaled_error(out, m_out) <= tight
-    assert scaled_error(h_n, m_hn) <= tight
-    for name, got, want in zip(("grad_x", "grad_W", "grad_b", "grad_h0"), (dx, dW, db, dh0), m_grads):
-        assert scaled_error(got, want) <= 8 * tight, name
+    x, W, b, h0, lengths, go, ghn = case = make_case(T, B, N, dtype)
+    # (a) the model of the same numerics
+    out, h_n, (dx, dW, db, dh0) = emulated_matches_the_rounded_model(case, nl, layout, dtype)
 
     # (b) the float64 reference, at the operand type's scale
     r_out, r_hn, r_grads = reference64_grads(x, W, b, h0, lengths, nl, go, ghn)
@@ -131,22 +137,15 @@ def test_without_h0_or_lengths(with_h0, with_lengths):
         assert scaled_error(got, want) <= 0.2, name  # dL/dh0 of a zero initial state is still defined
 
 
+@pytest.mark.parametrize("exchange", ["block", "cluster", "grid"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
-def test_cluster_with_three_tiles_a_step(dtype):
-    # The Cluster exchange has no block barrier after a step's last finish (even and
-    # odd steps use two buffers of partial sums), but has one after the others: the
-    # step's next tile writes the same buffer.
+def test_three_tiles_a_step(exchange, dtype):
+    # No block barrier between a tile's finish and the next tile's product, nor (Cluster)
+    # after a step's last finish: two buffers of partial sums, the third tile of a step
+    # back in the first one's; Grid, each tile published by the block's last warp.
     T, B, N = 6, 19, 37  # one team of 19 rows: tiles of 8, 8 and 3 rows
-    x, W, b, h0, lengths, go, ghn = make_case(T, B, N, dtype, seed=5)
-    layout = ("cluster", 3, 1, 8, 1)
-    out, h_n = emulated(x, W, b, h0, lengths, "modrelu", layout)
-    dx, dW, db, dh0 = emulated_backward(go, ghn, out, W, h0, lengths, "modrelu", layout)
-    m_out, m_hn, m_grads = model_grads(x, W, b, h0, lengths, "modrelu", go, ghn, OPERANDS[dtype])
-    tight = 2 * HALF_ULP[dtype] + OPERAND_HALF_ULP[dtype]
-    assert scaled_error(out, m_out) <= tight
-    assert scaled_error(h_n, m_hn) <= tight
-    for name, got, want in zip(("grad_x", "grad_W", "grad_b", "grad_h0"), (dx, dW, db, dh0), m_grads):
-        assert scaled_error(got, want) <= 8 * tight, name
+    layout = (exchange, 1 if exchange == "block" else 3, 1, 8, 1)
+    emulated_matches_the_rounded_model(make_case(T, B, N, dtype, seed=5), "modrelu", layout, dtype)
 
 
 def test_backward_is_deterministic():

@@ -45,6 +45,38 @@ namespace nnrnn::kern {
 
 enum class Exchange : int32_t { Block = 0, Cluster = 1, Grid = 2 };
 
+// P, the partial sums of a row tile (kernel v2 and the tensor-core kernel): two
+// buffers where a team's rows take several tiles, and always with the Cluster
+// exchange, so that no block barrier separates a tile's finish, which reads one,
+// from the next tile's product (of this step or, Cluster, the next), which writes
+// the other. Tile `tile` of step s takes the buffer of its parity: within a step,
+// tile; Cluster, its place in the sequence (s x tiles + tile). The tile after next
+// writes the same buffer only after its own first barrier, which every thread
+// reaches after this tile's finish.
+NNRNN_HD int p_buffer_count(Exchange ex, int max_rows, int rows_per_tile) {
+  return ex == Exchange::Cluster || max_rows > rows_per_tile ? 2 : 1;
+}
+NNRNN_HD int p_parity(Exchange ex, int s, int tiles, int tile) {
+  return ex == Exchange::Cluster ? ((s & tiles) + tile) & 1 : tile & 1;
+}
+// Block barriers per step: one per tile (its partial sums written), and after the
+// step's last tile, except Cluster (the next step waits on its mbarriers instead).
+NNRNN_HD int team_barriers(Exchange ex, int tiles) { return tiles + (ex == Exchange::Cluster ? 0 : 1); }
+
+// Grid: whether this warp is the block's last to have written its elements of a tile
+// (it then publishes the tile to the team). Lane 0 of every warp calls it once per tile,
+// after a warp barrier: a warp's writes come before its arrival (release, block scope),
+// every arrival before the last one's acquire, which comes before its release to the
+// team: causality is transitive in the PTX memory model. The last warp sets the count
+// back to 0: no warp arrives for the next tile before passing the block barrier after
+// that tile's product (or the step's), which the last warp reaches after this.
+template <class Env>
+NNRNN_DEV bool last_warp_of_tile(const Env& env, unsigned* warps_done, int warps) {
+  if (env.arrive(warps_done) + 1 != static_cast<unsigned>(warps)) return false;
+  *warps_done = 0;
+  return true;
+}
+
 // The register tile of one thread: KT values of k (whole 16-byte vectors) for CT
 // columns; warps of LANES threads.
 template <int KT_, int CT_, int LANES_>
@@ -120,13 +152,11 @@ struct LayoutV2 {
     return (p_vectors(acc_size) | 1) * static_cast<int>(16 / acc_size);
   }
   NNRNN_HD int64_t a_elems() const { return static_cast<int64_t>(slots()) * max_rows() * a_stride(); }
-  // P of one tile; two of them where a team's rows take several tiles, and always with
-  // the Cluster exchange (a tile's finish reads one while the next tile's product, of
-  // this step or the next, writes the other).
+  // P of one tile; p_buffer_count() of them.
   NNRNN_HD int64_t p_tile_elems(int64_t acc_size) const {
     return static_cast<int64_t>(rows_per_tile) * p_cols() * p_stride(acc_size);
   }
-  NNRNN_HD int p_buffers() const { return exchange == Exchange::Cluster || max_rows() > rows_per_tile ? 2 : 1; }
+  NNRNN_HD int p_buffers() const { return p_buffer_count(exchange, max_rows(), rows_per_tile); }
   NNRNN_HD int64_t p_elems(int64_t acc_size) const { return p_buffers() * p_tile_elems(acc_size); }
   NNRNN_HD int64_t barrier_offset(int64_t acc_size) const {
     return ((a_elems() + p_elems(acc_size)) * acc_size + 15) / 16 * 16;
@@ -353,10 +383,7 @@ struct TeamKernel {
       acc_t* As = a_slot(s);
       for (int tile = 0; tile < tiles; ++tile) {
         const int rt0 = tile * RT, trows = rows - rt0 < RT ? rows - rt0 : RT;
-        // P of this tile: consecutive tiles of a step alternate (one buffer: tile is 0);
-        // Cluster, also across steps (tile s x tiles + tile of the sequence).
-        const int parity = ex == Exchange::Cluster ? ((s & tiles) + tile) & 1 : tile & 1;
-        acc_t* Pt = P + parity * L.d.p_tile_elems;
+        acc_t* Pt = P + p_parity(ex, s, tiles, tile) * L.d.p_tile_elems;  // (one buffer: tile is 0)
         // This thread's element of the tile; its inputs are fetched first, so that
         // their latency overlaps the wait and the product.
         const int item = env.thread();
@@ -493,17 +520,11 @@ struct TeamKernel {
           }
         }
         // Grid: the last warp of the block to write its elements of the tile publishes
-        // the tile of A_{s+1}; the others go on to the next tile. A warp's writes are
-        // ordered before its lane 0's arrival (the warp barrier; release, block scope), the
-        // arrivals before the last one's release to the team (acquire, then release at
-        // GPU scope): causality is transitive in the PTX memory model.
+        // the tile of A_{s+1}; the others go on to the next tile.
         if constexpr (ex == Exchange::Grid) {
           env.sync_warp();
-          if (lane == 0) {
-            const unsigned arrived = env.arrive(warps_done) + 1;
-            if (s + 1 < T && arrived == (static_cast<unsigned>(s) * tiles + tile + 1) * warps)
-              env.flag_publish(pb.flags + g * C + q, tiles_published(s, tile + 1));
-          }
+          if (lane == 0 && last_warp_of_tile(env, warps_done, warps) && s + 1 < T)
+            env.flag_publish(pb.flags + g * C + q, tiles_published(s, tile + 1));
         }
         // No block barrier between a tile's finish and the next tile's product: that
         // product writes the other P and reads rows of A_s the finish does not touch, so

@@ -178,9 +178,7 @@ inline StepCost v2_cost(int64_t B, int64_t N, int64_t acc, const Plan& p, const 
   // Grid: a warp starts its product as soon as its own chunk has arrived, so the
   // copy from L2 and the product overlap (the model takes the longer of the two).
   const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
-  // Block barriers: one per tile, and one after the step's last tile (not Cluster).
-  const int barriers = tiles + (p.exchange == Exchange::Cluster ? 0 : 1);
-  const double work = product + finish / clock_mhz + barriers * k.block_barrier_us;
+  const double work = product + finish / clock_mhz + team_barriers(p.exchange, tiles) * k.block_barrier_us;
   const double step = team_step_us(p.exchange, exchange, work, RT, R);
   // The backward's finish reads two more inputs and writes three outputs: 10% more.
   return {step * waves, 1.1 * step * waves + dw_gemm_us(B, N, k)};

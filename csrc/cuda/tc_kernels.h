@@ -88,20 +88,20 @@ struct TcLayout {
   // P's row stride: m-tiles x 16 columns plus 4 words, so that the accumulators'
   // stores (rows 2t and 2t + 1, columns g and g + 8) fall in different banks.
   NNRNN_HD int p_stride() const { return m_tiles() * kTcMmaM + 4; }
-  // P: the partial sums of a tile (k_chunks x rows_per_tile x p_stride float32).
-  // Cluster: two buffers, for even and odd steps (no block barrier after a step's
-  // last finish).
-  NNRNN_HD int p_buffers() const { return exchange == Exchange::Cluster ? 2 : 1; }
+  // P: the partial sums of a tile (k_chunks x rows_per_tile x p_stride float32);
+  // p_buffer_count() of them, as in kernel v2.
+  NNRNN_HD int p_buffers() const { return p_buffer_count(exchange, max_rows(), rows_per_tile); }
   NNRNN_HD int64_t p_buffer_bytes() const {
     return (static_cast<int64_t>(k_chunks()) * rows_per_tile * p_stride() * 4 + 15) / 16 * 16;
   }
   // Shared memory: A (slots x a_rows x a_stride operands), S (max_rows x max_cols
-  // float32), P (p_buffers), 2 x C mbarriers (Cluster).
+  // float32), P (p_buffers), 2 x C mbarriers (Cluster) or the count of warps done
+  // with a tile (Grid).
   NNRNN_HD int64_t s_offset() const { return (slots() * slot_elems() * operand_bytes() + 15) / 16 * 16; }
   NNRNN_HD int64_t p_offset() const { return s_offset() + (static_cast<int64_t>(max_rows()) * max_cols() * 4 + 15) / 16 * 16; }
   NNRNN_HD int64_t barrier_offset() const { return p_offset() + p_buffers() * p_buffer_bytes(); }
   NNRNN_HD int64_t shared_bytes() const {
-    return barrier_offset() + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : 0);
+    return barrier_offset() + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : exchange == Exchange::Grid ? 8 : 0);
   }
 
   // The functions above, evaluated once on the host (derive()): the kernel reads
@@ -173,10 +173,15 @@ struct TcTeamKernel {
     constexpr int slots = ex == Exchange::Grid ? 1 : 2;
     const int slot_elems = L.d.slot_elems;
     auto a_slot = [&](int64_t m) { return A + (slots == 2 ? (m & 1) * slot_elems : 0); };
-    // Grid: where A_m goes (pairs of operands), and a producer's counter of the rows of
-    // A it has published (kernel v2's).
+    // Grid: where A_m goes (pairs of operands), a producer's counter of the rows of A it
+    // has published, and (at `bars`) the count of the block's warps done with a tile
+    // (kernel v2's).
     auto grid_slot = [&](int64_t m) { return grid_operands + ((m + 1) & 1) * L.B * L.d.row_pairs; };
     auto rows_published = [&](int64_t s_, int row_end) { return static_cast<unsigned long long>(s_) * rows + row_end; };
+    // A step's number of tiles, computed where it is used (as a tile's P address below,
+    // and the tile's index from rt0): values kept across the product spill in the KT = 16
+    // kernels (the static check).
+    auto tile_count = [&] { return (rows + RT - 1) / RT; };
 
     // This warp's fragments of Wop^T: w[i] is columns c0 + mt*16 + [0, 16) x k in
     // k0 + i*K + [0, K), zero outside the matrix. In registers for all steps. Built
@@ -223,18 +228,18 @@ struct TcTeamKernel {
       }
       env.sync_cluster();  // the barriers initialised and armed before any peer stores
     } else {
+      if (ex == Exchange::Grid && env.thread() == 0) *reinterpret_cast<unsigned*>(bars) = 0;
       env.sync_block();
     }
 
     for (int64_t s = 0; s < L.T; ++s) {
       bits* As = a_slot(s);
-      // This step's P (Cluster: the buffer of the step's parity), computed where it is
-      // used: a pointer kept across the product spills in the KT = 16 backward.
-      auto p_step = [&] {
-        return reinterpret_cast<float*>(smem + L.d.p_offset + (ex == Exchange::Cluster ? (s & 1) * L.d.p_buffer_bytes : 0));
-      };
       for (int rt0 = 0; rt0 < rows; rt0 += RT) {
         const int trows = rows - rt0 < RT ? rows - rt0 : RT;
+        auto p_tile = [&] {  // the tile's P (p_parity)
+          return reinterpret_cast<float*>(smem + L.d.p_offset +
+                                          p_parity(ex, static_cast<int>(s), tile_count(), rt0 / RT) * L.d.p_buffer_bytes);
+        };
         // This thread's first pair of the tile: its inputs are fetched first, so that
         // their latency overlaps the wait and the product (as in kernel v2). Not where
         // 16 instructions' W (64 registers) leaves no room for them across the product:
@@ -252,7 +257,7 @@ struct TcTeamKernel {
             for (int p = p_lo; p <= p_hi; ++p)
               env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
           } else if constexpr (ex == Exchange::Grid) {
-            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, rows_published(s - 1, rt0 + trows));
+            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + (env.block() - q + p), rows_published(s - 1, rt0 + trows));
             // The tile's rows of this warp's part of k (k0 is even), pair by pair; for
             // odd N the last pair's second operand is column N, a zero.
             const int pk0 = k0 / 2, width = (kend + 1) / 2 - pk0, row_pairs = L.d.row_pairs;
@@ -278,7 +283,7 @@ struct TcTeamKernel {
 #pragma unroll
 #endif
             for (int i = 0; i < KT; ++i) mma<kind>(env, acc[i & 1], w[i], mma_load_b<kind>(lane, src + i * K, stride));
-            float* dst = p_step() + (kq * RT + n0) * PS + mt * kTcMmaM;
+            float* dst = p_tile() + (kq * RT + n0) * PS + mt * kTcMmaM;
             for (int e = 0; e < 4; ++e) {
               const MmaCoord c = mma_c_coord(lane, e);  // row: column of the block; col: batch row
               dst[c.col * PS + c.row] = acc[0].r[e] + acc[1].r[e];
@@ -301,7 +306,7 @@ struct TcTeamKernel {
           float* state = S + (rt0 + r) * MC + c;
           auto element = [&](int h, const typename Problem::Inputs& in) {  // column c + h
             float dot = 0.0f;  // the partial sums in a fixed order
-            for (int kk = 0; kk < KQ; ++kk) dot += p_step()[(kk * RT + r) * PS + c + h];
+            for (int kk = 0; kk < KQ; ++kk) dot += p_tile()[(kk * RT + r) * PS + c + h];
             const float v = pb.finish(s, b, j + h, dot, state[h], in);
             state[h] = v;
             return v;
@@ -324,21 +329,23 @@ struct TcTeamKernel {
             }
           }
         }
-        // The tile's partial sums read and its elements published (all of them
-        // before the signal below) before P or A is written again. Cluster: not after a
-        // step's last tile, so that one warp's finish overlaps another's product. The
-        // next step writes the other P; the step after it writes this one after its own
-        // first barrier, which every thread reaches after this finish. A's slots are
-        // written by the team only after the mbarrier waits: A_{s+2} goes into A_s's slot
-        // after every peer has received all of this block's A_{s+1}, whose last rows are
-        // published after the first barrier of the step's last tile, itself after every
-        // read of A_s.
-        if (ex != Exchange::Cluster || rt0 + RT < rows) env.sync_block();
-        // Grid: signal the tile's rows of A_{s+1} (what the block's threads wrote is
-        // ordered before the release by the block barrier above, as in kernel v2).
+        // Grid: the last warp of the block to write its elements of the tile publishes
+        // its rows of A_{s+1} (kernel v2's ordering argument: a warp's writes, its lane
+        // 0's arrival, the last arrival's release to the team).
         if constexpr (ex == Exchange::Grid) {
-          if (s + 1 < L.T && env.thread() == 0) env.flag_publish(pb.flags + g * C + q, rows_published(s, rt0 + trows));
+          env.sync_warp();
+          if (lane == 0 && last_warp_of_tile(env, reinterpret_cast<unsigned*>(smem + L.d.barrier_offset), env.threads() / 32) &&
+              s + 1 < L.T)
+            env.flag_publish(pb.flags + env.block(), rows_published(s, rt0 + trows));  // g x C + q
         }
+        // No block barrier between a tile's finish and the next tile's product (the other
+        // P, rows of A the finish does not touch), as in kernel v2. After a step's last
+        // tile (Block, Grid), all of A_{s+1} written (Grid: this step's copies of A read)
+        // before the next step reads (overwrites) A. Cluster: A's slots are written by the
+        // team only after the mbarrier waits: A_{s+2} goes into A_s's slot after every peer
+        // has received all of this block's A_{s+1}, whose last rows are published after the
+        // first barrier of the step's last tile, itself after every read of A_s.
+        if (ex != Exchange::Cluster && rt0 + RT >= rows) env.sync_block();
       }
     }
     // Cluster: every store into this block was awaited above, but its own last stores into

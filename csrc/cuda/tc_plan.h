@@ -73,10 +73,9 @@ inline StepCost tc_cost(const TcLayout& L, const DeviceModel& d, const CostConst
   if (L.exchange == Exchange::Cluster) capacity = static_cast<int64_t>(active_clusters(d, L.team_blocks)) * L.team_blocks;
   const double waves = std::ceil(static_cast<double>(L.grid()) / std::max<int64_t>(capacity, 1));
   const double product = std::max(std::max(throughput * per_sm, chain) / clock_mhz, copy);
-  // Block barriers: two per tile (after the product, after the finish); Cluster, none
-  // after the step's last finish.
-  const int barriers = 2 * tiles - (L.exchange == Exchange::Cluster ? 1 : 0);
-  const double work = product + (finish + publish) / clock_mhz + barriers * k.block_barrier_us;
+  // Block barriers as kernel v2's; the finishes are counted whole (a tile's finish may
+  // overlap the next tile's product, which this model does not credit).
+  const double work = product + (finish + publish) / clock_mhz + team_barriers(L.exchange, tiles) * k.block_barrier_us;
   const double step = team_step_us(L.exchange, exchange, work, RT, R);
   const double gemm = L.kind == MmaKind::TF32 ? tc.gemm_fma_per_us / 2 : tc.gemm_fma_per_us;
   const double dw = static_cast<double>(L.B) * L.N * L.N / gemm;  // dW after the loop, per step
