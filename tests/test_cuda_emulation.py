@@ -392,7 +392,7 @@ def predicted_tables():
 
 
 def test_predicted_tables_are_the_models():
-    # README's and docs/cuda.md's predicted tables are copied from the model by hand: they must not drift.
+    # The predicted tables (README, docs/cuda.md, docs/tensor_cores.md) are copied from the model by hand: they must not drift.
     rows = predicted_tables()
     assert sum(r[0] == "README.md" for r in rows) == 8 and sum(r[0] == "docs/cuda.md" for r in rows) >= 14
     assert sum(r[0] == "docs/tensor_cores.md" for r in rows) == 5
