@@ -62,7 +62,7 @@ VALUE_MUTANTS = {
          "p_parity(ex, static_cast<int>(s), tile_count(), rt0 / RT)",
          "p_parity(Exchange::Block, static_cast<int>(s), tile_count(), rt0 / RT)"),
         ("the Grid's tile published by every warp of the block as it gets there, not the last",
-         "smem + L.d.barrier_offset), env.threads() / 32)", "smem + L.d.barrier_offset), 1)"),
+         "last_warp_of_tile(env, warps_done(), env.threads() / 32)", "last_warp_of_tile(env, warps_done(), 1)"),
     ],
 }
 

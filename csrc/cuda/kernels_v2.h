@@ -62,6 +62,11 @@ NNRNN_HD int p_parity(Exchange ex, int s, int tiles, int tile) {
 // Block barriers per step: one per tile (its partial sums written), and after the
 // step's last tile, except Cluster (the next step waits on its mbarriers instead).
 NNRNN_HD int team_barriers(Exchange ex, int tiles) { return tiles + (ex == Exchange::Cluster ? 0 : 1); }
+// Shared memory after P for the exchange's synchronisation: 2 x C mbarriers (Cluster),
+// the count of warps done with a tile (Grid).
+NNRNN_HD int exchange_sync_bytes(Exchange ex, int team_blocks) {
+  return ex == Exchange::Cluster ? 2 * team_blocks * 8 : ex == Exchange::Grid ? 8 : 0;
+}
 
 // Grid: whether this warp is the block's last to have written its elements of a tile
 // (it then publishes the tile to the team). Lane 0 of every warp calls it once per tile,
@@ -161,8 +166,8 @@ struct LayoutV2 {
   NNRNN_HD int64_t barrier_offset(int64_t acc_size) const {
     return ((a_elems() + p_elems(acc_size)) * acc_size + 15) / 16 * 16;
   }
-  NNRNN_HD int64_t shared_bytes(int64_t acc_size) const {  // + Grid's count of warps done with a tile
-    return barrier_offset(acc_size) + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : exchange == Exchange::Grid ? 8 : 0);
+  NNRNN_HD int64_t shared_bytes(int64_t acc_size) const {
+    return barrier_offset(acc_size) + exchange_sync_bytes(exchange, team_blocks);
   }
 
   // The functions above, evaluated once on the host (derive()): the kernel reads

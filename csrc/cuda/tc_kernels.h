@@ -101,7 +101,7 @@ struct TcLayout {
   NNRNN_HD int64_t p_offset() const { return s_offset() + (static_cast<int64_t>(max_rows()) * max_cols() * 4 + 15) / 16 * 16; }
   NNRNN_HD int64_t barrier_offset() const { return p_offset() + p_buffers() * p_buffer_bytes(); }
   NNRNN_HD int64_t shared_bytes() const {
-    return barrier_offset() + (exchange == Exchange::Cluster ? 2 * team_blocks * 8 : exchange == Exchange::Grid ? 8 : 0);
+    return barrier_offset() + exchange_sync_bytes(exchange, team_blocks);
   }
 
   // The functions above, evaluated once on the host (derive()): the kernel reads
@@ -174,14 +174,15 @@ struct TcTeamKernel {
     const int slot_elems = L.d.slot_elems;
     auto a_slot = [&](int64_t m) { return A + (slots == 2 ? (m & 1) * slot_elems : 0); };
     // Grid: where A_m goes (pairs of operands), a producer's counter of the rows of A it
-    // has published, and (at `bars`) the count of the block's warps done with a tile
-    // (kernel v2's).
+    // has published, and the count of the block's warps done with a tile (kernel v2's;
+    // its address computed where it is used, as P's below).
     auto grid_slot = [&](int64_t m) { return grid_operands + ((m + 1) & 1) * L.B * L.d.row_pairs; };
     auto rows_published = [&](int64_t s_, int row_end) { return static_cast<unsigned long long>(s_) * rows + row_end; };
     // A step's number of tiles, computed where it is used (as a tile's P address below,
     // and the tile's index from rt0): values kept across the product spill in the KT = 16
     // kernels (the static check).
     auto tile_count = [&] { return (rows + RT - 1) / RT; };
+    auto warps_done = [&] { return reinterpret_cast<unsigned*>(smem + L.d.barrier_offset); };
 
     // This warp's fragments of Wop^T: w[i] is columns c0 + mt*16 + [0, 16) x k in
     // k0 + i*K + [0, K), zero outside the matrix. In registers for all steps. Built
@@ -228,7 +229,7 @@ struct TcTeamKernel {
       }
       env.sync_cluster();  // the barriers initialised and armed before any peer stores
     } else {
-      if (ex == Exchange::Grid && env.thread() == 0) *reinterpret_cast<unsigned*>(bars) = 0;
+      if (ex == Exchange::Grid && env.thread() == 0) *warps_done() = 0;
       env.sync_block();
     }
 
@@ -334,8 +335,7 @@ struct TcTeamKernel {
         // 0's arrival, the last arrival's release to the team).
         if constexpr (ex == Exchange::Grid) {
           env.sync_warp();
-          if (lane == 0 && last_warp_of_tile(env, reinterpret_cast<unsigned*>(smem + L.d.barrier_offset), env.threads() / 32) &&
-              s + 1 < L.T)
+          if (lane == 0 && last_warp_of_tile(env, warps_done(), env.threads() / 32) && s + 1 < L.T)
             env.flag_publish(pb.flags + env.block(), rows_published(s, rt0 + trows));  // g x C + q
         }
         // No block barrier between a tile's finish and the next tile's product (the other
