@@ -1,7 +1,8 @@
 """Mutation check of the kernels' synchronisation (docs/cuda.md, "Mutation check").
 
 For every barrier and wait in a kernel source (default csrc/cuda/kernels_v2.h: block,
-warp and cluster barriers, mbarrier waits and armings, step-counter waits), builds a
+warp and cluster barriers, mbarrier waits and armings, step-counter waits, and the calls
+of exchange.h's helpers that make them), builds a
 copy of the package (CPU only) with that one call removed and runs the emulation
 tests of the kernel against the float64 reference (tests/test_cuda_emulation.py -k v2).
 Then the source's value mutants (VALUE_MUTANTS: an expression the synchronisation
@@ -13,7 +14,8 @@ watchdog). Prints one line per mutant; exit status 1 if any survives.
     python tools/mutation_check.py [--source csrc/cuda/kernels_v2.h] [--tests "-k v2"] [--workdir DIR]
                                    [--sites 1,4] [--test-file tests/test_cuda_emulation.py]
 
-(The tensor-core kernels: --source csrc/cuda/tc_kernels.h --test-file tests/test_tc_emulation.py --tests "".)
+(The tensor-core kernels: --source csrc/cuda/tc_kernels.h --test-file tests/test_tc_emulation.py --tests "".
+The protocol both share, csrc/cuda/exchange.h: --source csrc/cuda/exchange.h, once with each kernel's tests.)
 
 Slow (a rebuild of two translation units per mutant, 1-3 minutes each on 2 cores):
 run by hand after changing the kernels' synchronisation, not in CI.
@@ -30,32 +32,29 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALLS = r"env\.(sync_block|sync_warp|sync_cluster|sync_grid|mbar_wait|mbar_expect|flag_wait)\("
+# The environment's barriers, waits and armings, and the calls of exchange.h's helpers that
+# make them (not their definitions: "void " before the name).
+CALLS = (r"env\.(sync_block|sync_warp|sync_cluster|sync_grid|mbar_wait|mbar_expect|flag_wait)\("
+         r"|(?<!void )\b(init_cluster_exchange|arm_cluster_slot|wait_cluster_slices|wait_grid_rows)\(")
 
 
 # (what the change breaks, the text, its replacement): each text occurs exactly once in its source.
 VALUE_MUTANTS = {
     "csrc/cuda/kernels_v2.h": [
         ("the Grid's consumers wait for one tile fewer",
-         "tiles_published(s - 1, tile + 1));", "tiles_published(s - 1, tile));"),
-        ("the Cluster's waits for the other phase",
-         "static_cast<uint32_t>(((s - 1) >> 1) & 1));", "static_cast<uint32_t>(((s + 1) >> 1) & 1));"),
+         "rows_published(s - 1, rows, rt0 + trows));", "rows_published(s - 1, rows, rt0));"),
         ("one buffer of partial sums for all tiles",
          "P + p_parity(ex, s, tiles, tile) * L.d.p_tile_elems;", "P;"),
         ("the Cluster's buffers of partial sums alternated by tile only, not across steps",
          "p_parity(ex, s, tiles, tile)", "p_parity(Exchange::Block, s, tiles, tile)"),
         ("the Grid's tile published by every warp of the block as it gets there, not the last",
          "last_warp_of_tile(env, warps_done, warps)", "last_warp_of_tile(env, warps_done, 1)"),
-        ("the Grid's count of warps done with a tile not set back to 0",
-         "*warps_done = 0;\n  return true;", "(void)warps_done;\n  return true;"),
         ("P's slots that no chunk writes left unzeroed",
          "P[i] = acc_t(0);  // the slots no chunk writes", "(void)P;"),
     ],
     "csrc/cuda/tc_kernels.h": [
         ("the Grid's consumers wait for one tile fewer",
-         "rows_published(s - 1, rt0 + trows));", "rows_published(s - 1, rt0));"),
-        ("the Cluster's waits for the other phase",
-         "static_cast<uint32_t>(((s - 1) >> 1) & 1));", "static_cast<uint32_t>(((s + 1) >> 1) & 1));"),
+         "rows_published(s - 1, rows, rt0 + trows));", "rows_published(s - 1, rows, rt0));"),
         ("one buffer of partial sums for all tiles",
          "p_parity(ex, static_cast<int>(s), tile_count(), rt0 / RT) * L.d.p_buffer_bytes", "0"),
         ("the Cluster's buffers of partial sums alternated by tile only, not across steps",
@@ -63,6 +62,13 @@ VALUE_MUTANTS = {
          "p_parity(Exchange::Block, static_cast<int>(s), tile_count(), rt0 / RT)"),
         ("the Grid's tile published by every warp of the block as it gets there, not the last",
          "last_warp_of_tile(env, warps_done(), env.threads() / 32)", "last_warp_of_tile(env, warps_done(), 1)"),
+    ],
+    # The protocol both kernels share: run with each kernel's tests.
+    "csrc/cuda/exchange.h": [
+        ("the Cluster's waits for the other phase",
+         "static_cast<uint32_t>(((s - 1) >> 1) & 1));", "static_cast<uint32_t>(((s + 1) >> 1) & 1));"),
+        ("the Grid's count of warps done with a tile not set back to 0",
+         "*warps_done = 0;\n  return true;", "(void)warps_done;\n  return true;"),
     ],
 }
 

@@ -39,48 +39,10 @@
 #include <type_traits>
 
 #include "../activation.h"
+#include "exchange.h"
 #include "kernel_env.h"
 
 namespace nnrnn::kern {
-
-enum class Exchange : int32_t { Block = 0, Cluster = 1, Grid = 2 };
-
-// P, the partial sums of a row tile (kernel v2 and the tensor-core kernel): two
-// buffers where a team's rows take several tiles, and always with the Cluster
-// exchange, so that no block barrier separates a tile's finish, which reads one,
-// from the next tile's product (of this step or, Cluster, the next), which writes
-// the other. Tile `tile` of step s takes the buffer of its parity: within a step,
-// tile; Cluster, its place in the sequence (s x tiles + tile). The tile after next
-// writes the same buffer only after its own first barrier, which every thread
-// reaches after this tile's finish.
-NNRNN_HD int p_buffer_count(Exchange ex, int max_rows, int rows_per_tile) {
-  return ex == Exchange::Cluster || max_rows > rows_per_tile ? 2 : 1;
-}
-NNRNN_HD int p_parity(Exchange ex, int s, int tiles, int tile) {
-  return ex == Exchange::Cluster ? ((s & tiles) + tile) & 1 : tile & 1;
-}
-// Block barriers per step: one per tile (its partial sums written), and after the
-// step's last tile, except Cluster (the next step waits on its mbarriers instead).
-NNRNN_HD int team_barriers(Exchange ex, int tiles) { return tiles + (ex == Exchange::Cluster ? 0 : 1); }
-// Shared memory after P for the exchange's synchronisation: 2 x C mbarriers (Cluster),
-// the count of warps done with a tile (Grid).
-NNRNN_HD int exchange_sync_bytes(Exchange ex, int team_blocks) {
-  return ex == Exchange::Cluster ? 2 * team_blocks * 8 : ex == Exchange::Grid ? 8 : 0;
-}
-
-// Grid: whether this warp is the block's last to have written its elements of a tile
-// (it then publishes the tile to the team). Lane 0 of every warp calls it once per tile,
-// after a warp barrier: a warp's writes come before its arrival (release, block scope),
-// every arrival before the last one's acquire, which comes before its release to the
-// team: causality is transitive in the PTX memory model. The last warp sets the count
-// back to 0: no warp arrives for the next tile before passing the block barrier after
-// that tile's product (or the step's), which the last warp reaches after this.
-template <class Env>
-NNRNN_DEV bool last_warp_of_tile(const Env& env, unsigned* warps_done, int warps) {
-  if (env.arrive(warps_done) + 1 != static_cast<unsigned>(warps)) return false;
-  *warps_done = 0;
-  return true;
-}
 
 // The register tile of one thread: KT values of k (whole 16-byte vectors) for CT
 // columns; warps of LANES threads.
@@ -195,15 +157,6 @@ struct LayoutV2 {
                 static_cast<int>(barrier_offset(acc_size))};
   }
 };
-
-// The block of the team that owns column k (LayoutV2, or the tensor-core path's TcLayout).
-template <class TeamLayout>
-NNRNN_HD int producer_of(const TeamLayout& L, int64_t k) {
-  int q = static_cast<int>(k * L.team_blocks / L.N);  // col_begin(q) <= k up to rounding
-  while (q + 1 < L.team_blocks && L.col_begin(q + 1) <= k) ++q;
-  while (q > 0 && L.col_begin(q) > k) --q;
-  return q;
-}
 
 // ---------------------------------------------------------------- the two problems
 
@@ -339,12 +292,9 @@ struct TeamKernel {
     uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(A) + L.d.barrier_offset);
     const int slot_elems = L.d.slot_elems;  // 0: one slot (Grid)
     auto a_slot = [&](int m) { return A + (m & 1) * slot_elems; };  // where A_m is read
-    // Grid: a producer's step counter counts the tiles of A it has published: once the
-    // tiles before `tile_end` of A_{s+1} are out (at step s), s x tiles + tile_end (every
-    // block of a team has the same tiles). `warps_done` (shared) counts the block's warps
-    // that have written their elements of a tile: the last one publishes it.
+    // Grid: `warps_done` (shared) counts the block's warps that have written their
+    // elements of a tile: the last one publishes it (exchange.h).
     const int tiles = (rows + RT - 1) / RT, warps = env.threads() / LANES;
-    auto tiles_published = [&](int s_, int tile_end) { return static_cast<unsigned long long>(s_) * tiles + tile_end; };
     unsigned* warps_done = reinterpret_cast<unsigned*>(bars);
 
     // A_0 for the team's rows (every block computes all of it: no exchange), zero padding elsewhere.
@@ -368,18 +318,10 @@ struct TeamKernel {
       for (int j = 0; j < CT; ++j)
         w[i][j] = col + j * LC < ncols && k0 + i < N ? pb.weight(k0 + i, c0 + col + j * LC) : acc_t(0);
 
-    // Cluster: barrier [slot][p] of each block expects the bytes block p sends per
-    // step (the team's rows x p's columns), armed one phase ahead by thread p.
+    // Cluster: block p sends the team's rows x p's columns per step.
     auto expected_bytes = [&](int p) { return L.slice_bytes(rows, p, sizeof(acc_t)); };
     if constexpr (ex == Exchange::Cluster) {
-      if (env.thread() == 0)
-        for (int i = 0; i < 2 * C; ++i) env.mbar_init(bars + i, 1);
-      env.sync_block();
-      for (int p = env.thread(); p < C; p += env.threads()) {  // A_1 (slot 1) and A_2 (slot 0)
-        env.mbar_expect(bars + C + p, expected_bytes(p));
-        env.mbar_expect(bars + p, expected_bytes(p));
-      }
-      env.sync_cluster();  // the barriers initialised and armed before any peer stores
+      init_cluster_exchange(env, bars, C, expected_bytes);
     } else {
       env.sync_block();
     }
@@ -408,9 +350,9 @@ struct TeamKernel {
           const int wk1 = N < wk0 + LK * KT ? N : wk0 + LK * KT;
           const int p_lo = producer_of(L, wk0), p_hi = producer_of(L, wk1 - 1);
           if constexpr (ex == Exchange::Cluster) {
-            for (int p = p_lo; p <= p_hi; ++p) env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
+            wait_cluster_slices(env, bars, s, C, p_lo, p_hi);
           } else if constexpr (ex == Exchange::Grid) {
-            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + g * C + p, tiles_published(s - 1, tile + 1));
+            wait_grid_rows(env, pb.flags, g * C, p_lo, p_hi, rows_published(s - 1, rows, rt0 + trows));
             // This warp's part of the tile's rows of A_s into shared memory.
             const acc_t* src = pb.exchange(s) + static_cast<int64_t>(row0 + rt0) * N;
             acc_t* dst = As + rt0 * stride;
@@ -485,7 +427,7 @@ struct TeamKernel {
           // Every warp has passed its wait for A_s: arm slot s & 1 for A_{s+2}, before
           // this block publishes A_{s+1} (no producer sends A_{s+2} before that).
           if (rt0 == 0 && s > 0 && s + 2 < T)
-            for (int p = env.thread(); p < C; p += env.threads()) env.mbar_expect(bars + (s & 1) * C + p, expected_bytes(p));
+            arm_cluster_slot(env, bars, s & 1, C, expected_bytes);
         }
 
         if (mine) {
@@ -529,7 +471,7 @@ struct TeamKernel {
         if constexpr (ex == Exchange::Grid) {
           env.sync_warp();
           if (lane == 0 && last_warp_of_tile(env, warps_done, warps) && s + 1 < T)
-            env.flag_publish(pb.flags + g * C + q, tiles_published(s, tile + 1));
+            env.flag_publish(pb.flags + g * C + q, rows_published(s, rows, rt0 + trows));
         }
         // No block barrier between a tile's finish and the next tile's product: that
         // product writes the other P and reads rows of A_s the finish does not touch, so

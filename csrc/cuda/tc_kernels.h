@@ -173,11 +173,9 @@ struct TcTeamKernel {
     constexpr int slots = ex == Exchange::Grid ? 1 : 2;
     const int slot_elems = L.d.slot_elems;
     auto a_slot = [&](int64_t m) { return A + (slots == 2 ? (m & 1) * slot_elems : 0); };
-    // Grid: where A_m goes (pairs of operands), a producer's counter of the rows of A it
-    // has published, and the count of the block's warps done with a tile (kernel v2's;
-    // its address computed where it is used, as P's below).
+    // Grid: where A_m goes (pairs of operands), and the count of the block's warps done
+    // with a tile (exchange.h; its address computed where it is used, as P's below).
     auto grid_slot = [&](int64_t m) { return grid_operands + ((m + 1) & 1) * L.B * L.d.row_pairs; };
-    auto rows_published = [&](int64_t s_, int row_end) { return static_cast<unsigned long long>(s_) * rows + row_end; };
     // A step's number of tiles, computed where it is used (as a tile's P address below,
     // and the tile's index from rt0): values kept across the product spill in the KT = 16
     // kernels (the static check).
@@ -194,7 +192,7 @@ struct TcTeamKernel {
 #pragma unroll 1
 #endif
     for (int i = 0; i < KT; ++i) {
-      const MmaA f = mma_make_a<kind>(lane, [=](int m, int k) {
+      const MmaA f = mma_make_a<kind>(lane, [this, mt, k0, i, ncols, N, c0](int m, int k) {  // (copies, as [=])
         const int j = mt * kTcMmaM + m;
         const int kk = k0 + i * K + k;
         return j < ncols && kk < N ? pb.weight(kk, c0 + j) : 0.0f;
@@ -217,17 +215,10 @@ struct TcTeamKernel {
       S[r * MC + c] = pb.initial(row0 + r, c0 + c);
       pb.prologue(row0 + r, c0 + c);
     }
-    // Cluster: barrier [slot][p] of each block expects the bytes block p sends per
-    // step, armed one phase ahead by thread p (kernel v2's protocol, kernels_v2.h).
+    // Cluster: block p sends the team's rows x p's columns (as pairs) per step.
+    auto expected_bytes = [&](int p) { return L.slice_bytes(rows, p); };
     if constexpr (ex == Exchange::Cluster) {
-      if (env.thread() == 0)
-        for (int i = 0; i < 2 * C; ++i) env.mbar_init(bars + i, 1);
-      env.sync_block();
-      for (int p = env.thread(); p < C; p += env.threads()) {  // A_1 (slot 1) and A_2 (slot 0)
-        env.mbar_expect(bars + C + p, L.slice_bytes(rows, p));
-        env.mbar_expect(bars + p, L.slice_bytes(rows, p));
-      }
-      env.sync_cluster();  // the barriers initialised and armed before any peer stores
+      init_cluster_exchange(env, bars, C, expected_bytes);
     } else {
       if (ex == Exchange::Grid && env.thread() == 0) *warps_done() = 0;
       env.sync_block();
@@ -255,10 +246,9 @@ struct TcTeamKernel {
         // Cluster, all rows at the first tile; Grid, tile by tile.
         if (s > 0 && (rt0 == 0 || ex == Exchange::Grid)) {
           if constexpr (ex == Exchange::Cluster) {
-            for (int p = p_lo; p <= p_hi; ++p)
-              env.mbar_wait(bars + (s & 1) * C + p, static_cast<uint32_t>(((s - 1) >> 1) & 1));
+            wait_cluster_slices(env, bars, s, C, p_lo, p_hi);
           } else if constexpr (ex == Exchange::Grid) {
-            for (int p = p_lo; p <= p_hi; ++p) env.flag_wait(pb.flags + (env.block() - q + p), rows_published(s - 1, rt0 + trows));
+            wait_grid_rows(env, pb.flags, env.block() - q, p_lo, p_hi, rows_published(s - 1, rows, rt0 + trows));
             // The tile's rows of this warp's part of k (k0 is even), pair by pair; for
             // odd N the last pair's second operand is column N, a zero.
             const int pk0 = k0 / 2, width = (kend + 1) / 2 - pk0, row_pairs = L.d.row_pairs;
@@ -296,8 +286,7 @@ struct TcTeamKernel {
           // Every warp has passed its wait for A_s: arm slot s & 1 for A_{s+2}, before
           // this block publishes A_{s+1} (no producer sends A_{s+2} before that).
           if (rt0 == 0 && s > 0 && s + 2 < L.T)
-            for (int p = env.thread(); p < C; p += env.threads())
-              env.mbar_expect(bars + (s & 1) * C + p, L.slice_bytes(rows, p));
+            arm_cluster_slot(env, bars, static_cast<int>(s & 1), C, expected_bytes);
         }
 
         for (int item = env.thread(); item < trows * pairs; item += env.threads()) {
@@ -336,7 +325,7 @@ struct TcTeamKernel {
         if constexpr (ex == Exchange::Grid) {
           env.sync_warp();
           if (lane == 0 && last_warp_of_tile(env, warps_done(), env.threads() / 32) && s + 1 < L.T)
-            env.flag_publish(pb.flags + env.block(), rows_published(s, rt0 + trows));  // g x C + q
+            env.flag_publish(pb.flags + env.block(), rows_published(s, rows, rt0 + trows));  // g x C + q
         }
         // No block barrier between a tile's finish and the next tile's product (the other
         // P, rows of A the finish does not touch), as in kernel v2. After a step's last
