@@ -15,7 +15,7 @@
 //            only for the producers of its own k-chunk.
 //   Grid:    the team's blocks anywhere in a cooperative grid. Slices go through
 //            global memory; the last warp of a producer to write its elements of a
-//            row tile publishes a counter of the tiles written (release); before
+//            row tile publishes a counter of the rows written (release); before
 //            each tile a warp waits (acquire) for the producers of its k-chunk, then
 //            copies its chunk of the tile's rows into shared memory. Only for W too
 //            large for a cluster.
