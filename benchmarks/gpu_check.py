@@ -49,14 +49,15 @@ class Phase:
 # in docs/cuda.md (8 minutes on an H100); GPU_CHECK_<NAME>_S overrides one (per run).
 PHASES = [
     Phase("env", "Environment", 20),
-    Phase("build", "Build or load", 120),
+    Phase("build", "Build or load", 110),
     Phase("smoke", "Smoke: fwd+bwd vs float64", 40, needs=("extension",)),
-    Phase("timings", "Target timings", 55, needs=("extension",)),
-    Phase("barrier", "Barrier microbenchmark", 20, needs=("extension",)),
-    Phase("breakdown", "Profiler breakdown", 20, needs=("extension",)),
+    Phase("timings", "Target timings", 75, needs=("extension",)),
+    Phase("exchange", "Exchange microbenchmark", 25, needs=("extension",)),
+    Phase("barrier", "Barrier microbenchmark", 10, needs=("extension",)),
+    Phase("breakdown", "Profiler breakdown", 15, needs=("extension",)),
     Phase("tests", "GPU tests", 75),
-    Phase("sanitizer", "compute-sanitizer", 30, runs=3, needs=("gpu", "extension", "tool:compute-sanitizer")),
-    Phase("ncu", "Nsight Compute", 30, needs=("gpu", "extension", "tool:ncu")),
+    Phase("sanitizer", "compute-sanitizer", 25, runs=3, needs=("gpu", "extension", "tool:compute-sanitizer")),
+    Phase("ncu", "Nsight Compute", 25, needs=("gpu", "extension", "tool:ncu")),
     Phase("suites", "Benchmark suites", None, needs=("extension", "module:pytest_benchmark")),
 ]
 PHASE = {p.name: p for p in PHASES}
@@ -453,6 +454,7 @@ def timing_cells(r):
     f, fb = r.get("fwd") or {}, r.get("fwdbwd") or {}
     return [r.get("case"), r.get("impl"), (r.get("path") or "")[:70], fmt(f.get("us_per_step")), fmt(f.get("fixed_ms"), 3),
             fmt(fb.get("us_per_step")), fmt(fb.get("fixed_ms"), 3),
+            " / ".join(fmt(v) for v in r["model_us"]) if r.get("model_us") else "",
             fmt(r["peak_bytes"] / 2**20, 1) if r.get("peak_bytes") is not None else "", r.get("error", "")[:80]]
 
 
@@ -503,7 +505,18 @@ def report(out_dir: str) -> int:
     out += section_rows(lines, "timings", "row", f"Target timings ({setting.get('timer', '')}; per-step cost from "
                         f"T={setting.get('T')}; TF32 off on both sides)",
                         ["case", "impl", "path", "fwd µs/step", "fwd fixed ms", "fwd+bwd µs/step",
-                         "fwd+bwd fixed ms", "peak MiB", "error"], timing_cells)
+                         "fwd+bwd fixed ms", "model fwd / fwd+bwd", "peak MiB", "error"], timing_cells)
+    out += section_rows(lines, "timings", "same", "Target timings: paths not run again (what runs was timed above)",
+                        ["case", "impl", "path", "timed as"],
+                        lambda r: [r.get("case"), r.get("impl"), (r.get("path") or "")[:70], r.get("same_as")])
+    out += section_rows(lines, "exchange", "row", "Exchange: forward µs/step, one team, the layout forced "
+                        "(NNRNN_CUDA_TEAMS); above block: the exchange's latency and publishing",
+                        ["kernel", "dtype", "N", "B", "teams", "fwd µs/step", "model fwd", "above block µs",
+                         "fixed ms", "path", "error"],
+                        lambda r: [r.get("kernel"), r.get("dtype"), r.get("N"), r.get("B"), r.get("teams"),
+                                   fmt(r.get("us_per_step")), fmt((r.get("model_us") or [None])[0]),
+                                   fmt(r.get("above_block_us")), fmt(r.get("fixed_ms"), 3),
+                                   (r.get("path") or "")[:60], r.get("error", "")[:80]])
     out += section_rows(lines, "barrier", "row", "Barrier: forward µs/step of a tiny N at chosen grids",
                         ["grid", "path", "N", "B", "fwd µs/step", "fixed ms", "step cost above grid 1, µs"],
                         lambda r: [r.get("grid"), (r.get("path") or "")[:70], r.get("N"), r.get("B"),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one call on a lent GPU (docs/cuda.md, "The GPU check"): ten phases in order of value, each under
+# The one call on a lent GPU (docs/cuda.md, "The GPU check"): eleven phases in order of value, each under
 # its own `timeout -k` inside a total deadline; every result a JSON line in $OUT/results.jsonl the
 # moment it exists; an EXIT trap writes $OUT/summary.md from whatever exists, however the script
 # ends, and prints it with the verdict table last. On a CPU machine every phase runs as a dry run
@@ -9,7 +9,7 @@
 #                                (every phase's output), tests.xml, ncu.txt, benchmarks.json
 #   PYTHON=python3               the interpreter
 #   GPU_CHECK_TOTAL_S=480        deadline of the whole script; keep the device call's timeout_s above it
-#   GPU_CHECK_<PHASE>_S          a phase's cap in s (ENV BUILD SMOKE TIMINGS BARRIER BREAKDOWN TESTS NCU;
+#   GPU_CHECK_<PHASE>_S          a phase's cap in s (ENV BUILD SMOKE TIMINGS EXCHANGE BARRIER BREAKDOWN TESTS NCU;
 #                                SANITIZER per tool; SUITES: default what is left); 0 skips the phase
 #   GPU_CHECK_COMMIT             the commit, where the tree travels without .git
 #   NNRNN_PREBUILT_DIR           the extension prebuilt for the GPU machine (default .prebuilt/gpu)
@@ -77,6 +77,7 @@ if helper fallback-needed; then
   echo "== the remaining phases run with NNRNN_CUDA_FORCE_FALLBACK=1" >&2
 fi
 step timings "${phases[@]}" timings
+step exchange "${phases[@]}" exchange
 step barrier "${phases[@]}" barrier
 step breakdown "${phases[@]}" breakdown
 step tests "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider -k "not compute_sanitizer" \
@@ -88,7 +89,9 @@ for tool in memcheck racecheck synccheck; do
     "${sanitizer:-compute-sanitizer}" --tool "$tool" --kernel-name kns=nnrnn --error-exitcode 99 --print-limit 20 \
     "${phases[@]}" sanitizer-case
 done
-step ncu "$(helper which ncu)" --clock-control none --target-processes all --kernel-name regex:persistent \
+# the persistent kernels' names: KERNEL_NAMES in benchmarks/gpu_phases.py
+step ncu "$(helper which ncu)" --clock-control none --target-processes all \
+  --kernel-name "regex:persistent_kernel|team_kernel|tc_kernel" \
   --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
   --log-file "$OUT/ncu.txt" "${phases[@]}" ncu-case
 # shellcheck disable=SC2086  # GPU_CHECK_SUITES_ARGS is a list of options

@@ -1,7 +1,7 @@
 """The phases of benchmarks/gpu_check.sh that run torch. Each records its results as JSON lines
 (benchmarks.gpu_check.record) the moment they exist, and its verdict last.
 
-    python -m benchmarks.gpu_phases env|build|smoke|timings|barrier|breakdown
+    python -m benchmarks.gpu_phases env|build|smoke|timings|exchange|barrier|breakdown
     python -m benchmarks.gpu_phases sanitizer-case|ncu-case     the small cases run under those tools
 
 Without a GPU every phase is a dry run: the same code on the CPU at tiny sizes, so that the script
@@ -22,10 +22,12 @@ import sys
 import sysconfig
 import tempfile
 import time
+from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 
-from benchmarks.gpu_check import (FAILED, NOT_VERIFIED, PASSED, find_tool, read_results, record, since_start,
+from benchmarks.gpu_check import (FAILED, NOT_RUN, NOT_VERIFIED, PASSED, find_tool, read_results, record, since_start,
                                   source_hash)
 from benchmarks.static_check import read_ptxas_report
 
@@ -60,13 +62,18 @@ def run_text(cmd: list[str], timeout: float = 30) -> str:
 # ---------------------------------------------------------------- the CUDA paths
 
 
-DEFAULT_PATHS = "v2:NNRNN_CUDA_KERNEL=v2;v1:NNRNN_CUDA_KERNEL=v1;fallback:NNRNN_CUDA_FORCE_FALLBACK=1"
+DEFAULT_PATHS = ("tc:NNRNN_CUDA_KERNEL=tc;v2:NNRNN_CUDA_KERNEL=v2;v1:NNRNN_CUDA_KERNEL=v1;"
+                 "fallback:NNRNN_CUDA_FORCE_FALLBACK=1")
+# The persistent kernels' names (global_kernels.cuh): v1, v2, the tensor-core path.
+KERNEL_NAMES = r"persistent_kernel|team_kernel|tc_kernel"
 
 
 def cuda_paths() -> list[tuple[str, dict]]:
     """The paths run side by side: (name, environment settings). GPU_CHECK_PATHS overrides the
-    default, as "name:VAR=value,VAR=value;name:...": kernel v2, kernel v1 (float16/bfloat16 have
-    no v2: their "v2" row is the fallback, as cuda_path says) and the fallback.
+    default, as "name:VAR=value,VAR=value;name:...": the tensor-core path (float16, bfloat16, and
+    float32 where TF32 is allowed), kernel v2 (float32, float64), kernel v1 and the fallback. Where
+    a path does not take a case (cuda_path says the fallback, or the same plan as a path before it)
+    the case is not run again for it.
     Once the fallback is forced for the whole check (after a hang), only the fallback runs."""
     if os.environ.get("NNRNN_CUDA_FORCE_FALLBACK", "0") not in ("", "0"):
         return [("fallback", {})]
@@ -102,6 +109,33 @@ def path_name(N: int, B: int, dtype) -> str:
     import nnrnn_fused
 
     return nnrnn_fused.cuda_path(N, B, dtype) if GPU else "cpu"
+
+
+def same_code(path: str) -> str:
+    """What runs for a cuda_path text: the fallback whatever its reason, else the plan itself."""
+    return "fallback" if path.startswith("fallback") else path
+
+
+@contextmanager
+def tf32(allowed: bool):
+    """TF32 in float32 matmuls (the tensor-core path's switch) and cuDNN, inside; restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A case's dtype: "tf32" is float32 (run with TF32 allowed)."""
+    return torch.float32 if name == "tf32" else getattr(torch, name)
+
+
+def predicted_us(path: str):
+    """The model's [forward, forward+backward] µs/step in a cuda_path text, or None."""
+    m = re.search(r"predicted ([\d.]+) us/step forward, ([\d.]+) us/step backward", path)
+    return [float(m.group(1)), round(float(m.group(1)) + float(m.group(2)), 2)] if m else None
 
 
 # ---------------------------------------------------------------- 1. environment
@@ -330,8 +364,10 @@ def phase_build() -> None:
 
 # (T, B, N, with h0 and lengths); dtypes; bounds on ||got - ref|| / ||ref|| (forward, gradients)
 SMOKE_SHAPES = [(17, 5, 300, True), (32, 32, 512, False), (8, 128, 1024, False)] if GPU else [(5, 3, 16, True)]
-SMOKE_DTYPES = ["float32", "float64", "float16", "bfloat16"] if GPU else ["float32", "float64"]
-SMOKE_BOUNDS = {"float64": (1e-10, 1e-9), "float32": (1e-5, 1e-4), "float16": (3e-3, 2e-2), "bfloat16": (2e-2, 1e-1)}
+# "tf32": float32 with TF32 allowed (the tensor-core path's operands rounded to 10 mantissa bits).
+SMOKE_DTYPES = ["float32", "float64", "float16", "bfloat16", "tf32"] if GPU else ["float32", "float64"]
+SMOKE_BOUNDS = {"float64": (1e-10, 1e-9), "float32": (1e-5, 1e-4), "float16": (3e-3, 2e-2), "bfloat16": (2e-2, 1e-1),
+                "tf32": (3e-3, 2e-2)}
 FATAL = re.compile(r"launch failure|illegal (instruction|memory|address)|unspecified|device-side assert|CUDA error")
 
 
@@ -344,7 +380,7 @@ def smoke_case(T, B, N, dtype_name, full, seed) -> dict:
     import nnrnn_fused
     from nnrnn_fused.reference import nnrnn_recurrence
 
-    dtype = getattr(torch, dtype_name)
+    dtype = torch_dtype(dtype_name)
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
     x64 = torch.randn(T, B, N, generator=g, dtype=torch.float64)
@@ -378,8 +414,14 @@ def smoke_path(name: str) -> int:
             for dtype_name in SMOKE_DTYPES:
                 row = dict(path=name, T=T, B=B, N=N, dtype=dtype_name, with_h0_lengths=full)
                 try:
-                    row["plan"] = path_name(N, B, getattr(torch, dtype_name))
-                    row.update(smoke_case(T, B, N, dtype_name, full, seed))
+                    with tf32(dtype_name == "tf32"):
+                        row["plan"] = plan = path_name(N, B, torch_dtype(dtype_name))
+                        # the fallback is the fallback path's to run; TF32 changes only the tensor-core path
+                        if GPU and name != "fallback" and (plan.startswith("fallback") or
+                                                           (dtype_name == "tf32" and "tensor cores" not in plan)):
+                            record("smoke", "skip", **row)
+                            continue
+                        row.update(smoke_case(T, B, N, dtype_name, full, seed))
                 except Exception as e:  # recorded; a lost CUDA context ends the path
                     row.update(ok=False, error=f"{type(e).__name__}: {e}"[:400])
                     record("smoke", "case", **row)
@@ -410,16 +452,21 @@ def phase_smoke() -> None:
     wrong = [f"{r['path']} {r['dtype']} N={r['N']} B={r['B']}: {r.get('error') or 'error above the bound'}"[:160]
              for r in cases if not r.get("ok")]
     lost = [f"path {r['path']}: {r['detail']}"[:160] for r in mine if r["kind"] == "path"]
-    detail = "; ".join([f"{len(cases) - len(wrong)} of {len(cases)} cases within bounds"] + lost + wrong[:3])
+    skipped = sum(r["kind"] == "skip" for r in mine)
+    again = [f"{skipped} not run again (the fallback's, or TF32 without tensor cores)"] if skipped else []
+    detail = "; ".join([f"{len(cases) - len(wrong)} of {len(cases)} cases within bounds"] + again + lost + wrong[:3])
     verdict("smoke", not wrong and not lost and len(cases) > 0, detail)
 
 
 # ---------------------------------------------------------------- 4. target timings
 
-# (label, dtype, N, B): the compass cases of the kernel issues.
+# (label, dtype, N, B): the compass cases of the kernel issues (v2: float32; the tensor-core path:
+# float16, bfloat16, and float32 as TF32: dtype "tf32", TF32 allowed on both sides).
 COMPASS = ([("f32 N=512 B=32", "float32", 512, 32), ("f32 N=1024 B=128", "float32", 1024, 128),
             ("f32 N=128 B=10", "float32", 128, 10), ("f32 N=256 B=1", "float32", 256, 1),
-            ("f16 N=768 B=16", "float16", 768, 16), ("bf16 N=768 B=16", "bfloat16", 768, 16)]
+            ("f16 N=768 B=16", "float16", 768, 16), ("bf16 N=768 B=16", "bfloat16", 768, 16),
+            ("bf16 N=512 B=32", "bfloat16", 512, 32), ("bf16 N=1024 B=128", "bfloat16", 1024, 128),
+            ("tf32 N=1024 B=128", "tf32", 1024, 128)]
            if GPU else [("dry f32 N=16 B=2", "float32", 16, 2)])
 T_PAIR = (100, 400) if GPU else (5, 10)
 
@@ -457,11 +504,17 @@ def per_step(times: dict) -> dict:
     return {"us_per_step": us, "fixed_ms": ms1 - t1 * us / 1e3, "ms": {str(k): v for k, v in times.items()}}
 
 
+@lru_cache(maxsize=4)
+def orthogonal(N: int, seed: int = 0) -> torch.Tensor:
+    """A random orthogonal N x N matrix on the CPU (a QR: once per size, not per runner)."""
+    return torch.linalg.qr(torch.randn(N, N, generator=torch.Generator().manual_seed(seed)))[0]
+
+
 def make_runner(impl: str, N: int, B: int, T: int, dtype, grad: bool, seed: int = 0):
     """A closure running one call (forward, or forward+backward) of an implementation."""
     import nnrnn_fused
 
-    g, on_device = torch.Generator().manual_seed(seed), torch.Generator(DEVICE).manual_seed(seed)
+    g, on_device = torch.Generator().manual_seed(seed + 1), torch.Generator(DEVICE).manual_seed(seed)
     x = torch.randn(T, B, N, generator=on_device, device=DEVICE).to(dtype).requires_grad_(grad)
     if impl.startswith("cudnn"):
         module = (torch.nn.RNN(N, N, nonlinearity="tanh") if impl == "cudnn_rnn" else torch.nn.LSTM(N, N))
@@ -470,8 +523,7 @@ def make_runner(impl: str, N: int, B: int, T: int, dtype, grad: bool, seed: int 
         def forward():
             return module(x)[0]
     else:
-        q, _ = torch.linalg.qr(torch.randn(N, N, generator=g))
-        W = (0.95 * q).to(DEVICE, dtype).requires_grad_(grad)
+        W = (0.95 * orthogonal(N, seed)).to(DEVICE, dtype).requires_grad_(grad)
         b = (0.01 * torch.randn(N, generator=g)).to(DEVICE, dtype).requires_grad_(grad)
 
         def forward():
@@ -486,22 +538,35 @@ def make_runner(impl: str, N: int, B: int, T: int, dtype, grad: bool, seed: int 
 
 
 def phase_timings() -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False  # true float32 on both sides
+    torch.backends.cuda.matmul.allow_tf32 = False  # true float32 on both sides (but in the "tf32" case)
     torch.backends.cudnn.allow_tf32 = False
     record("timings", "settings", T=list(T_PAIR), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-           tf32_cudnn=torch.backends.cudnn.allow_tf32,
+           tf32_cudnn=torch.backends.cudnn.allow_tf32, tf32_cases=[c[0] for c in COMPASS if c[1] == "tf32"],
            timer="CUDA events, median" if GPU else "perf_counter, median (dry run)")
     impls = cuda_paths() if GPU else [("cpu", {})]
     impls += [("cudnn_rnn", {}), ("cudnn_lstm", {})] if GPU else [("torch_rnn", {}), ("torch_lstm", {})]
     rows = errors = 0
     for label, dtype_name, N, B in COMPASS:
-        dtype = getattr(torch, dtype_name)
+        dtype = torch_dtype(dtype_name)
+        timed = {}  # what runs (same_code) -> the impl that timed it, in this case
         for name, settings in impls:
             baseline = name.startswith(("cudnn", "torch_"))
             row = dict(case=label, dtype=dtype_name, N=N, B=B, impl=name if baseline else f"fused {name}")
             try:
-                with using_env(settings):
+                with using_env(settings), tf32(dtype_name == "tf32"):
                     row["path"] = "cudnn" if GPU and baseline else ("cpu" if baseline else path_name(N, B, dtype))
+                    if not baseline:
+                        # timed already in this case; or TF32, which only the tensor-core path (and
+                        # the fallback's GEMMs) use: the float32 case has the other kernels
+                        done = timed.get(same_code(row["path"]))
+                        if done is None and dtype_name == "tf32" and row["path"].startswith("persistent") \
+                                and "tensor cores" not in row["path"]:
+                            done = "the float32 case (no TF32 in this kernel)"
+                        if done is not None:
+                            record("timings", "same", **row, same_as=done)
+                            continue
+                        timed[same_code(row["path"])] = row["impl"]
+                        row["model_us"] = predicted_us(row["path"])
                     kind = "cudnn_rnn" if name in ("cudnn_rnn", "torch_rnn") else (
                         "cudnn_lstm" if name in ("cudnn_lstm", "torch_lstm") else "fused")
                     for mode, grad in (("fwd", False), ("fwdbwd", True)):
@@ -523,7 +588,89 @@ def phase_timings() -> None:
     verdict("timings", errors == 0, f"{rows} rows, {errors} with an error")
 
 
-# ---------------------------------------------------------------- 5. barrier microbenchmark
+# ---------------------------------------------------------------- 5. exchange microbenchmark
+
+# Kernel v2 (float32) and the tensor-core kernel (bfloat16) at a small N, one team, each exchange
+# forced with NNRNN_CUDA_TEAMS: the product is small there, so a step's cost above the block
+# exchange's is the exchange's own (latency and publishing): the model's cluster_exchange_us and
+# grid_exchange_us (plan.h), which only a GPU can measure. Then the cluster of 16 with more rows,
+# whose slope adds the bytes each block stores into its 15 peers (dsmem_bytes_per_clock).
+# (kernel, dtype, N, B, NNRNN_CUDA_TEAMS)
+LATENCY_SPECS = ["block:1x1", "cluster:2x1", "cluster:4x1", "cluster:8x1", "cluster:16x1", "grid:2x1", "grid:4x1",
+                 "grid:8x1", "grid:16x1"]
+EXCHANGE_CASES = ([("v2", "float32", 64, 1, s) for s in LATENCY_SPECS] +
+                  [("tc", "bfloat16", 128, 8, s) for s in LATENCY_SPECS] +
+                  [("v2", "float32", 256, B, "cluster:16x1") for B in (1, 8, 32)]
+                  if GPU else [(k, "float32", 16, 1, s) for k in ("v2", "tc") for s in ("block:1x1", "cluster:2x1",
+                                                                                          "grid:2x1")])
+
+
+def emulated_forward(kernel: str, spec: str, x, W) -> str:
+    """Dry run: the emulated kernel (v2, or tc as TF32, with the emulation's KT of 1) with the layout
+    the plan takes for `spec`; returns the plan's text."""
+    N, B = W.shape[0], x.shape[1]
+    with using_env({"NNRNN_CUDA_TEAMS": spec}):
+        text, v = torch.ops.nnrnn_fused.model_plan(N, B, torch.float32, kernel, allow_tf32=kernel == "tc")
+    if v[0] == 0:
+        raise RuntimeError(text)
+    exchange, C, G, rt = ["block", "cluster", "grid"][int(v[1])], int(v[2]), int(v[3]), int(v[5])
+    if kernel == "v2":
+        torch.ops.nnrnn_fused.emulated_recurrence_v2(x, W, None, None, None, "tanh", exchange, C, G, rt)
+    else:
+        torch.ops.nnrnn_fused.emulated_recurrence_tc(x, W, None, None, None, "tanh", exchange, C, G, rt, 1)
+    return text
+
+
+def phase_exchange() -> None:
+    """Forward µs/step of EXCHANGE_CASES (T = 200 and 1000, CUDA events), beside the model's prediction
+    for the same layout; per kernel, the step cost above its block exchange's. Dry run: the emulated
+    kernels with the layouts the plan takes for those settings, at T = 3 and 6."""
+    import nnrnn_fused
+
+    if os.environ.get("NNRNN_CUDA_FORCE_FALLBACK", "0") not in ("", "0"):
+        record("exchange", "verdict", verdict=NOT_RUN, detail="the fallback is forced for the remaining phases "
+               "(a path hung or lost the CUDA context in smoke): no persistent kernel to time")
+        return
+    T_steps = (200, 1000) if GPU else (3, 6)
+    base, count, errors = {}, 0, 0
+    for kernel, dtype_name, N, B, spec in EXCHANGE_CASES:
+        row = dict(kernel=kernel, dtype=dtype_name, N=N, B=B, teams=spec)
+        if seconds_left() < 2:
+            row["error"] = "not run: the phase's time is up"
+            record("exchange", "row", **row)
+            errors += 1
+            continue
+        try:
+            dtype = getattr(torch, dtype_name)
+            times = {}
+            for T in T_steps:
+                g = torch.Generator().manual_seed(T)
+                x = torch.randn(T, B, N, generator=g).to(DEVICE, dtype)
+                W = (0.9 * orthogonal(N)).to(DEVICE, dtype)
+                if GPU:
+                    with using_env({"NNRNN_CUDA_KERNEL": kernel, "NNRNN_CUDA_TEAMS": spec}):
+                        row["path"] = nnrnn_fused.cuda_path(N, B, dtype)
+                        if not row["path"].startswith("persistent"):
+                            raise RuntimeError(f"the plan is not the forced layout: {row['path']}")
+                        times[T] = median_ms(lambda: nnrnn_fused.fused_nnrnn(x, W, nonlinearity="tanh"), 0.1)
+                else:
+                    row["path"] = "emulated: " + emulated_forward(kernel, spec, x, W)
+                    times[T] = median_ms(lambda: emulated_forward(kernel, spec, x, W), budget_s=0.05)
+            row.update({k: v for k, v in per_step(times).items() if k != "ms"})
+            row["model_us"] = predicted_us(row["path"])
+            if spec == "block:1x1":
+                base[(kernel, N, B)] = row["us_per_step"]
+            if (kernel, N, B) in base:
+                row["above_block_us"] = row["us_per_step"] - base[(kernel, N, B)]
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            errors += 1
+        record("exchange", "row", **row)
+        count += 1
+    verdict("exchange", errors == 0 and count > 0, f"{count} layouts, {errors} with an error")
+
+
+# ---------------------------------------------------------------- 6. barrier microbenchmark
 
 
 def phase_barrier() -> None:
@@ -572,9 +719,9 @@ def phase_barrier() -> None:
     verdict("barrier", errors == 0 and count > 0, f"{count} grids, {errors} with an error")
 
 
-# ---------------------------------------------------------------- 6. profiler breakdown
+# ---------------------------------------------------------------- 7. profiler breakdown
 
-CATEGORIES = [("persistent kernel", r"persistent_kernel"), ("fallback pointwise", r"pointwise_kernel"),
+CATEGORIES = [("persistent kernel", KERNEL_NAMES), ("fallback pointwise", r"pointwise_kernel"),
               ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|aten::mm|aten::addmm"),
               ("fused op (CPU)", r"nnrnn_fused::")]
 
@@ -650,7 +797,7 @@ def ncu_case() -> None:
 
 
 COMMANDS = {"env": phase_env, "build": phase_build, "smoke": phase_smoke, "timings": phase_timings,
-            "barrier": phase_barrier, "breakdown": phase_breakdown, "sanitizer-case": sanitizer_case,
+            "exchange": phase_exchange, "barrier": phase_barrier, "breakdown": phase_breakdown, "sanitizer-case": sanitizer_case,
             "ncu-case": ncu_case}
 
 if __name__ == "__main__":

@@ -79,8 +79,10 @@ def cuda_path(N, B, dtype=torch.float32, device="cuda"):
     e.g. "persistent v1: 22 x 6 blocks (column x row groups) of 512 threads, ..."),
     "fallback: <reason>" (a GEMM per step plus a fused pointwise kernel), "empty: ..."
     (N or B is 0) or "unavailable: <reason>" (no CUDA kernels built, or no GPU). The
-    fallback can be forced with NNRNN_CUDA_FORCE_FALLBACK=1, the persistent layout with
-    NNRNN_CUDA_PLAN=<col_groups>x<row_groups> (docs/cuda.md).
+    fallback can be forced with NNRNN_CUDA_FORCE_FALLBACK=1, a kernel with
+    NNRNN_CUDA_KERNEL=v1|v2|tc, kernel v1's layout with NNRNN_CUDA_PLAN=<col_groups>x<row_groups>,
+    kernel v2's and the tensor-core kernel's team layout with
+    NNRNN_CUDA_TEAMS=<exchange>:<blocks per team>[x<teams>] (docs/cuda.md).
     """
     _extension.require()
     return torch.ops.nnrnn_fused.cuda_path(int(N), int(B), dtype, torch.device(device))

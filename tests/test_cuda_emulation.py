@@ -404,6 +404,41 @@ def test_predicted_tables_are_the_models():
         assert both == pytest.approx(p["forward_us"] + p["backward_us"], abs=0.011), case  # a sum of rounded
 
 
+@pytest.mark.parametrize("spec,exchange,C,G", [
+    ("block:1", "block", 1, None), ("block:1x4", "block", 1, 4), ("cluster:2", "cluster", 2, None),
+    ("cluster:16x1", "cluster", 16, 1), ("grid:2", "grid", 2, None), ("grid:8x2", "grid", 8, 2)])
+@pytest.mark.parametrize("N,B,dtype,kernel", [(64, 8, torch.float32, "v2"), (128, 16, torch.bfloat16, "tc")])
+def test_team_layout_set_by_environment(monkeypatch, spec, exchange, C, G, N, B, dtype, kernel):
+    # NNRNN_CUDA_TEAMS=<exchange>:<C>[x<G>]: the GPU check's exchange microbenchmark times kernel v2's and
+    # the tensor-core kernel's exchanges one at a time; rows per tile (and KT) stay the model's.
+    _, best = model(N, B, dtype, kernel)
+    monkeypatch.setenv("NNRNN_CUDA_TEAMS", spec)
+    text, p = model(N, B, dtype, kernel)
+    assert p["version"] == (2 if kernel == "v2" else 3), text
+    assert (p["exchange"], p["col_groups"]) == (exchange, C) and p["row_groups"] == (G or p["row_groups"]), text
+    assert f"; layout set by NNRNN_CUDA_TEAMS={spec}; predicted" in text
+    # one of the layouts the model chose among without the setting: never faster than its choice
+    assert p["forward_us"] + p["backward_us"] >= best["forward_us"] + best["backward_us"] - 1e-9
+
+
+def test_team_layout_set_by_environment_refusals(monkeypatch):
+    monkeypatch.setenv("NNRNN_CUDA_TEAMS", "cluster:16")  # more blocks than columns: no such layout
+    text, p = model(8, 4, torch.float32, "v2")
+    assert p["version"] == 0 and "kernel v2: no layout fits NNRNN_CUDA_TEAMS=cluster:16" in text, text
+    text, p = model(16, 4, torch.bfloat16, "tc")
+    assert p["version"] == 0 and "tensor-core path: no layout fits NNRNN_CUDA_TEAMS=cluster:16" in text, text
+    monkeypatch.setenv("NNRNN_CUDA_TEAMS", "grid:2x7")  # B = 10 has no 7 teams (rows 2 make 5, rows 1 make 10)
+    assert model(64, 10, torch.float32, "v2")[1]["version"] == 0
+    for bad, message in [("cluster", "must be <exchange>:<blocks per team>"), ("mesh:2", "must be <exchange>"),
+                         ("cluster:4x0", "must be <exchange>"), ("grid:x2", "must be <exchange>"),
+                         ("cluster:3", "clusters have 2, 4, 8 or 16 blocks"),
+                         ("block:2", "the block exchange has one block per team"),
+                         ("grid:1", "the grid exchange has 2 or more blocks per team")]:
+        monkeypatch.setenv("NNRNN_CUDA_TEAMS", bad)
+        with pytest.raises(ValueError, match=message):
+            model(64, 8, torch.float32, "v2")
+
+
 def test_model_plan_kernel_choice(monkeypatch):
     monkeypatch.setenv("NNRNN_CUDA_PLAN", "1x8")  # forces kernel v1's layout, hence v1
     text, p = model(32, 8, torch.float32)

@@ -4,6 +4,7 @@ summary survive, the deadline and a signal end it cleanly, and nothing is PASSED
 show. Also the parsers of its tool outputs."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,8 @@ needs_extension = pytest.mark.skipif(not _extension.WITH_CUDA, reason="needs the
 # Phases that do not hang in a dry run get room for a loaded CI machine (their H100 caps are for a GPU's speed);
 # a test that needs a cap or the deadline sets it itself.
 DRY_RUN_CAPS = dict(GPU_CHECK_TOTAL_S="850", GPU_CHECK_ENV_S="120", GPU_CHECK_BUILD_S="300",
-                    GPU_CHECK_BARRIER_S="120", GPU_CHECK_BREAKDOWN_S="120", GPU_CHECK_TESTS_S="300")
+                    GPU_CHECK_EXCHANGE_S="120", GPU_CHECK_BARRIER_S="120", GPU_CHECK_BREAKDOWN_S="120",
+                    GPU_CHECK_TESTS_S="300")
 
 
 def run_script(cwd, out, timeout=900, **env):
@@ -84,8 +86,8 @@ def test_dry_run_survives_forced_hangs(tmp_path):
     assert proc.returncode == 1, log  # a phase FAILED (the hangs)
     summary = (out / "summary.md").read_text()
     assert proc.stdout == summary, log  # stdout is the summary, the phase table last
-    table = summary.rstrip().splitlines()[-10:]
-    assert [row.split(" | ")[0] for row in table] == [f"| {i}" for i in range(1, 11)], table
+    table = summary.rstrip().splitlines()[-11:]
+    assert [row.split(" | ")[0] for row in table] == [f"| {i}" for i in range(1, 12)], table
 
     lines, ends = results(out), verdicts(out)
     by = {(line["phase"], line["kind"]): line for line in lines}
@@ -104,6 +106,13 @@ def test_dry_run_survives_forced_hangs(tmp_path):
     # the later phases ran (dry) and kept their results
     assert ends["barrier"]["verdict"] == NOT_VERIFIED and len([r for r in lines if r["kind"] == "row"
                                                                and r["phase"] == "barrier"]) == 3
+    # the exchange microbenchmark: each forced layout run in the emulation, beside the model's prediction
+    exchange = [r for r in lines if r["kind"] == "row" and r["phase"] == "exchange"]
+    assert ends["exchange"]["verdict"] == NOT_VERIFIED and len(exchange) == 6
+    for r in exchange:
+        assert f"layout set by NNRNN_CUDA_TEAMS={r['teams']}" in r["path"] and r["model_us"][0] > 0, r
+        assert r["path"].startswith(f"emulated: persistent {'v2' if r['kernel'] == 'v2' else 'tensor cores'} "
+                                    f"{r['teams'].split(':')[0]}"), r
     assert ends["breakdown"]["verdict"] == NOT_VERIFIED and by[("breakdown", "case")]["categories"]
     assert ends["tests"]["verdict"] == NOT_VERIFIED and "nothing ran" in ends["tests"]["detail"]
     assert by[("tests", "counts")]["skipped"] > 0 and by[("tests", "counts")]["source"] == "junit xml"
@@ -131,7 +140,7 @@ def test_missing_extension_is_never_passed(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     ends = verdicts(out)
     assert ends["build"]["verdict"] == FAILED and "does not load" in ends["build"]["detail"]
-    for phase in ("smoke", "timings", "barrier", "breakdown", "suites"):
+    for phase in ("smoke", "timings", "exchange", "barrier", "breakdown", "suites"):
         assert ends[phase]["verdict"] == NOT_RUN and "extension did not load" in ends[phase]["detail"], ends[phase]
     assert ends["tests"]["verdict"] == NOT_VERIFIED  # collected, every one skipped
     assert "**PASSED**" not in proc.stdout
@@ -166,7 +175,7 @@ def test_signal_writes_the_summary(tmp_path):
     ends = verdicts(out)
     assert ends["env"]["verdict"] == NOT_VERIFIED and "interrupted" in ends["env"]["detail"]
     assert stdout == (out / "summary.md").read_text()
-    assert "| 10 | Benchmark suites | **NOT RUN** | 0 / rest | not reached |" in stdout
+    assert "| 11 | Benchmark suites | **NOT RUN** | 0 / rest | not reached |" in stdout
 
 
 # ---------------------------------------------------------------- the parsers, on text in the tools' formats
@@ -209,6 +218,38 @@ def test_ptxas_and_resource_usage_parsers():
     usage = ("Fatbin elf code:\n================\narch = sm_90\n\nResource usage:\n Common:\n  GLOBAL:0\n"
              " Function _Z6kernelPf:\n  REG:59 STACK:0 SHARED:0 LOCAL:8 CONSTANT[0]:584 TEXTURE:0\n")
     assert resource_rows(usage) == [{"kernel": "kernel", "arch": "sm_90", "registers": 59, "stack": 0, "local": 8}]
+
+
+def test_the_persistent_kernels_are_profiled_by_name():
+    # ncu (gpu_check.sh) and the profiler breakdown find the persistent kernels by name: every
+    # __global__ entry point of global_kernels.cuh, and nothing else of the op's (the fallback's pointwise)
+    from benchmarks.gpu_phases import KERNEL_NAMES, category
+
+    with open(os.path.join(ROOT, "csrc", "cuda", "global_kernels.cuh")) as f:
+        kernels = re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(", f.read())
+    assert sorted(kernels) == sorted(KERNEL_NAMES.split("|"))
+    with open(os.path.join(ROOT, SCRIPT)) as f:
+        assert f'--kernel-name "regex:{KERNEL_NAMES}"' in f.read()
+    for name in kernels:
+        assert category(f"void nnrnn::kern::{name}<nnrnn::kern::TeamKernel<float>>(Body, unsigned long long)") == \
+            "persistent kernel", name
+    assert category("void nnrnn::kern::pointwise_kernel<float>(...)") == "fallback pointwise"
+
+
+def test_paths_are_compared_by_what_runs():
+    # timings and smoke run a case once per plan: every fallback is the same code, whatever its reason;
+    # the model's prediction is read off the path beside the measured time
+    from benchmarks.gpu_phases import predicted_us, same_code, tf32, torch_dtype
+
+    assert same_code("fallback: forced by NNRNN_CUDA_FORCE_FALLBACK; predicted 9.00 us/step forward, ...") == \
+        same_code("fallback: kernel v2 runs float32 and float64 only; predicted ...") == "fallback"
+    v2 = "persistent v2 cluster: 16 teams x 8 blocks ...; predicted 0.98 us/step forward, 1.42 us/step backward"
+    assert same_code(v2) == v2 and predicted_us(v2) == [0.98, 2.4] and predicted_us("cudnn") is None
+    assert torch_dtype("tf32") is torch.float32 and torch_dtype("bfloat16") is torch.bfloat16
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32(True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
 def test_ncu_and_sanitizer_judges(tmp_path, monkeypatch):

@@ -34,6 +34,59 @@ struct Plan {
   std::string reason;  // why the fallback (or why a kernel does not fit)
 };
 
+// A team layout forced by NNRNN_CUDA_TEAMS="<exchange>:<C>" or "<exchange>:<C>x<G>"
+// (exchange block, cluster or grid; C blocks per team; G teams, else the model's): kernel
+// v2 and the tensor-core kernel then plan only such layouts (rows per tile and KT still the
+// model's), so that the GPU check can time each exchange on its own (benchmarks/gpu_phases.py,
+// "exchange"). Which kernel stays NNRNN_CUDA_KERNEL's; where it has no such layout, its
+// reason says so. A malformed spec is an error.
+struct TeamOverride {
+  std::string spec;  // "" when unset
+  Exchange exchange = Exchange::Block;
+  int team_blocks = 0, teams = 0;  // teams 0: any
+  bool allows(Exchange ex, int C) const { return spec.empty() || (ex == exchange && C == team_blocks); }
+  bool allows_teams(int G) const { return spec.empty() || teams == 0 || G == teams; }
+  // The planner's reason when no layout of the kind fits.
+  std::string refusal(const std::string& kernel) const {
+    return kernel + ": no layout fits NNRNN_CUDA_TEAMS=" + spec;
+  }
+};
+
+inline TeamOverride parse_team_override(const std::string& spec) {
+  TeamOverride o;
+  o.spec = spec;
+  if (spec.empty()) return o;
+  const auto colon = spec.find(':');
+  const std::string name = spec.substr(0, colon == std::string::npos ? spec.size() : colon);
+  const std::string size = colon == std::string::npos ? std::string() : spec.substr(colon + 1);
+  int c = 0, g = 0, used = 0;
+  bool parsed = std::sscanf(size.c_str(), "%dx%d%n", &c, &g, &used) == 2 && used == static_cast<int>(size.size());
+  if (!parsed) {
+    g = 0;
+    parsed = std::sscanf(size.c_str(), "%d%n", &c, &used) == 1 && used == static_cast<int>(size.size());
+  }
+  const bool known = name == "block" || name == "cluster" || name == "grid";
+  TORCH_CHECK_VALUE(known && parsed && c >= 1 && (g >= 1 || (g == 0 && size.find('x') == std::string::npos)),
+                    "NNRNN_CUDA_TEAMS must be <exchange>:<blocks per team>[x<teams>] with exchange block, cluster "
+                    "or grid (e.g. cluster:16, grid:8x2), got '", spec, "'");
+  o.exchange = name == "block" ? Exchange::Block : name == "cluster" ? Exchange::Cluster : Exchange::Grid;
+  TORCH_CHECK_VALUE(o.exchange != Exchange::Block || c == 1, "NNRNN_CUDA_TEAMS=", spec,
+                    ": the block exchange has one block per team");
+  TORCH_CHECK_VALUE(o.exchange != Exchange::Cluster || c == 2 || c == 4 || c == 8 || c == 16, "NNRNN_CUDA_TEAMS=",
+                    spec, ": clusters have 2, 4, 8 or 16 blocks");
+  TORCH_CHECK_VALUE(o.exchange != Exchange::Grid || c >= 2, "NNRNN_CUDA_TEAMS=", spec,
+                    ": the grid exchange has 2 or more blocks per team");
+  o.team_blocks = c;
+  o.teams = g;
+  return o;
+}
+
+// NNRNN_CUDA_TEAMS, parsed ("" when unset).
+inline TeamOverride team_override() {
+  const char* v = std::getenv("NNRNN_CUDA_TEAMS");
+  return parse_team_override(v == nullptr ? std::string() : std::string(v));
+}
+
 inline std::array<int, 17> filled(int v) {
   std::array<int, 17> a{};
   a.fill(v);
@@ -206,11 +259,11 @@ inline StepCost fallback_cost(int64_t B, int64_t N, const CostConstants& k = Cos
 // The fastest v2 plan by the model for (N, B) with accumulation type of acc_size
 // bytes, or persistent = false and why none fits.
 inline Plan choose_v2_plan(int64_t N, int64_t B, int64_t acc, const DeviceModel& d,
-                           const CostConstants& k = CostConstants()) {
+                           const TeamOverride& only = TeamOverride(), const CostConstants& k = CostConstants()) {
   Plan best;
-  best.reason = "kernel v2: no team layout fits";
+  best.reason = only.spec.empty() ? "kernel v2: no team layout fits" : only.refusal("kernel v2");
   auto consider = [&](Exchange ex, int C) {
-    if (C > N) return;
+    if (C > N || !only.allows(ex, C)) return;
     Plan p;
     p.persistent = true;
     p.version = 2;
@@ -225,6 +278,7 @@ inline Plan choose_v2_plan(int64_t N, int64_t B, int64_t acc, const DeviceModel&
       const int teams = static_cast<int>((B + rows - 1) / rows);
       if (teams == last_teams) continue;
       last_teams = teams;
+      if (!only.allows_teams(teams)) continue;
       p.row_groups = teams;
       const int R = static_cast<int>((B + teams - 1) / teams);
       // The fewest tiles; Grid also splits the rows into up to 4 tiles (its exchange
@@ -388,12 +442,14 @@ inline std::string describe(const Plan& p) {
       "predicted " + us(p.forward_us) + " us/step forward, " + us(p.backward_us) + " us/step backward";
   if (!p.persistent) return "fallback: " + p.reason + "; " + predicted;
   if (p.version == 2 || p.version == 3) {
+    const std::string forced_teams = team_override().spec;
     const char* ex = p.exchange == Exchange::Block ? "block" : p.exchange == Exchange::Cluster ? "cluster" : "grid";
     const std::string kernel = p.version == 2 ? "v2 " : "tensor cores (KT " + std::to_string(p.kt) + ") ";
     return "persistent " + kernel + ex + ": " + std::to_string(p.row_groups) + " teams x " +
            std::to_string(p.col_groups) + " blocks of " + std::to_string(p.threads) + " threads, " +
            std::to_string(p.rows_per_tile) + " rows per tile, " + std::to_string(p.shared_bytes) +
-           " bytes of shared memory per block; " + predicted;
+           " bytes of shared memory per block" +
+           (forced_teams.empty() ? "" : "; layout set by NNRNN_CUDA_TEAMS=" + forced_teams) + "; " + predicted;
   }
   const std::string forced = plan_override();
   return "persistent v1: " + std::to_string(p.col_groups) + " x " + std::to_string(p.row_groups) +
@@ -420,7 +476,7 @@ inline Plan v2_plan_for(int64_t N, int64_t B, c10::ScalarType dtype, const Devic
     p.reason = "kernel v2 runs float32 and float64 only";
     return p;
   }
-  return choose_v2_plan(N, B, dtype == c10::kDouble ? 8 : 4, d);
+  return choose_v2_plan(N, B, dtype == c10::kDouble ? 8 : 4, d, team_override());
 }
 
 }  // namespace nnrnn::kern

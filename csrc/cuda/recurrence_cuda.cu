@@ -304,8 +304,8 @@ Plan compute_plan(int64_t N, int64_t B, at::ScalarType dtype, int device, Kernel
 }
 
 struct PlanCache {
-  // device, N, B, dtype, kernel choice, NNRNN_CUDA_PLAN, TF32 allowed
-  using Key = std::tuple<int, int64_t, int64_t, int, int, std::string, bool>;
+  // device, N, B, dtype, kernel choice, NNRNN_CUDA_PLAN, NNRNN_CUDA_TEAMS, TF32 allowed
+  using Key = std::tuple<int, int64_t, int64_t, int, int, std::string, std::string, bool>;
   std::mutex mutex;
   std::map<Key, Plan> plans;
 };
@@ -313,6 +313,12 @@ struct PlanCache {
 PlanCache& plan_cache() {
   static PlanCache cache;
   return cache;
+}
+
+// Everything a plan depends on besides the device's figures (the settings are read at every call).
+PlanCache::Key plan_key(int64_t N, int64_t B, at::ScalarType dtype, int device) {
+  return PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice()), plan_override(),
+                        team_override().spec, tf32_allowed_by_torch()};
 }
 
 Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
@@ -324,14 +330,12 @@ Plan cuda_plan(int64_t N, int64_t B, at::ScalarType dtype, int device) {
     p.backward_us = cost.backward_us;
     return p;
   }
-  const KernelChoice choice = kernel_choice();
   // Cached: the occupancy queries cost microseconds.
   PlanCache& c = plan_cache();
-  const PlanCache::Key key{device, N, B, static_cast<int>(dtype), static_cast<int>(choice), plan_override(),
-                           tf32_allowed_by_torch()};
+  const PlanCache::Key key = plan_key(N, B, dtype, device);
   std::lock_guard<std::mutex> lock(c.mutex);
   auto it = c.plans.find(key);
-  if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device, choice)).first;
+  if (it == c.plans.end()) it = c.plans.emplace(key, compute_plan(N, B, dtype, device, kernel_choice())).first;
   return it->second;
 }
 
@@ -344,8 +348,7 @@ void record_refusal(int64_t N, int64_t B, at::ScalarType dtype, int device, cons
   p.backward_us = cost.backward_us;
   PlanCache& c = plan_cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.plans[PlanCache::Key{device, N, B, static_cast<int>(dtype), static_cast<int>(kernel_choice()), plan_override(),
-                         tf32_allowed_by_torch()}] = p;
+  c.plans[plan_key(N, B, dtype, device)] = p;
 }
 
 // Why a launch was refused, after recording it; "" for success. Too many blocks to

@@ -87,12 +87,14 @@ inline StepCost tc_cost(const TcLayout& L, const DeviceModel& d, const CostConst
 // exchange, col_groups = blocks of a team, row_groups = teams, threads,
 // rows_per_tile, kt), or persistent = false and why none fits.
 inline Plan choose_tc_plan(int64_t N, int64_t B, MmaKind kind, const DeviceModel& d,
-                           const CostConstants& k = CostConstants()) {
+                           const TeamOverride& only = TeamOverride(), const CostConstants& k = CostConstants()) {
   Plan best;
-  best.reason = "tensor-core path: W does not fit in the registers of a team (" + std::to_string(N) + " x " +
-                std::to_string(N) + ", at most " + std::to_string(kTcMaxThreads) + " threads per block)";
+  best.reason = only.spec.empty()
+                    ? "tensor-core path: W does not fit in the registers of a team (" + std::to_string(N) + " x " +
+                          std::to_string(N) + ", at most " + std::to_string(kTcMaxThreads) + " threads per block)"
+                    : only.refusal("tensor-core path");
   auto consider = [&](Exchange ex, int C) {
-    if (2 * C > N + 1) return;  // every block owns columns (slices start at even columns)
+    if (2 * C > N + 1 || !only.allows(ex, C)) return;  // every block owns columns (slices start at even columns)
     for (int kt : {kTcKtSmall, kTcKtLarge}) {
       if (tc_layout(1, B, N, ex, C, 1, kTcMmaN, kt, kind).threads() > kTcMaxThreads) continue;  // W not in registers
       int last_teams = -1;
@@ -101,6 +103,7 @@ inline Plan choose_tc_plan(int64_t N, int64_t B, MmaKind kind, const DeviceModel
         const int teams = static_cast<int>((B + rows - 1) / rows);
         if (teams == last_teams) continue;
         last_teams = teams;
+        if (!only.allows_teams(teams)) continue;
         const int a_rows = tc_layout(1, B, N, ex, C, teams, kTcMmaN, kt, kind).a_rows();
         // The largest tile that fits; Grid also smaller ones, down to a quarter of the rows
         // (its exchange overlaps the other tiles' work).
@@ -146,9 +149,10 @@ inline bool tf32_allowed_by_torch() { return at::globalContext().allowTF32CuBLAS
 // as TF32 only where the user allows TF32 (tf32_allowed_by_torch()).
 inline Plan tc_plan_for(int64_t N, int64_t B, c10::ScalarType dtype, bool allow_tf32, const DeviceModel& d) {
   Plan p;
-  if (dtype == c10::kHalf) return choose_tc_plan(N, B, MmaKind::F16, d);
-  if (dtype == c10::kBFloat16) return choose_tc_plan(N, B, MmaKind::BF16, d);
-  if (dtype == c10::kFloat && allow_tf32) return choose_tc_plan(N, B, MmaKind::TF32, d);
+  const TeamOverride only = team_override();
+  if (dtype == c10::kHalf) return choose_tc_plan(N, B, MmaKind::F16, d, only);
+  if (dtype == c10::kBFloat16) return choose_tc_plan(N, B, MmaKind::BF16, d, only);
+  if (dtype == c10::kFloat && allow_tf32) return choose_tc_plan(N, B, MmaKind::TF32, d, only);
   p.reason = dtype == c10::kFloat ? "the tensor-core path takes float32 only as TF32, which "
                                     "torch.backends.cuda.matmul.allow_tf32 does not allow"
                                   : "the tensor-core path runs float16, bfloat16 and (TF32) float32";
