@@ -173,6 +173,24 @@ def test_plan_override_sets_the_grid(monkeypatch):
         nnrnn_fused.cuda_path(40, 10, torch.float32)
 
 
+# Every exchange of kernel v2 and the tensor-core kernel, forced (NNRNN_CUDA_TEAMS, as the GPU check's
+# exchange microbenchmark forces them), against the reference: two teams, several tiles where they fit.
+@pytest.mark.parametrize("teams", ["block:1x2", "cluster:2x2", "cluster:16x2", "grid:2x2", "grid:16x2"])
+@pytest.mark.parametrize("kernel,dtype", [("v2", torch.float32), ("v2", torch.float64), ("tc", torch.bfloat16),
+                                          ("tc", torch.float16)], ids=["v2-float32", "v2-float64", "tc-bfloat16",
+                                                                       "tc-float16"])
+def test_every_exchange_forced(monkeypatch, teams, kernel, dtype):
+    monkeypatch.delenv("NNRNN_CUDA_FORCE_FALLBACK", raising=False)
+    monkeypatch.setenv("NNRNN_CUDA_KERNEL", kernel)
+    monkeypatch.setenv("NNRNN_CUDA_TEAMS", teams)
+    N, B = 96, 40
+    path = nnrnn_fused.cuda_path(N, B, dtype)
+    exchange, team_blocks = teams.split(":")[0], teams.split(":")[1].split("x")[0]
+    assert path.startswith(f"persistent {'v2' if kernel == 'v2' else 'tensor cores'}") and f" {exchange}: 2 teams x " \
+        f"{team_blocks} blocks" in path and f"layout set by NNRNN_CUDA_TEAMS={teams}" in path, path
+    check(9, B, N, dtype, "modrelu", True, True)
+
+
 # The tensor-core path (docs/tensor_cores.md) on the target shapes, and the
 # exchange the model picks for them on an H100 (the device's figures may pick another).
 @pytest.mark.parametrize("N,B,dtype", [(768, 16, torch.float16), (1024, 128, torch.bfloat16),
