@@ -511,16 +511,16 @@ def report(out_dir: str) -> int:
                         lambda r: [r.get("case"), r.get("impl"), (r.get("path") or "")[:70], r.get("same_as")])
     out += section_rows(lines, "exchange", "row", "Exchange: forward µs/step, one team, the layout forced "
                         "(NNRNN_CUDA_TEAMS); above block: the exchange's latency and publishing",
-                        ["kernel", "dtype", "N", "B", "teams", "fwd µs/step", "model fwd", "above block µs",
+                        ["kernel", "dtype", "N", "B", "teams", "fwd µs/step", "model fwd", "above block (series: B=1), µs",
                          "fixed ms", "path", "error"],
                         lambda r: [r.get("kernel"), r.get("dtype"), r.get("N"), r.get("B"), r.get("teams"),
                                    fmt(r.get("us_per_step")), fmt((r.get("model_us") or [None])[0]),
-                                   fmt(r.get("above_block_us")), fmt(r.get("fixed_ms"), 3),
+                                   fmt(r.get("above_base_us")), fmt(r.get("fixed_ms"), 3),
                                    (r.get("path") or "")[:60], r.get("error", "")[:80]])
     out += section_rows(lines, "barrier", "row", "Barrier: forward µs/step of a tiny N at chosen grids",
                         ["grid", "path", "N", "B", "fwd µs/step", "fixed ms", "step cost above grid 1, µs"],
                         lambda r: [r.get("grid"), (r.get("path") or "")[:70], r.get("N"), r.get("B"),
-                                   fmt(r.get("us_per_step")), fmt(r.get("fixed_ms"), 3), fmt(r.get("sync_us"))])
+                                   fmt(r.get("us_per_step")), fmt(r.get("fixed_ms"), 3), fmt(r.get("above_base_us"))])
     out += section_rows(lines, "breakdown", "case", "Breakdown (torch.profiler, per forward+backward)",
                         ["case", "path", "category µs"],
                         lambda r: [r.get("case"), (r.get("path") or "")[:50],

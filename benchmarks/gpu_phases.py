@@ -621,6 +621,36 @@ def emulated_forward(kernel: str, spec: str, x, W) -> str:
     return text
 
 
+def step_rows(phase: str, cases: list, T_steps: tuple, measure) -> None:
+    """The microbenchmarks' rows: for each (row, base) of `cases`, measure(row, x, W) -> ms of one
+    forward, at the two lengths T_steps (x: T x B x N, W: 0.9 x orthogonal, float32 or row["dtype"]),
+    gives µs per step and the fixed cost, the model's prediction read off row["path"] (measure sets
+    it), and above_base_us: the step above that of the first case of the same `base` (none where that
+    one failed). A failure is a row too; the verdict is the phase's."""
+    bases, count, errors = {}, 0, 0
+    for row, base in cases:
+        bases.setdefault(base, row)
+        if seconds_left() < 2:
+            row["error"] = "not run: the phase's time is up"
+        else:
+            try:
+                dtype, N, B = getattr(torch, row.get("dtype", "float32")), row["N"], row["B"]
+                times = {}
+                for T in T_steps:
+                    x = torch.randn(T, B, N, generator=torch.Generator().manual_seed(T)).to(DEVICE, dtype)
+                    times[T] = measure(row, x, (0.9 * orthogonal(N)).to(DEVICE, dtype))
+                row.update({k: v for k, v in per_step(times).items() if k != "ms"})
+                row["model_us"] = predicted_us(row["path"])
+                if "us_per_step" in bases[base]:
+                    row["above_base_us"] = row["us_per_step"] - bases[base]["us_per_step"]
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+        record(phase, "row", **row)
+        count += 1
+        errors += "error" in row
+    verdict(phase, errors == 0 and count > 0, f"{count} rows, {errors} with an error")
+
+
 def phase_exchange() -> None:
     """Forward µs/step of EXCHANGE_CASES (T = 200 and 1000, CUDA events), beside the model's prediction
     for the same layout; per kernel, the step cost above its block exchange's. Dry run: the emulated
@@ -631,43 +661,20 @@ def phase_exchange() -> None:
         record("exchange", "verdict", verdict=NOT_RUN, detail="the fallback is forced for the remaining phases "
                "(a path hung or lost the CUDA context in smoke): no persistent kernel to time")
         return
-    T_steps = (200, 1000) if GPU else (3, 6)
-    base, count, errors = {}, 0, 0
-    for kernel, dtype_name, N, B, spec in EXCHANGE_CASES:
-        row = dict(kernel=kernel, dtype=dtype_name, N=N, B=B, teams=spec)
-        if seconds_left() < 2:
-            row["error"] = "not run: the phase's time is up"
-            record("exchange", "row", **row)
-            errors += 1
-            continue
-        try:
-            dtype = getattr(torch, dtype_name)
-            times = {}
-            for T in T_steps:
-                g = torch.Generator().manual_seed(T)
-                x = torch.randn(T, B, N, generator=g).to(DEVICE, dtype)
-                W = (0.9 * orthogonal(N)).to(DEVICE, dtype)
-                if GPU:
-                    with using_env({"NNRNN_CUDA_KERNEL": kernel, "NNRNN_CUDA_TEAMS": spec}):
-                        row["path"] = nnrnn_fused.cuda_path(N, B, dtype)
-                        if not row["path"].startswith("persistent"):
-                            raise RuntimeError(f"the plan is not the forced layout: {row['path']}")
-                        times[T] = median_ms(lambda: nnrnn_fused.fused_nnrnn(x, W, nonlinearity="tanh"), 0.1)
-                else:
-                    row["path"] = "emulated: " + emulated_forward(kernel, spec, x, W)
-                    times[T] = median_ms(lambda: emulated_forward(kernel, spec, x, W), budget_s=0.05)
-            row.update({k: v for k, v in per_step(times).items() if k != "ms"})
-            row["model_us"] = predicted_us(row["path"])
-            if spec == "block:1x1":
-                base[(kernel, N, B)] = row["us_per_step"]
-            if (kernel, N, B) in base:
-                row["above_block_us"] = row["us_per_step"] - base[(kernel, N, B)]
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-            errors += 1
-        record("exchange", "row", **row)
-        count += 1
-    verdict("exchange", errors == 0 and count > 0, f"{count} layouts, {errors} with an error")
+
+    def measure(row, x, W):
+        if not GPU:
+            row["path"] = "emulated: " + emulated_forward(row["kernel"], row["teams"], x, W)
+            return median_ms(lambda: emulated_forward(row["kernel"], row["teams"], x, W), budget_s=0.05)
+        with using_env({"NNRNN_CUDA_KERNEL": row["kernel"], "NNRNN_CUDA_TEAMS": row["teams"]}):
+            row["path"] = nnrnn_fused.cuda_path(W.shape[0], x.shape[1], x.dtype)
+            if not row["path"].startswith("persistent"):
+                raise RuntimeError(f"the plan is not the forced layout: {row['path']}")
+            return median_ms(lambda: nnrnn_fused.fused_nnrnn(x, W, nonlinearity="tanh"), 0.1)
+
+    # the first case of a kernel and N is the base: its block exchange (the cluster series: B = 1)
+    step_rows("exchange", [(dict(kernel=k, dtype=d, N=N, B=B, teams=s), (k, N)) for k, d, N, B, s in EXCHANGE_CASES],
+              (200, 1000) if GPU else (3, 6), measure)
 
 
 # ---------------------------------------------------------------- 6. barrier microbenchmark
@@ -683,40 +690,23 @@ def phase_barrier() -> None:
     if GPU:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         grids = sorted({int(g) for g in os.environ.get("GPU_CHECK_BARRIER_GRIDS", f"1 8 32 {sms}").split()})
-        T_steps = (500, 2000)
     else:
-        grids, T_steps = [1, 2, 4], (10, 20)
+        grids = [1, 2, 4]
     record("barrier", "note", text="kernel v1 uses no thread-block clusters: no cluster sizes to measure")
-    base = None
-    count = errors = 0
-    for grid in grids:
-        B = grid
-        row = dict(grid=grid, N=N, B=B)
-        try:
-            times = {}
-            for T in T_steps:
-                g = torch.Generator().manual_seed(T)
-                x = torch.randn(T, B, N, generator=g).to(DEVICE)
-                W = (0.3 * torch.randn(N, N, generator=g) / N**0.5).to(DEVICE)
-                if GPU:
-                    with using_env({"NNRNN_CUDA_PLAN": f"1x{grid}"}):
-                        row["path"] = nnrnn_fused.cuda_path(N, B)
-                        times[T] = median_ms(lambda: nnrnn_fused.fused_nnrnn(x, W, nonlinearity="tanh"))
-                else:
-                    row["path"] = f"emulated persistent 1 x {grid} blocks"
-                    launch = (1, grid, 4, 1, True)
-                    times[T] = median_ms(lambda: torch.ops.nnrnn_fused.emulated_recurrence(
-                        x, W, None, None, None, "tanh", *launch), budget_s=0.05)
-            row.update({k: v for k, v in per_step(times).items() if k != "ms"})
-            if grid == 1:
-                base = row["us_per_step"]
-            row["sync_us"] = row["us_per_step"] - base if base is not None else None
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-            errors += 1
-        record("barrier", "row", **row)
-        count += 1
-    verdict("barrier", errors == 0 and count > 0, f"{count} grids, {errors} with an error")
+
+    def measure(row, x, W):
+        grid = row["grid"]
+        if not GPU:
+            row["path"] = f"emulated persistent 1 x {grid} blocks"
+            return median_ms(lambda: torch.ops.nnrnn_fused.emulated_recurrence(
+                x, W, None, None, None, "tanh", 1, grid, 4, 1, True), budget_s=0.05)
+        with using_env({"NNRNN_CUDA_PLAN": f"1x{grid}"}):
+            row["path"] = nnrnn_fused.cuda_path(N, grid)
+            return median_ms(lambda: nnrnn_fused.fused_nnrnn(x, W, nonlinearity="tanh"))
+
+    # one row per block; grid 1 (the smallest, first) is the base
+    step_rows("barrier", [(dict(grid=grid, N=N, B=grid), N) for grid in grids], (500, 2000) if GPU else (10, 20),
+              measure)
 
 
 # ---------------------------------------------------------------- 7. profiler breakdown

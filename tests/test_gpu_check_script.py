@@ -249,7 +249,7 @@ def test_exchange_microbenchmark_dry_run(tmp_path):
         assert f"layout set by NNRNN_CUDA_TEAMS={r['teams']}" in r["path"] and r["model_us"][0] > 0, r
         kernel = "v2" if r["kernel"] == "v2" else r"tensor cores \(KT \d+\)"
         assert re.match(rf"emulated: persistent {kernel} {r['teams'].split(':')[0]}: 1 teams x ", r["path"]), r
-        assert r["above_block_us"] == pytest.approx(r["us_per_step"] - next(
+        assert r["above_base_us"] == pytest.approx(r["us_per_step"] - next(
             b["us_per_step"] for b in rows if b["kernel"] == r["kernel"] and b["teams"] == "block:1x1"))
 
 
