@@ -502,8 +502,9 @@ def report(out_dir: str) -> int:
     out += section_rows(lines, "smoke", "path", "Smoke: paths that did not finish", ["path", "detail"],
                         lambda r: [r.get("path"), r.get("detail")])
     setting = last(lines, "timings", "settings") or {}
+    tf32_except = " but in " + ", ".join(setting["tf32_cases"]) if setting.get("tf32_cases") else ""
     out += section_rows(lines, "timings", "row", f"Target timings ({setting.get('timer', '')}; per-step cost from "
-                        f"T={setting.get('T')}; TF32 off on both sides)",
+                        f"T={setting.get('T')}; TF32 off on both sides{tf32_except})",
                         ["case", "impl", "path", "fwd µs/step", "fwd fixed ms", "fwd+bwd µs/step",
                          "fwd+bwd fixed ms", "model fwd / fwd+bwd", "peak MiB", "error"], timing_cells)
     out += section_rows(lines, "timings", "same", "Target timings: paths not run again (what runs was timed above)",

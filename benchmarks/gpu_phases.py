@@ -132,6 +132,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "tf32" else getattr(torch, name)
 
 
+def tf32_changes_nothing(dtype_name: str, path: str) -> bool:
+    """A "tf32" case on a persistent kernel without tensor cores (v2, v1: float32 FMAs): the
+    float32 case runs the same. TF32 changes only the tensor-core path and the fallback's GEMMs."""
+    return dtype_name == "tf32" and path.startswith("persistent") and "tensor cores" not in path
+
+
 def predicted_us(path: str):
     """The model's [forward, forward+backward] µs/step in a cuda_path text, or None."""
     m = re.search(r"predicted ([\d.]+) us/step forward, ([\d.]+) us/step backward", path)
@@ -416,9 +422,9 @@ def smoke_path(name: str) -> int:
                 try:
                     with tf32(dtype_name == "tf32"):
                         row["plan"] = plan = path_name(N, B, torch_dtype(dtype_name))
-                        # the fallback is the fallback path's to run; TF32 changes only the tensor-core path
+                        # the fallback is the fallback path's to run
                         if GPU and name != "fallback" and (plan.startswith("fallback") or
-                                                           (dtype_name == "tf32" and "tensor cores" not in plan)):
+                                                           tf32_changes_nothing(dtype_name, plan)):
                             record("smoke", "skip", **row)
                             continue
                         row.update(smoke_case(T, B, N, dtype_name, full, seed))
@@ -556,11 +562,9 @@ def phase_timings() -> None:
                 with using_env(settings), tf32(dtype_name == "tf32"):
                     row["path"] = "cudnn" if GPU and baseline else ("cpu" if baseline else path_name(N, B, dtype))
                     if not baseline:
-                        # timed already in this case; or TF32, which only the tensor-core path (and
-                        # the fallback's GEMMs) use: the float32 case has the other kernels
+                        # timed already in this case, or in the float32 case
                         done = timed.get(same_code(row["path"]))
-                        if done is None and dtype_name == "tf32" and row["path"].startswith("persistent") \
-                                and "tensor cores" not in row["path"]:
+                        if done is None and tf32_changes_nothing(dtype_name, row["path"]):
                             done = "the float32 case (no TF32 in this kernel)"
                         if done is not None:
                             record("timings", "same", **row, same_as=done)

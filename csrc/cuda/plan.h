@@ -59,14 +59,13 @@ inline TeamOverride parse_team_override(const std::string& spec) {
   const auto colon = spec.find(':');
   const std::string name = spec.substr(0, colon == std::string::npos ? spec.size() : colon);
   const std::string size = colon == std::string::npos ? std::string() : spec.substr(colon + 1);
-  int c = 0, g = 0, used = 0;
-  bool parsed = std::sscanf(size.c_str(), "%dx%d%n", &c, &g, &used) == 2 && used == static_cast<int>(size.size());
-  if (!parsed) {
-    g = 0;
-    parsed = std::sscanf(size.c_str(), "%d%n", &c, &used) == 1 && used == static_cast<int>(size.size());
-  }
+  int c = 0, g = 0, used = 0;  // "<C>x<G>" (G >= 1), or "<C>" (G = 0: the model's)
+  const int whole = static_cast<int>(size.size());
+  const bool both = std::sscanf(size.c_str(), "%dx%d%n", &c, &g, &used) == 2 && used == whole && g >= 1;
+  const bool one = !both && std::sscanf(size.c_str(), "%d%n", &c, &used) == 1 && used == whole;
+  if (one) g = 0;
   const bool known = name == "block" || name == "cluster" || name == "grid";
-  TORCH_CHECK_VALUE(known && parsed && c >= 1 && (g >= 1 || (g == 0 && size.find('x') == std::string::npos)),
+  TORCH_CHECK_VALUE(known && (both || one) && c >= 1,
                     "NNRNN_CUDA_TEAMS must be <exchange>:<blocks per team>[x<teams>] with exchange block, cluster "
                     "or grid (e.g. cluster:16, grid:8x2), got '", spec, "'");
   o.exchange = name == "block" ? Exchange::Block : name == "cluster" ? Exchange::Cluster : Exchange::Grid;
